@@ -1,0 +1,375 @@
+//! The [`Fluxo`] handle and typed [`WorkflowHandle`]s: start, signal, await,
+//! inspect and cancel workflow instances.
+
+use std::marker::PhantomData;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::error::{Error, Failure};
+use crate::history::Event;
+use crate::payload;
+use crate::shared::Shared;
+use crate::store::{CreateOutcome, InstanceRecord, InstanceStatus, ListFilter, NewInstance, Store, StoreError};
+use crate::worker::WorkerBuilder;
+use crate::workflow::{Definition, HasSignal, Signal, Workflow};
+
+/// The entry point: a store, the registered workflows, and the means to start
+/// and drive instances. Cheap to clone.
+#[derive(Clone)]
+pub struct Fluxo {
+    pub(crate) shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Fluxo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fluxo")
+            .field("backend", &self.shared.store.backend_name())
+            .finish()
+    }
+}
+
+/// Options for starting an instance.
+#[derive(Debug, Clone, Default)]
+pub struct StartOptions {
+    id: Option<String>,
+}
+
+impl StartOptions {
+    /// Default options: a random id.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Uses `id` as the instance id. Starting an id that already exists
+    /// returns the existing instance's handle instead of starting it twice.
+    pub fn id(mut self, id: impl Into<String>) -> Self {
+        self.id = Some(id.into());
+        self
+    }
+}
+
+/// One journal entry, decoded, as returned by [`Fluxo::history`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct HistoryEntry {
+    /// Position in the journal.
+    pub event_id: u64,
+    /// Sequence number of the operation.
+    pub seq: u64,
+    /// The event.
+    pub event: Event,
+}
+
+impl Fluxo {
+    /// A Fluxo on any [`Store`].
+    pub fn with_store(store: impl Store) -> Self {
+        Self::from_store(Arc::new(store))
+    }
+
+    /// A Fluxo on a shared store.
+    pub fn from_store(store: Arc<dyn Store>) -> Self {
+        Fluxo {
+            shared: Shared::new(store),
+        }
+    }
+
+    /// A Fluxo on the in-memory backend (for tests: nothing survives the
+    /// process).
+    #[cfg(feature = "memory")]
+    pub fn in_memory() -> Self {
+        Self::with_store(crate::store::memory::MemoryStore::new())
+    }
+
+    /// A Fluxo on a SQLite file, created if missing (WAL, `synchronous=FULL`).
+    #[cfg(feature = "sqlite")]
+    pub async fn sqlite(path: impl AsRef<std::path::Path>) -> Result<Self, Error> {
+        Ok(Self::with_store(crate::store::sqlite::SqliteStore::open(path).await?))
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.shared.store
+    }
+
+    /// Registers workflow `W` so workers of this Fluxo run it. Several
+    /// versions of one workflow may be registered side by side.
+    pub fn register<W: Workflow>(&self, _workflow: W) -> Result<&Self, Error> {
+        self.shared.registry_mut().insert(Definition::of::<W>());
+        self.shared.notify_work();
+        Ok(self)
+    }
+
+    /// A worker builder: `fluxo.worker().concurrency(32).spawn()`.
+    pub fn worker(&self) -> WorkerBuilder {
+        WorkerBuilder::new(self.clone())
+    }
+
+    /// Starts an instance of a registered workflow by name (its latest
+    /// version), with a JSON input.
+    pub async fn start_by_name(
+        &self,
+        workflow: &str,
+        input: serde_json::Value,
+        options: StartOptions,
+    ) -> Result<String, Error> {
+        let version = self
+            .shared
+            .registry()
+            .latest(workflow)
+            .map(|d| d.version)
+            .ok_or_else(|| Error::UnknownWorkflow {
+                name: workflow.to_owned(),
+                version: None,
+            })?;
+        let input = payload::encode(&input)?;
+        self.create(workflow, version, input, options).await
+    }
+
+    async fn create(&self, workflow: &str, version: u32, input: Vec<u8>, options: StartOptions) -> Result<String, Error> {
+        let id = options
+            .id
+            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        let new = NewInstance {
+            id: id.clone(),
+            workflow: workflow.to_owned(),
+            version,
+            input,
+            parent_id: None,
+        };
+        match self.shared.store.create_instance(new).await? {
+            CreateOutcome::Created => {
+                tracing::info!(workflow, %id, "workflow started");
+                self.shared.notify_work();
+            }
+            CreateOutcome::Existing(rec) if rec.workflow != workflow => {
+                return Err(Error::WorkflowMismatch {
+                    id,
+                    expected: workflow.to_owned(),
+                    found: rec.workflow,
+                })
+            }
+            CreateOutcome::Existing(_) => {}
+        }
+        Ok(id)
+    }
+
+    /// Reads an instance.
+    pub async fn instance(&self, id: &str) -> Result<InstanceRecord, Error> {
+        self.shared
+            .store
+            .get_instance(id)
+            .await?
+            .ok_or_else(|| Error::NotFound { id: id.to_owned() })
+    }
+
+    /// Lists instances, newest first.
+    pub async fn list(&self, filter: ListFilter) -> Result<Vec<InstanceRecord>, Error> {
+        Ok(self.shared.store.list_instances(filter).await?)
+    }
+
+    /// An instance's journal, decoded.
+    pub async fn history(&self, id: &str) -> Result<Vec<HistoryEntry>, Error> {
+        let rec = self.instance(id).await?;
+        self.shared
+            .store
+            .load_history(id)
+            .await?
+            .into_iter()
+            .map(|s| {
+                Event::from_stored(&s)
+                    .map(|event| HistoryEntry {
+                        event_id: s.event_id,
+                        seq: s.seq,
+                        event,
+                    })
+                    .map_err(|message| Error::Decode {
+                        workflow: rec.workflow.clone(),
+                        id: id.to_owned(),
+                        seq: Some(s.seq),
+                        what: format!("journal entry {}", s.event_id),
+                        type_name: "fluxo::history::Event".into(),
+                        message,
+                    })
+            })
+            .collect()
+    }
+
+    /// Sends a signal by name with a JSON payload (see
+    /// [`WorkflowHandle::signal`] for the typed form).
+    pub async fn signal_by_name(&self, id: &str, signal: &str, payload: serde_json::Value) -> Result<(), Error> {
+        let bytes = payload::encode(&payload)?;
+        self.send_signal(id, signal, bytes).await
+    }
+
+    async fn send_signal(&self, id: &str, signal: &str, payload: Vec<u8>) -> Result<(), Error> {
+        match self.shared.store.send_signal(id, signal, payload).await {
+            Ok(_) => {
+                self.shared.notify_work();
+                Ok(())
+            }
+            Err(StoreError::NotFound(_)) => Err(Error::NotFound { id: id.to_owned() }),
+            Err(StoreError::Finished { status, .. }) => Err(Error::WorkflowFinished {
+                id: id.to_owned(),
+                status,
+                signal: signal.to_owned(),
+            }),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Requests cancellation of an instance; it stops at its next operation
+    /// (a running step is interrupted) and its children are cancelled too.
+    /// Cancelling a finished instance does nothing.
+    pub async fn cancel(&self, id: &str) -> Result<(), Error> {
+        match self.shared.store.request_cancel(id).await {
+            Ok(_) => {
+                self.shared.notify_work();
+                Ok(())
+            }
+            Err(StoreError::NotFound(_)) => Err(Error::NotFound { id: id.to_owned() }),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Waits until an instance finishes and returns its record.
+    pub async fn wait_finished(&self, id: &str) -> Result<InstanceRecord, Error> {
+        let mut poll = Duration::from_millis(2);
+        loop {
+            let notified = self.shared.finished.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let rec = self.instance(id).await?;
+            if rec.status.is_finished() {
+                return Ok(rec);
+            }
+            // Local finishes notify at once; other processes are polled.
+            let _ = tokio::time::timeout(poll, notified).await;
+            poll = (poll * 2).min(Duration::from_millis(250));
+        }
+    }
+}
+
+/// A typed handle to one instance of workflow `W`.
+pub struct WorkflowHandle<W: Workflow> {
+    fluxo: Fluxo,
+    id: String,
+    _w: PhantomData<fn() -> W>,
+}
+
+impl<W: Workflow> Clone for WorkflowHandle<W> {
+    fn clone(&self) -> Self {
+        WorkflowHandle {
+            fluxo: self.fluxo.clone(),
+            id: self.id.clone(),
+            _w: PhantomData,
+        }
+    }
+}
+
+impl<W: Workflow> std::fmt::Debug for WorkflowHandle<W> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkflowHandle")
+            .field("workflow", &W::NAME)
+            .field("id", &self.id)
+            .finish()
+    }
+}
+
+impl<W: Workflow> WorkflowHandle<W> {
+    /// Starts an instance of `W` (it need not be registered in this process:
+    /// any worker that registered it runs it).
+    pub async fn start(fluxo: &Fluxo, input: W::Input, options: StartOptions) -> Result<Self, Error> {
+        let bytes = payload::encode(&input)?;
+        let id = fluxo.create(W::NAME, W::VERSION, bytes, options).await?;
+        Ok(Self::new(fluxo, id))
+    }
+
+    /// A handle to an existing instance by id (e.g. from another process).
+    pub fn new(fluxo: &Fluxo, id: impl Into<String>) -> Self {
+        WorkflowHandle {
+            fluxo: fluxo.clone(),
+            id: id.into(),
+            _w: PhantomData,
+        }
+    }
+
+    /// The instance id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Sends a signal. Only signals the workflow declared compile. The signal
+    /// is durable once this returns, even if the workflow is not waiting yet.
+    pub async fn signal<S: Signal>(&self, signal: S) -> Result<(), Error>
+    where
+        W: HasSignal<S>,
+    {
+        let bytes = payload::encode(&signal)?;
+        self.fluxo.send_signal(&self.id, S::NAME, bytes).await
+    }
+
+    /// The instance's current state.
+    pub async fn status(&self) -> Result<InstanceStatus, Error> {
+        Ok(self.fluxo.instance(&self.id).await?.status)
+    }
+
+    /// Requests cancellation (see [`Fluxo::cancel`]).
+    pub async fn cancel(&self) -> Result<(), Error> {
+        self.fluxo.cancel(&self.id).await
+    }
+
+    /// Waits for the instance to finish and returns its typed output, or the
+    /// typed error it ended with.
+    pub async fn result(&self) -> Result<W::Output, Error> {
+        let rec = self.fluxo.wait_finished(&self.id).await?;
+        outcome::<W>(rec)
+    }
+
+    /// Like [`WorkflowHandle::result`], giving up after `timeout`.
+    pub async fn result_timeout(&self, timeout: Duration) -> Result<W::Output, Error> {
+        match tokio::time::timeout(timeout, self.result()).await {
+            Ok(r) => r,
+            Err(_) => Err(Error::Timeout { id: self.id.clone() }),
+        }
+    }
+
+    /// The finished instance's output without waiting: `Ok(None)` while it
+    /// runs.
+    pub async fn try_result(&self) -> Result<Option<W::Output>, Error> {
+        let rec = self.fluxo.instance(&self.id).await?;
+        if !rec.status.is_finished() {
+            return Ok(None);
+        }
+        outcome::<W>(rec).map(Some)
+    }
+}
+
+fn outcome<W: Workflow>(rec: InstanceRecord) -> Result<W::Output, Error> {
+    if rec.workflow != W::NAME {
+        return Err(Error::WorkflowMismatch {
+            id: rec.id,
+            expected: W::NAME.to_owned(),
+            found: rec.workflow,
+        });
+    }
+    match rec.status {
+        InstanceStatus::Completed => {
+            let bytes = rec.output.unwrap_or_default();
+            payload::decode(&bytes).map_err(|message| Error::Decode {
+                workflow: rec.workflow.clone(),
+                id: rec.id.clone(),
+                seq: None,
+                what: "output".into(),
+                type_name: std::any::type_name::<W::Output>().to_owned(),
+                message,
+            })
+        }
+        _ => {
+            let failure = rec
+                .failure
+                .as_deref()
+                .and_then(|f| payload::decode::<Failure>(f).ok())
+                .unwrap_or(Failure::Cancelled);
+            Err(failure.into_error(&rec.workflow, &rec.id))
+        }
+    }
+}

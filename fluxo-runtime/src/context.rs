@@ -1,0 +1,713 @@
+//! [`WorkflowContext`]: everything a workflow body may do that touches the
+//! outside world, each operation journaled so a replay sees the same thing.
+
+use std::future::{Future, IntoFuture};
+use std::marker::PhantomData;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
+
+use chrono::{DateTime, Utc};
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use tracing::Instrument;
+
+use crate::error::{Failure, StepError, WorkflowError};
+use crate::history::{Event, Operation};
+use crate::instance::{Abort, CommitExtra, Instance, OpGuard};
+use crate::payload::{self, Payload};
+use crate::retry::{RetryPolicy, StepOptions};
+use crate::step::StepContext;
+use crate::store::{now_millis, InstanceStatus, Millis, NewInstance};
+use crate::workflow::{Signal, Workflow};
+
+tokio::task_local! {
+    static CURRENT: WorkflowContext;
+}
+
+/// Waits shorter than this are slept in memory while holding the lease;
+/// longer ones park the instance and free its worker slot.
+const PARK_THRESHOLD_MS: Millis = 1_000;
+
+/// The workflow running on this task, if any.
+pub(crate) fn current() -> Option<WorkflowContext> {
+    CURRENT.try_with(|c| c.clone()).ok()
+}
+
+/// Runs `fut` with `ctx` as the current workflow (so `#[step]` calls inside
+/// it are journaled).
+pub(crate) async fn scope<F: Future>(ctx: WorkflowContext, fut: F) -> F::Output {
+    CURRENT.scope(ctx, fut).await
+}
+
+/// Never resolves: the instance was aborted and its runner drops the
+/// workflow future.
+async fn halt<T>() -> T {
+    std::future::pending().await
+}
+
+/// The handle a workflow body uses for durable operations.
+///
+/// Every operation gets the next sequence number when it is issued and its
+/// result is journaled; after a crash the workflow runs again from the start
+/// and journaled operations return their recorded result at once.
+#[derive(Clone)]
+pub struct WorkflowContext {
+    inst: Arc<Instance>,
+}
+
+impl std::fmt::Debug for WorkflowContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkflowContext")
+            .field("workflow", &self.inst.workflow)
+            .field("id", &self.inst.id)
+            .finish()
+    }
+}
+
+/// A signal wait ran past its deadline.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("timed out waiting for signal `{signal}`")]
+pub struct Timeout {
+    /// The signal waited for.
+    pub signal: String,
+}
+
+impl WorkflowContext {
+    pub(crate) fn new(inst: Arc<Instance>) -> Self {
+        WorkflowContext { inst }
+    }
+
+    /// The instance id.
+    pub fn id(&self) -> &str {
+        &self.inst.id
+    }
+
+    /// The workflow name.
+    pub fn workflow(&self) -> &str {
+        &self.inst.workflow
+    }
+
+    fn fail(&self, failure: Failure) {
+        self.inst.abort(Abort::Fail(failure));
+    }
+
+    fn decode<T: Payload>(&self, seq: u64, what: impl Into<String>, value: serde_json::Value) -> Option<T> {
+        match serde_json::from_value(value) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                self.fail(Failure::Decode {
+                    seq: Some(seq),
+                    what: what.into(),
+                    type_name: std::any::type_name::<T>().to_owned(),
+                    message: e.to_string(),
+                });
+                None
+            }
+        }
+    }
+
+    // ----- steps -------------------------------------------------------------
+
+    /// Runs an ad-hoc step: `ctx.step("fetch", || async { .. }).retry(p).await`.
+    pub fn step<T, F, Fut>(&self, name: impl Into<String>, f: F) -> StepCall<T, F>
+    where
+        T: Payload,
+        F: FnMut() -> Fut + Send,
+        Fut: Future<Output = Result<T, StepError>> + Send,
+    {
+        StepCall {
+            ctx: self.clone(),
+            name: name.into(),
+            options: StepOptions::default(),
+            f,
+            _t: PhantomData,
+        }
+    }
+
+    pub(crate) async fn run_step<T, F, Fut>(&self, name: &str, options: StepOptions, mut f: F) -> Result<T, StepError>
+    where
+        T: Payload,
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, StepError>>,
+    {
+        let Some((guard, recorded)) = self.inst.begin(Operation::Step(name.to_owned())) else {
+            return halt().await;
+        };
+        let seq = guard.seq;
+        let mut attempt = 1;
+        let mut retry_at = None;
+        for event in recorded {
+            match event {
+                Event::StepCompleted { output, .. } => {
+                    return match self.decode(seq, format!("output of step `{name}`"), output) {
+                        Some(v) => Ok(v),
+                        None => halt().await,
+                    };
+                }
+                Event::StepFailed { error, .. } => return Err(error),
+                Event::StepAttemptFailed {
+                    attempt: a,
+                    retry_at: at,
+                    ..
+                } => {
+                    attempt = a + 1;
+                    retry_at = Some(at);
+                }
+                _ => {}
+            }
+        }
+        loop {
+            if let Some(at) = retry_at.take() {
+                self.wait_until(&guard, at).await;
+            }
+            let span = tracing::info_span!("step", step = name, seq, attempt);
+            let step = StepContext {
+                workflow_id: self.inst.id.clone(),
+                name: name.to_owned(),
+                seq,
+                attempt,
+            };
+            let run = step.scope(f());
+            let result = match options.timeout {
+                Some(limit) => match tokio::time::timeout(limit, run).instrument(span.clone()).await {
+                    Ok(r) => r,
+                    Err(_) => Err(StepError::timed_out(limit)),
+                },
+                None => run.instrument(span.clone()).await,
+            };
+            let _enter = span.enter();
+            let error = match result.map(|v| serde_json::to_value(&v).map(|o| (v, o))) {
+                Ok(Ok((value, output))) => {
+                    let event = Event::StepCompleted {
+                        name: name.to_owned(),
+                        output,
+                    };
+                    drop(_enter);
+                    if self.inst.commit(seq, vec![event], CommitExtra::default()).await.is_none() {
+                        return halt().await;
+                    }
+                    return Ok(value);
+                }
+                Ok(Err(e)) => StepError::fatal(format!(
+                    "cannot encode the output as `{}`: {e}",
+                    std::any::type_name::<T>()
+                ))
+                .with_kind("Encode"),
+                Err(e) => e,
+            };
+            let event = if options.retry.should_retry(attempt, &error) {
+                let delay = options.retry.delay_after(attempt);
+                tracing::warn!(%error, ?delay, "step attempt failed; retrying");
+                let at = now_millis() + delay.as_millis() as Millis;
+                retry_at = Some(at);
+                Event::StepAttemptFailed {
+                    name: name.to_owned(),
+                    attempt,
+                    error: error.clone(),
+                    retry_at: at,
+                }
+            } else {
+                tracing::error!(%error, "step failed");
+                Event::StepFailed {
+                    name: name.to_owned(),
+                    error: error.clone(),
+                }
+            };
+            drop(_enter);
+            if self.inst.commit(seq, vec![event], CommitExtra::default()).await.is_none() {
+                return halt().await;
+            }
+            if retry_at.is_none() {
+                return Err(error);
+            }
+            attempt += 1;
+        }
+    }
+
+    /// Waits until `at`: in memory for short waits, parked otherwise.
+    async fn wait_until(&self, guard: &OpGuard, at: Millis) {
+        loop {
+            let now = now_millis();
+            if now >= at {
+                return;
+            }
+            if at - now <= PARK_THRESHOLD_MS {
+                tokio::time::sleep(Duration::from_millis((at - now) as u64)).await;
+                continue;
+            }
+            guard.instance().block(guard.seq, Some(at)).await;
+        }
+    }
+
+    // ----- timers ------------------------------------------------------------
+
+    /// Sleeps durably: the wake-up time is journaled, and a long sleep parks
+    /// the instance so it costs no worker slot and survives restarts.
+    pub async fn sleep(&self, duration: Duration) {
+        let ms = duration.as_millis().min(i64::MAX as u128) as Millis;
+        self.timer(|now| now.saturating_add(ms)).await
+    }
+
+    /// Sleeps durably until `deadline` (see [`WorkflowContext::sleep`]).
+    pub async fn sleep_until(&self, deadline: impl Into<SystemTime>) {
+        let at = DateTime::<Utc>::from(deadline.into()).timestamp_millis();
+        self.timer(|_| at).await
+    }
+
+    async fn timer(&self, fire_at: impl FnOnce(Millis) -> Millis) {
+        let Some((guard, recorded)) = self.inst.begin(Operation::Timer) else {
+            return halt().await;
+        };
+        let mut at = None;
+        for event in recorded {
+            match event {
+                Event::TimerFired => return,
+                Event::TimerStarted { fire_at } => at = Some(fire_at),
+                _ => {}
+            }
+        }
+        let at = match at {
+            Some(at) => at,
+            None => {
+                let at = fire_at(now_millis());
+                // Nothing outside sees the timer until the next commit, which
+                // carries these events.
+                self.inst.record_lazy(guard.seq, Event::TimerStarted { fire_at: at });
+                at
+            }
+        };
+        self.wait_until(&guard, at).await;
+        self.inst.record_lazy(guard.seq, Event::TimerFired);
+    }
+
+    // ----- signals -----------------------------------------------------------
+
+    /// Waits for the next signal of type `S`; signals that arrived earlier
+    /// are delivered in arrival order. Add `.timeout(d)` for a deadline.
+    pub fn wait<S: Signal>(&self) -> SignalWait<S> {
+        SignalWait {
+            ctx: self.clone(),
+            _s: PhantomData,
+        }
+    }
+
+    async fn wait_signal<S: Signal>(&self, timeout: Option<Duration>) -> Result<S, Timeout> {
+        let Some((guard, recorded)) = self.inst.begin(Operation::Signal(S::NAME.to_owned())) else {
+            return halt().await;
+        };
+        let seq = guard.seq;
+        let mut deadline = None;
+        for event in recorded {
+            match event {
+                Event::SignalReceived { payload, .. } => {
+                    return match self.decode(seq, format!("signal `{}`", S::NAME), payload) {
+                        Some(v) => Ok(v),
+                        None => halt().await,
+                    };
+                }
+                Event::SignalTimedOut { .. } => {
+                    return Err(Timeout {
+                        signal: S::NAME.to_owned(),
+                    })
+                }
+                Event::SignalWaitStarted { deadline: d, .. } => deadline = Some(d),
+                _ => {}
+            }
+        }
+        if deadline.is_none() {
+            if let Some(t) = timeout {
+                let d = now_millis().saturating_add(t.as_millis().min(i64::MAX as u128) as Millis);
+                self.inst.record_lazy(
+                    seq,
+                    Event::SignalWaitStarted {
+                        name: S::NAME.to_owned(),
+                        deadline: d,
+                    },
+                );
+                deadline = Some(d);
+            }
+        }
+        loop {
+            let found = match self.inst.shared.store.next_signal(&self.inst.id, S::NAME).await {
+                Ok((found, _)) => found,
+                Err(e) => {
+                    self.inst.abort(Abort::Store(e));
+                    return halt().await;
+                }
+            };
+            if let Some(signal) = found {
+                let value: serde_json::Value = match serde_json::from_slice(&signal.payload) {
+                    Ok(v) => v,
+                    Err(e) => {
+                        self.fail(Failure::Decode {
+                            seq: Some(seq),
+                            what: format!("signal `{}`", S::NAME),
+                            type_name: std::any::type_name::<S>().to_owned(),
+                            message: e.to_string(),
+                        });
+                        return halt().await;
+                    }
+                };
+                let Some(typed) = self.decode::<S>(seq, format!("signal `{}`", S::NAME), value.clone()) else {
+                    return halt().await;
+                };
+                let event = Event::SignalReceived {
+                    name: S::NAME.to_owned(),
+                    payload: value,
+                };
+                let extra = CommitExtra {
+                    consume_signal: Some(signal.signal_id),
+                    ..CommitExtra::default()
+                };
+                if self.inst.commit(seq, vec![event], extra).await.is_none() {
+                    return halt().await;
+                }
+                tracing::debug!(signal = S::NAME, seq, "signal received");
+                return Ok(typed);
+            }
+            if let Some(d) = deadline {
+                if now_millis() >= d {
+                    self.inst.record_lazy(
+                        seq,
+                        Event::SignalTimedOut {
+                            name: S::NAME.to_owned(),
+                        },
+                    );
+                    return Err(Timeout {
+                        signal: S::NAME.to_owned(),
+                    });
+                }
+            }
+            guard.instance().block(seq, deadline).await;
+        }
+    }
+
+    // ----- recorded values ---------------------------------------------------
+
+    async fn recorded<T: Payload>(&self, what: &str, make: impl FnOnce() -> T) -> T {
+        let Some((guard, recorded)) = self.inst.begin(Operation::Value(what.to_owned())) else {
+            return halt().await;
+        };
+        if let Some(Event::ValueRecorded { value, .. }) = recorded.into_iter().next() {
+            return match self.decode(guard.seq, format!("ctx.{what}()"), value) {
+                Some(v) => v,
+                None => halt().await,
+            };
+        }
+        let v = make();
+        let event = Event::ValueRecorded {
+            what: what.to_owned(),
+            value: serde_json::to_value(&v).unwrap_or_default(),
+        };
+        if self.inst.commit(guard.seq, vec![event], CommitExtra::default()).await.is_none() {
+            return halt().await;
+        }
+        v
+    }
+
+    /// The current time, journaled: a replay sees the same instant.
+    pub async fn now(&self) -> DateTime<Utc> {
+        self.recorded("now", Utc::now).await
+    }
+
+    /// A random number, journaled.
+    pub async fn random(&self) -> u64 {
+        self.recorded("random", || fastrand::u64(..)).await
+    }
+
+    /// A random (v4) UUID, journaled.
+    pub async fn uuid(&self) -> uuid::Uuid {
+        self.recorded("uuid", uuid::Uuid::new_v4).await
+    }
+
+    // ----- parallelism -------------------------------------------------------
+
+    /// Runs two operations concurrently and returns both results. Sequence
+    /// numbers are assigned in argument order, so replays are stable.
+    pub async fn join<A: Future, B: Future>(&self, a: A, b: B) -> (A::Output, B::Output) {
+        futures::future::join(a, b).await
+    }
+
+    /// Runs three operations concurrently (see [`WorkflowContext::join`]).
+    pub async fn join3<A: Future, B: Future, C: Future>(&self, a: A, b: B, c: C) -> (A::Output, B::Output, C::Output) {
+        futures::future::join3(a, b, c).await
+    }
+
+    /// Runs any number of operations concurrently, results in input order.
+    /// Each is first polled in order, so sequence numbers are stable.
+    pub async fn join_all<F: Future>(&self, futures: impl IntoIterator<Item = F>) -> Vec<F::Output> {
+        JoinAll {
+            pending: futures.into_iter().map(|f| Some(Box::pin(f))).collect(),
+            done: Vec::new(),
+        }
+        .await
+    }
+
+    // ----- child workflows ---------------------------------------------------
+
+    /// Starts child workflow `W` and awaits its result. The child runs like
+    /// any instance (on any worker); its id defaults to
+    /// `<parent id>/<sequence number>`.
+    pub fn child<W: Workflow>(&self, _workflow: W, input: W::Input) -> ChildCall<W> {
+        ChildCall {
+            ctx: self.clone(),
+            input,
+            id: None,
+        }
+    }
+
+    async fn run_child<W: Workflow>(&self, input: W::Input, id: Option<String>) -> Result<W::Output, WorkflowError> {
+        let Some((guard, recorded)) = self.inst.begin(Operation::Child(W::NAME.to_owned())) else {
+            return halt().await;
+        };
+        let seq = guard.seq;
+        let mut child_id = None;
+        for event in recorded {
+            match event {
+                Event::ChildStarted { child_id: c, .. } => child_id = Some(c),
+                Event::ChildFinished { outcome, .. } => return self.child_outcome::<W>(seq, outcome).await,
+                _ => {}
+            }
+        }
+        let child_id = match child_id {
+            Some(c) => c,
+            None => {
+                let c = id.unwrap_or_else(|| format!("{}/{}", self.inst.id, seq));
+                let input = match payload::encode(&input) {
+                    Ok(i) => i,
+                    Err(e) => return Err(WorkflowError::new(e.to_string()).with_kind("Encode")),
+                };
+                let extra = CommitExtra {
+                    new_instances: vec![NewInstance {
+                        id: c.clone(),
+                        workflow: W::NAME.to_owned(),
+                        version: W::VERSION,
+                        input,
+                        parent_id: Some(self.inst.id.clone()),
+                    }],
+                    ..CommitExtra::default()
+                };
+                let event = Event::ChildStarted {
+                    workflow: W::NAME.to_owned(),
+                    child_id: c.clone(),
+                };
+                if self.inst.commit(seq, vec![event], extra).await.is_none() {
+                    return halt().await;
+                }
+                self.inst.shared.notify_work();
+                c
+            }
+        };
+        self.inst.add_child(child_id.clone());
+        loop {
+            let record = match self.inst.shared.store.get_instance(&child_id).await {
+                Ok(Some(r)) => r,
+                Ok(None) => {
+                    self.inst.abort(Abort::Store(crate::store::StoreError::NotFound(child_id)));
+                    return halt().await;
+                }
+                Err(e) => {
+                    self.inst.abort(Abort::Store(e));
+                    return halt().await;
+                }
+            };
+            if record.status.is_finished() {
+                let outcome = match record.status {
+                    InstanceStatus::Completed => {
+                        let bytes = record.output.unwrap_or_default();
+                        Ok(serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null))
+                    }
+                    _ => Err(record
+                        .failure
+                        .and_then(|f| serde_json::from_slice::<Failure>(&f).ok())
+                        .unwrap_or(Failure::Cancelled)),
+                };
+                let event = Event::ChildFinished {
+                    child_id: child_id.clone(),
+                    outcome: outcome.clone(),
+                };
+                if self.inst.commit(seq, vec![event], CommitExtra::default()).await.is_none() {
+                    return halt().await;
+                }
+                return self.child_outcome::<W>(seq, outcome).await;
+            }
+            guard.instance().block(seq, None).await;
+        }
+    }
+
+    async fn child_outcome<W: Workflow>(
+        &self,
+        seq: u64,
+        outcome: Result<serde_json::Value, Failure>,
+    ) -> Result<W::Output, WorkflowError> {
+        match outcome {
+            Ok(v) => match self.decode(seq, format!("output of child `{}`", W::NAME), v) {
+                Some(out) => Ok(out),
+                None => halt().await,
+            },
+            Err(Failure::Cancelled) => {
+                Err(WorkflowError::new(format!("child workflow `{}` was cancelled", W::NAME)).with_kind("ChildCancelled"))
+            }
+            Err(f) => Err(WorkflowError::new(format!("child workflow `{}` failed: {}", W::NAME, f.describe()))
+                .with_kind("ChildFailed")),
+        }
+    }
+}
+
+/// An ad-hoc step built by [`WorkflowContext::step`]; await it to run.
+pub struct StepCall<T, F> {
+    ctx: WorkflowContext,
+    name: String,
+    options: StepOptions,
+    f: F,
+    _t: PhantomData<fn() -> T>,
+}
+
+impl<T, F> StepCall<T, F> {
+    /// Sets the retry policy.
+    pub fn retry(mut self, policy: RetryPolicy) -> Self {
+        self.options = self.options.retry(policy);
+        self
+    }
+
+    /// Sets the per-attempt timeout.
+    pub fn timeout(mut self, d: Duration) -> Self {
+        self.options = self.options.timeout(d);
+        self
+    }
+
+    /// Sets all options at once.
+    pub fn options(mut self, options: StepOptions) -> Self {
+        self.options = options;
+        self
+    }
+}
+
+impl<T, F, Fut> IntoFuture for StepCall<T, F>
+where
+    T: Payload,
+    F: FnMut() -> Fut + Send + 'static,
+    Fut: Future<Output = Result<T, StepError>> + Send,
+{
+    type Output = Result<T, StepError>;
+    type IntoFuture = BoxFuture<'static, Result<T, StepError>>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        async move { self.ctx.run_step(&self.name, self.options, self.f).await }.boxed()
+    }
+}
+
+/// A signal wait built by [`WorkflowContext::wait`]; await it for the signal.
+#[must_use = "a signal wait does nothing unless awaited"]
+pub struct SignalWait<S> {
+    ctx: WorkflowContext,
+    _s: PhantomData<fn() -> S>,
+}
+
+impl<S: Signal> SignalWait<S> {
+    /// Gives up after `d`, returning [`Timeout`]. The deadline is journaled.
+    pub fn timeout(self, d: Duration) -> SignalWaitTimeout<S> {
+        SignalWaitTimeout {
+            ctx: self.ctx,
+            timeout: d,
+            _s: PhantomData,
+        }
+    }
+}
+
+impl<S: Signal> IntoFuture for SignalWait<S> {
+    type Output = S;
+    type IntoFuture = BoxFuture<'static, S>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        async move {
+            match self.ctx.wait_signal::<S>(None).await {
+                Ok(s) => s,
+                // Without a deadline the wait cannot time out.
+                Err(_) => halt().await,
+            }
+        }
+        .boxed()
+    }
+}
+
+/// A signal wait with a deadline; resolves to `Err(Timeout)` when it passes.
+#[must_use = "a signal wait does nothing unless awaited"]
+pub struct SignalWaitTimeout<S> {
+    ctx: WorkflowContext,
+    timeout: Duration,
+    _s: PhantomData<fn() -> S>,
+}
+
+impl<S: Signal> IntoFuture for SignalWaitTimeout<S> {
+    type Output = Result<S, Timeout>;
+    type IntoFuture = BoxFuture<'static, Result<S, Timeout>>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        async move { self.ctx.wait_signal::<S>(Some(self.timeout)).await }.boxed()
+    }
+}
+
+/// A child workflow call built by [`WorkflowContext::child`].
+#[must_use = "a child workflow does nothing unless awaited"]
+pub struct ChildCall<W: Workflow> {
+    ctx: WorkflowContext,
+    input: W::Input,
+    id: Option<String>,
+}
+
+impl<W: Workflow> ChildCall<W> {
+    /// Uses `id` as the child's instance id.
+    pub fn id(mut self, id: impl Into<String>) -> Self {
+        self.id = Some(id.into());
+        self
+    }
+}
+
+impl<W: Workflow> IntoFuture for ChildCall<W> {
+    type Output = Result<W::Output, WorkflowError>;
+    type IntoFuture = BoxFuture<'static, Result<W::Output, WorkflowError>>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        async move { self.ctx.run_child::<W>(self.input, self.id).await }.boxed()
+    }
+}
+
+/// Polls every pending future in order on each wake-up.
+struct JoinAll<F: Future> {
+    pending: Vec<Option<Pin<Box<F>>>>,
+    done: Vec<Option<F::Output>>,
+}
+
+impl<F: Future> Future for JoinAll<F> {
+    type Output = Vec<F::Output>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        if this.done.len() != this.pending.len() {
+            this.done = (0..this.pending.len()).map(|_| None).collect();
+        }
+        let mut all_done = true;
+        for (slot, out) in this.pending.iter_mut().zip(this.done.iter_mut()) {
+            if let Some(fut) = slot {
+                match fut.as_mut().poll(cx) {
+                    Poll::Ready(v) => {
+                        *out = Some(v);
+                        *slot = None;
+                    }
+                    Poll::Pending => all_done = false,
+                }
+            }
+        }
+        if all_done {
+            Poll::Ready(this.done.iter_mut().filter_map(Option::take).collect())
+        } else {
+            Poll::Pending
+        }
+    }
+}
+
+// The futures are boxed and outputs are never pinned, so moving is fine.
+impl<F: Future> Unpin for JoinAll<F> {}

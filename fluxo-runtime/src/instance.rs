@@ -1,0 +1,431 @@
+//! The in-memory side of one live workflow instance: its lease, its replay
+//! buffer, the commit path to the store, and the bookkeeping that lets the
+//! runner park it when every operation in flight is waiting.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit};
+
+use crate::error::Failure;
+use crate::history::{Event, Operation, Replay};
+use crate::shared::Shared;
+use crate::store::{Commit, CommitOutcome, Millis, NewInstance, StoreError, Transition};
+
+/// Why an instance stopped running on this worker before its function
+/// returned.
+#[derive(Debug)]
+pub(crate) enum Abort {
+    /// Another worker holds the lease now; nothing more may be written.
+    LeaseLost,
+    /// The instance must be failed with this failure.
+    Fail(Failure),
+    /// A cancel was requested.
+    Cancelled,
+    /// The store failed; the instance is released and retried later.
+    Store(StoreError),
+}
+
+/// Sent by the worker to a parked instance it claimed again.
+pub(crate) struct Resume {
+    pub lease_token: u64,
+    pub inbox_seq: u64,
+    pub cancel_requested: bool,
+    pub permit: OwnedSemaphorePermit,
+}
+
+/// A parked or active instance as the worker sees it.
+pub(crate) struct Instance {
+    pub id: String,
+    pub workflow: String,
+    pub shared: Arc<Shared>,
+    state: Mutex<State>,
+    /// Serializes commits so event ids stay consecutive.
+    commit_lock: tokio::sync::Mutex<()>,
+    /// Wakes the runner: an abort was set, or the instance may be idle.
+    pub wake_runner: Notify,
+    /// Bumped on every resume; blocked operations then check again.
+    epoch: watch::Sender<u64>,
+    resume_tx: mpsc::UnboundedSender<Resume>,
+    resume_rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<Resume>>,
+}
+
+struct State {
+    lease_token: u64,
+    next_event_id: u64,
+    inbox_seq: u64,
+    cancel_requested: bool,
+    next_seq: u64,
+    replay: Replay,
+    /// Events recorded but not yet written; they ride along the next commit.
+    lazy: Vec<(u64, Event)>,
+    /// Operations started and not finished.
+    in_flight: usize,
+    /// Operations waiting on a timer, signal or child: seq -> (wake time, epoch).
+    blocked: BTreeMap<u64, (Option<Millis>, u64)>,
+    children: Vec<String>,
+    abort: Option<Abort>,
+    permit: Option<OwnedSemaphorePermit>,
+}
+
+/// Settings for a fresh instance.
+pub(crate) struct InstanceInit {
+    pub id: String,
+    pub workflow: String,
+    pub lease_token: u64,
+    pub next_event_id: u64,
+    pub inbox_seq: u64,
+    pub cancel_requested: bool,
+    pub replay: Replay,
+    pub children: Vec<String>,
+    pub permit: OwnedSemaphorePermit,
+}
+
+/// Result of a commit that did not abort.
+pub(crate) enum Committed {
+    Applied,
+    InboxChanged,
+}
+
+/// Extra parts of a commit besides events.
+#[derive(Default)]
+pub(crate) struct CommitExtra {
+    pub consume_signal: Option<u64>,
+    pub new_instances: Vec<NewInstance>,
+    pub cancel_instances: Vec<String>,
+    pub transition: Transition,
+}
+
+impl Instance {
+    pub(crate) fn new(shared: Arc<Shared>, init: InstanceInit) -> Arc<Self> {
+        let (resume_tx, resume_rx) = mpsc::unbounded_channel();
+        Arc::new(Instance {
+            id: init.id,
+            workflow: init.workflow,
+            shared,
+            state: Mutex::new(State {
+                lease_token: init.lease_token,
+                next_event_id: init.next_event_id,
+                inbox_seq: init.inbox_seq,
+                cancel_requested: init.cancel_requested,
+                next_seq: 0,
+                replay: init.replay,
+                lazy: Vec::new(),
+                in_flight: 0,
+                blocked: BTreeMap::new(),
+                children: init.children,
+                abort: None,
+                permit: Some(init.permit),
+            }),
+            commit_lock: tokio::sync::Mutex::new(()),
+            wake_runner: Notify::new(),
+            epoch: watch::Sender::new(0),
+            resume_tx,
+            resume_rx: tokio::sync::Mutex::new(resume_rx),
+        })
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    // ----- aborting -------------------------------------------------------
+
+    /// Stops the instance; the runner drops the workflow future. The first
+    /// reason wins.
+    pub(crate) fn abort(&self, reason: Abort) {
+        let mut st = self.state();
+        if st.abort.is_none() {
+            st.abort = Some(reason);
+        }
+        drop(st);
+        self.wake_runner.notify_one();
+    }
+
+    pub(crate) fn take_abort(&self) -> Option<Abort> {
+        self.state().abort.take()
+    }
+
+    /// Called by the worker when the store reports a cancel request.
+    pub(crate) fn request_cancel(&self) {
+        self.state().cancel_requested = true;
+        self.abort(Abort::Cancelled);
+    }
+
+    // ----- operations -----------------------------------------------------
+
+    /// Starts operation `op`: assigns its sequence number and returns what the
+    /// journal recorded for it. `None` means the instance was aborted
+    /// (non-determinism or a cancel request) and the caller must halt.
+    pub(crate) fn begin(self: &Arc<Self>, op: Operation) -> Option<(OpGuard, Vec<Event>)> {
+        let mut st = self.state();
+        if st.abort.is_some() {
+            return None;
+        }
+        if st.cancel_requested {
+            drop(st);
+            self.abort(Abort::Cancelled);
+            return None;
+        }
+        let seq = st.next_seq;
+        st.next_seq += 1;
+        let recorded = st.replay.take(seq);
+        if let Some(first) = recorded.first() {
+            let journaled = first.operation();
+            if !journaled.matches(&op) {
+                drop(st);
+                self.abort(Abort::Fail(Failure::NonDeterminism {
+                    seq,
+                    expected: journaled.to_string(),
+                    found: op.to_string(),
+                }));
+                return None;
+            }
+        }
+        st.in_flight += 1;
+        Some((
+            OpGuard {
+                inst: Arc::clone(self),
+                seq,
+            },
+            recorded,
+        ))
+    }
+
+    /// The first journaled operation the code has not issued, if any.
+    pub(crate) fn unreplayed(&self) -> Option<(u64, Operation)> {
+        self.state().replay.first_pending()
+    }
+
+    pub(crate) fn lease_token(&self) -> u64 {
+        self.state().lease_token
+    }
+
+    pub(crate) fn children(&self) -> Vec<String> {
+        self.state().children.clone()
+    }
+
+    pub(crate) fn add_child(&self, id: String) {
+        let mut st = self.state();
+        if !st.children.contains(&id) {
+            st.children.push(id);
+        }
+    }
+
+    /// Records an event that needs no write of its own: it is written with
+    /// the next commit, before anything the workflow does afterwards becomes
+    /// durable.
+    pub(crate) fn record_lazy(&self, seq: u64, event: Event) {
+        self.state().lazy.push((seq, event));
+    }
+
+    // ----- committing -----------------------------------------------------
+
+    /// Writes `events` (after any lazily recorded ones) under the lease. On a
+    /// lost lease or a store error the instance is aborted and `None` is
+    /// returned.
+    pub(crate) async fn commit(&self, seq: u64, events: Vec<Event>, extra: CommitExtra) -> Option<Committed> {
+        let _serial = self.commit_lock.lock().await;
+        let (commit, count) = {
+            let mut st = self.state();
+            if st.abort.is_some() {
+                return None;
+            }
+            let mut stored = Vec::with_capacity(st.lazy.len() + events.len());
+            let mut id = st.next_event_id;
+            let lazy = std::mem::take(&mut st.lazy);
+            for (s, e) in lazy.iter().map(|(s, e)| (*s, e)).chain(events.iter().map(|e| (seq, e))) {
+                stored.push(e.to_stored(id, s));
+                id += 1;
+            }
+            let count = stored.len() as u64;
+            // Keep the lazy events in case this commit does not apply.
+            st.lazy = lazy;
+            (
+                Commit {
+                    instance_id: self.id.clone(),
+                    lease_token: st.lease_token,
+                    events: stored,
+                    consume_signal: extra.consume_signal,
+                    new_instances: extra.new_instances,
+                    cancel_instances: extra.cancel_instances,
+                    transition: extra.transition,
+                },
+                count,
+            )
+        };
+        let outcome = self.shared.store.commit(commit).await;
+        let mut st = self.state();
+        match outcome {
+            Ok(CommitOutcome::Applied { cancel_requested }) => {
+                st.next_event_id += count;
+                st.lazy.clear();
+                st.cancel_requested |= cancel_requested;
+                Some(Committed::Applied)
+            }
+            Ok(CommitOutcome::InboxChanged {
+                inbox_seq,
+                cancel_requested,
+            }) => {
+                st.next_event_id += count;
+                st.lazy.clear();
+                st.inbox_seq = inbox_seq;
+                st.cancel_requested |= cancel_requested;
+                Some(Committed::InboxChanged)
+            }
+            Ok(CommitOutcome::LeaseLost) => {
+                drop(st);
+                self.abort(Abort::LeaseLost);
+                None
+            }
+            Err(e) => {
+                drop(st);
+                self.abort(Abort::Store(e));
+                None
+            }
+        }
+    }
+
+    /// The final commit of a run: `transition` finishes or releases the
+    /// instance. Errors are returned instead of aborting.
+    pub(crate) async fn commit_final(&self, transition: Transition, cancel_instances: Vec<String>) -> Result<CommitOutcome, StoreError> {
+        let _serial = self.commit_lock.lock().await;
+        let commit = {
+            let st = self.state();
+            let mut id = st.next_event_id;
+            let events = st
+                .lazy
+                .iter()
+                .map(|(s, e)| {
+                    let stored = e.to_stored(id, *s);
+                    id += 1;
+                    stored
+                })
+                .collect();
+            Commit {
+                instance_id: self.id.clone(),
+                lease_token: st.lease_token,
+                events,
+                cancel_instances,
+                transition,
+                ..Commit::default()
+            }
+        };
+        self.shared.store.commit(commit).await
+    }
+
+    // ----- waiting and parking ---------------------------------------------
+
+    /// Blocks operation `seq` until the next resume (or inbox change). The
+    /// runner parks the instance once every operation in flight is blocked.
+    pub(crate) async fn block(&self, seq: u64, wake_at: Option<Millis>) {
+        let mut epoch = self.epoch.subscribe();
+        let current = *epoch.borrow_and_update();
+        self.state().blocked.insert(seq, (wake_at, current));
+        self.wake_runner.notify_one();
+        // The sender lives as long as `self`, so this only ends on a new epoch.
+        let _ = epoch.changed().await;
+        self.state().blocked.remove(&seq);
+    }
+
+    /// If every operation in flight is blocked since the current epoch, the
+    /// time the instance must wake up at (`Some(None)`: only when woken).
+    pub(crate) fn idle_until(&self) -> Option<Option<Millis>> {
+        let st = self.state();
+        let epoch = *self.epoch.borrow();
+        if st.in_flight == 0
+            || st.blocked.len() != st.in_flight
+            || st.blocked.values().any(|(_, e)| *e != epoch)
+            || st.abort.is_some()
+        {
+            return None;
+        }
+        Some(st.blocked.values().filter_map(|(w, _)| *w).min())
+    }
+
+    /// Commits a park. `Some(true)`: parked (lease released; wait for
+    /// [`Instance::wait_resume`]); `Some(false)`: the inbox moved, blocked
+    /// operations were told to check again; `None`: aborted.
+    pub(crate) async fn park(&self, wake_at: Option<Millis>) -> Option<bool> {
+        let seen_inbox = self.state().inbox_seq;
+        let extra = CommitExtra {
+            transition: Transition::Park {
+                wake_at,
+                seen_inbox,
+            },
+            ..CommitExtra::default()
+        };
+        match self.commit(0, Vec::new(), extra).await? {
+            Committed::Applied => {
+                let permit = self.state().permit.take();
+                drop(permit);
+                Some(true)
+            }
+            Committed::InboxChanged => {
+                self.next_epoch();
+                Some(false)
+            }
+        }
+    }
+
+    /// The next event id (journal length) as this instance knows it.
+    pub(crate) fn next_event_id(&self) -> u64 {
+        self.state().next_event_id
+    }
+
+    /// Hands a new lease to a parked instance.
+    pub(crate) fn resume(&self, resume: Resume) {
+        // A closed channel means the runner is gone; the worker notices.
+        let _ = self.resume_tx.send(resume);
+    }
+
+    /// Waits for [`Instance::resume`]; then blocked operations check again.
+    pub(crate) async fn wait_resume(&self) -> bool {
+        let Some(r) = self.resume_rx.lock().await.recv().await else {
+            return false;
+        };
+        {
+            let mut st = self.state();
+            st.lease_token = r.lease_token;
+            st.inbox_seq = r.inbox_seq;
+            st.cancel_requested |= r.cancel_requested;
+            st.permit = Some(r.permit);
+        }
+        self.next_epoch();
+        true
+    }
+
+    fn next_epoch(&self) {
+        self.epoch.send_modify(|e| *e += 1);
+    }
+
+    /// Gives the worker slot back (when the runner ends).
+    pub(crate) fn release_permit(&self) {
+        let permit = self.state().permit.take();
+        drop(permit);
+    }
+}
+
+/// Marks an operation in flight; dropping it (completion or cancellation of
+/// the operation's future) ends it.
+pub(crate) struct OpGuard {
+    inst: Arc<Instance>,
+    /// The operation's sequence number.
+    pub seq: u64,
+}
+
+impl OpGuard {
+    pub(crate) fn instance(&self) -> &Arc<Instance> {
+        &self.inst
+    }
+}
+
+impl Drop for OpGuard {
+    fn drop(&mut self) {
+        let mut st = self.inst.state();
+        st.in_flight = st.in_flight.saturating_sub(1);
+        st.blocked.remove(&self.seq);
+        drop(st);
+        self.inst.wake_runner.notify_one();
+    }
+}

@@ -1,0 +1,226 @@
+//! Runs one claimed instance: rebuilds it from its journal, drives the
+//! workflow future, parks it when every operation waits, and commits how it
+//! ended.
+
+use std::sync::Arc;
+
+use tokio::sync::OwnedSemaphorePermit;
+use tracing::Instrument;
+
+use crate::context::{self, WorkflowContext};
+use crate::error::{Failure, WorkflowError};
+use crate::history::{Event, Replay};
+use crate::instance::{Abort, Instance, InstanceInit};
+use crate::payload;
+use crate::store::{ClaimedInstance, CommitOutcome, Transition, HISTORY_FORMAT};
+use crate::worker::WorkerRuntime;
+use crate::workflow::RunOutcome;
+
+/// Runs `claimed` on this worker until it finishes, is aborted or evicted.
+pub(crate) async fn run(worker: Arc<WorkerRuntime>, claimed: ClaimedInstance, permit: OwnedSemaphorePermit) {
+    let rec = &claimed.record;
+    let span = tracing::info_span!("workflow", workflow = %rec.workflow, id = %rec.id, version = rec.version);
+    run_inner(worker, claimed, permit).instrument(span).await
+}
+
+async fn run_inner(worker: Arc<WorkerRuntime>, claimed: ClaimedInstance, permit: OwnedSemaphorePermit) {
+    let shared = Arc::clone(&worker.shared);
+    let rec = claimed.record;
+
+    // Rebuild the journal; a problem with it fails the instance below.
+    let mut problem = None;
+    let mut events = Vec::new();
+    if rec.history_format != HISTORY_FORMAT {
+        problem = Some(Failure::IncompatibleHistory {
+            found: rec.history_format,
+            supported: HISTORY_FORMAT,
+        });
+    } else if claimed.next_event_id > 0 {
+        match shared.store.load_history(&rec.id).await {
+            Ok(stored) => {
+                for s in &stored {
+                    match Event::from_stored(s) {
+                        Ok(e) => events.push((s.seq, e)),
+                        Err(message) => {
+                            problem = Some(Failure::Decode {
+                                seq: Some(s.seq),
+                                what: format!("journal entry {} ({})", s.event_id, s.kind),
+                                type_name: "fluxo::history::Event".into(),
+                                message,
+                            });
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot load history; will retry after the lease expires");
+                worker.detach(&rec.id);
+                return;
+            }
+        }
+        if problem.is_some() {
+            events.clear();
+        }
+    }
+    let children = events
+        .iter()
+        .filter_map(|(_, e)| match e {
+            Event::ChildStarted { child_id, .. } => Some(child_id.clone()),
+            _ => None,
+        })
+        .collect();
+    let replaying = !events.is_empty();
+    let inst = Instance::new(
+        Arc::clone(&shared),
+        InstanceInit {
+            id: rec.id.clone(),
+            workflow: rec.workflow.clone(),
+            lease_token: claimed.lease_token,
+            next_event_id: claimed.next_event_id,
+            inbox_seq: claimed.inbox_seq,
+            cancel_requested: rec.cancel_requested,
+            replay: Replay::new(events),
+            children,
+            permit,
+        },
+    );
+    worker.attach(&rec.id, Arc::clone(&inst));
+    if replaying {
+        tracing::debug!(events = claimed.next_event_id, "replaying from the journal");
+    }
+
+    let outcome = match problem {
+        Some(f) => Err(Abort::Fail(f)),
+        None if rec.cancel_requested => Err(Abort::Cancelled),
+        None => drive(&worker, &inst, &rec.workflow, rec.version, &rec.input).await,
+    };
+    finish(&inst, outcome).await;
+    inst.release_permit();
+    worker.detach(&rec.id);
+    shared.finished.notify_waiters();
+}
+
+/// Polls the workflow until it returns or is aborted, parking it whenever it
+/// is idle.
+async fn drive(
+    worker: &Arc<WorkerRuntime>,
+    inst: &Arc<Instance>,
+    workflow: &str,
+    version: u32,
+    input: &[u8],
+) -> Result<RunOutcome, Abort> {
+    let def = shared_def(inst, workflow, version)?;
+    let ctx = WorkflowContext::new(Arc::clone(inst));
+    let fut = (def.run)(ctx.clone(), input).map_err(Abort::Fail)?;
+    let mut fut = std::pin::pin!(context::scope(ctx, fut));
+    loop {
+        tokio::select! {
+            biased;
+            _ = inst.wake_runner.notified() => {
+                if let Some(abort) = inst.take_abort() {
+                    return Err(abort);
+                }
+                let Some(wake_at) = inst.idle_until() else { continue };
+                match inst.park(wake_at).await {
+                    Some(true) => {
+                        tracing::debug!(?wake_at, "parked");
+                        worker.parked(&inst.id, inst.next_event_id(), wake_at);
+                        if !inst.wait_resume().await {
+                            return Err(Abort::LeaseLost);
+                        }
+                        tracing::debug!("resumed");
+                    }
+                    Some(false) => {}
+                    None => {
+                        if let Some(abort) = inst.take_abort() {
+                            return Err(abort);
+                        }
+                    }
+                }
+            }
+            out = &mut fut => {
+                // An abort set while the future completed still wins.
+                if let Some(abort) = inst.take_abort() {
+                    return Err(abort);
+                }
+                return Ok(out);
+            }
+        }
+    }
+}
+
+fn shared_def(inst: &Instance, workflow: &str, version: u32) -> Result<crate::workflow::Definition, Abort> {
+    inst.shared
+        .registry()
+        .get(workflow, version)
+        .cloned()
+        .ok_or_else(|| {
+            Abort::Fail(Failure::Workflow {
+                error: WorkflowError::new(format!(
+                    "workflow {workflow:?} version {version} is not registered on this worker"
+                ))
+                .with_kind("UnknownWorkflow"),
+            })
+        })
+}
+
+/// Commits how the run ended.
+async fn finish(inst: &Instance, outcome: Result<RunOutcome, Abort>) {
+    let failure = |f: Failure| Transition::Fail {
+        failure: payload::encode(&f).unwrap_or_default(),
+    };
+    let diverged = || {
+        inst.unreplayed().map(|(seq, op)| Failure::NonDeterminism {
+            seq,
+            expected: op.to_string(),
+            found: "the workflow returning".into(),
+        })
+    };
+    let (transition, cancel_children) = match outcome {
+        Ok(RunOutcome::Output(output)) => match diverged() {
+            Some(f) => (failure(f), Vec::new()),
+            None => (Transition::Complete { output }, Vec::new()),
+        },
+        Ok(RunOutcome::Failed(error)) => match diverged() {
+            Some(f) => (failure(f), Vec::new()),
+            None => (failure(Failure::Workflow { error }), Vec::new()),
+        },
+        Ok(RunOutcome::Encode(message)) => (
+            failure(Failure::Workflow {
+                error: WorkflowError::new(message).with_kind("Encode"),
+            }),
+            Vec::new(),
+        ),
+        Err(Abort::Fail(f)) => (failure(f), Vec::new()),
+        Err(Abort::Cancelled) => (
+            Transition::Cancel {
+                failure: payload::encode(&Failure::Cancelled).unwrap_or_default(),
+            },
+            inst.children(),
+        ),
+        Err(Abort::LeaseLost) => {
+            tracing::warn!("lease lost to another worker; stopped running here");
+            return;
+        }
+        Err(Abort::Store(e)) => {
+            tracing::warn!(error = %e, "storage error; releasing the instance to be retried");
+            (Transition::Release, Vec::new())
+        }
+    };
+    let what = match &transition {
+        Transition::Complete { .. } => "completed",
+        Transition::Fail { .. } => "failed",
+        Transition::Cancel { .. } => "cancelled",
+        _ => "released",
+    };
+    if let Transition::Fail { failure } = &transition {
+        let f: Option<Failure> = payload::decode(failure).ok();
+        tracing::error!(failure = %f.map(|f| f.describe()).unwrap_or_default(), "workflow failed");
+    }
+    match inst.commit_final(transition, cancel_children).await {
+        Ok(CommitOutcome::LeaseLost) => tracing::warn!("lease lost before the final commit"),
+        Ok(_) => tracing::info!("workflow {what}"),
+        Err(e) => tracing::warn!(error = %e, "cannot record that the workflow {what}; it will run again"),
+    }
+}

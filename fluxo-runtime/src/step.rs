@@ -1,0 +1,85 @@
+//! Steps: journaled units of work with retries and a timeout.
+
+use std::future::Future;
+
+use crate::context::{self, WorkflowContext};
+use crate::error::StepError;
+use crate::payload::Payload;
+use crate::retry::StepOptions;
+
+tokio::task_local! {
+    static STEP: StepContext;
+}
+
+/// What a running step knows about itself. Read it with
+/// [`StepContext::current`] from inside a step body.
+#[derive(Debug, Clone)]
+pub struct StepContext {
+    pub(crate) workflow_id: String,
+    pub(crate) name: String,
+    pub(crate) seq: u64,
+    pub(crate) attempt: u32,
+}
+
+impl StepContext {
+    /// The context of the step running on this task, if any.
+    pub fn current() -> Option<StepContext> {
+        STEP.try_with(|s| s.clone()).ok()
+    }
+
+    /// A key that is the same for every attempt and every replay of this step
+    /// and different for every other step: use it to de-duplicate external
+    /// effects (payment idempotency keys, message ids, ...).
+    pub fn idempotency_key(&self) -> String {
+        format!("{}:{}", self.workflow_id, self.seq)
+    }
+
+    /// The attempt number, from 1.
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+
+    /// The id of the workflow instance running the step.
+    pub fn workflow_id(&self) -> &str {
+        &self.workflow_id
+    }
+
+    /// The step's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The step's sequence number in the workflow.
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    pub(crate) async fn scope<F: Future>(self, fut: F) -> F::Output {
+        STEP.scope(self, fut).await
+    }
+}
+
+/// Runs a step: journaled when called from a workflow, a plain call
+/// otherwise (and inside another step). Used by `#[fluxo::step]`.
+pub async fn run_step<T, F, Fut>(name: &'static str, options: StepOptions, f: F) -> Result<T, StepError>
+where
+    T: Payload,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, StepError>>,
+{
+    match current_workflow() {
+        Some(ctx) => ctx.run_step(name, options, f).await,
+        None => {
+            let mut f = f;
+            f().await
+        }
+    }
+}
+
+/// The workflow whose body is running on this task, unless a step is.
+fn current_workflow() -> Option<WorkflowContext> {
+    if STEP.try_with(|_| ()).is_ok() {
+        return None;
+    }
+    context::current()
+}

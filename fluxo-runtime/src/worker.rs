@@ -1,0 +1,371 @@
+//! Workers: claim runnable instances under leases, run them, keep live
+//! instances in memory (sticky) and renew their leases.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{watch, Notify, Semaphore};
+use tokio::task::{AbortHandle, JoinSet};
+
+use crate::client::Fluxo;
+use crate::instance::{Instance, Resume};
+use crate::shared::Shared;
+use crate::store::{now_millis, ClaimRequest, ClaimedInstance, Commit, Millis, Transition};
+
+/// Configures and starts a worker. Get one from [`Fluxo::worker`].
+#[derive(Debug, Clone)]
+pub struct WorkerBuilder {
+    fluxo: Fluxo,
+    id: Option<String>,
+    concurrency: usize,
+    lease: Duration,
+    poll_interval: Duration,
+    max_cached: usize,
+    shutdown_grace: Duration,
+}
+
+impl WorkerBuilder {
+    pub(crate) fn new(fluxo: Fluxo) -> Self {
+        WorkerBuilder {
+            fluxo,
+            id: None,
+            concurrency: 64,
+            lease: Duration::from_secs(30),
+            poll_interval: Duration::from_millis(100),
+            max_cached: 10_000,
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+
+    /// Worker identity in leases (default: a random id).
+    pub fn id(mut self, id: impl Into<String>) -> Self {
+        self.id = Some(id.into());
+        self
+    }
+
+    /// How many instances may run at once; parked instances do not count
+    /// (default 64).
+    pub fn concurrency(mut self, n: usize) -> Self {
+        self.concurrency = n.max(1);
+        self
+    }
+
+    /// Lease length (default 30 s). A crashed worker's instances are taken
+    /// over by others after this long; leases are renewed every third of it.
+    pub fn lease(mut self, d: Duration) -> Self {
+        self.lease = d.max(Duration::from_millis(100));
+        self
+    }
+
+    /// How often an idle worker looks for work started by other processes
+    /// (default 100 ms). Work started through the same [`Fluxo`] is picked
+    /// up at once.
+    pub fn poll_interval(mut self, d: Duration) -> Self {
+        self.poll_interval = d.max(Duration::from_millis(1));
+        self
+    }
+
+    /// How many parked instances stay in memory, ready to resume without a
+    /// replay (default 10 000). Beyond that the longest parked are evicted
+    /// and replayed from their journal when they wake.
+    pub fn max_cached(mut self, n: usize) -> Self {
+        self.max_cached = n;
+        self
+    }
+
+    /// How long [`Worker::shutdown`] waits for running instances to finish or
+    /// park before releasing them to other workers (default 10 s).
+    pub fn shutdown_grace(mut self, d: Duration) -> Self {
+        self.shutdown_grace = d;
+        self
+    }
+
+    /// Starts the worker on the current Tokio runtime.
+    pub fn spawn(self) -> Worker {
+        let id = self
+            .id
+            .clone()
+            .unwrap_or_else(|| format!("worker-{}", uuid::Uuid::new_v4().simple()));
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let rt = Arc::new(WorkerRuntime {
+            id: id.clone(),
+            shared: Arc::clone(&self.fluxo.shared),
+            semaphore: Arc::new(Semaphore::new(self.concurrency)),
+            slot_freed: Notify::new(),
+            live: Mutex::new(HashMap::new()),
+            stopping: AtomicBool::new(false),
+            max_cached: self.max_cached,
+        });
+        let task = tokio::spawn(Arc::clone(&rt).run(self.clone(), stop_rx));
+        Worker {
+            id,
+            rt,
+            stop: stop_tx,
+            task,
+            grace: self.shutdown_grace,
+        }
+    }
+
+    /// Runs the worker until the process receives Ctrl-C, then shuts it down
+    /// gracefully.
+    pub async fn run(self) -> std::io::Result<()> {
+        let worker = self.spawn();
+        let r = tokio::signal::ctrl_c().await;
+        worker.shutdown().await;
+        r
+    }
+}
+
+/// A running worker. Dropping it does not stop it; call
+/// [`Worker::shutdown`].
+pub struct Worker {
+    id: String,
+    rt: Arc<WorkerRuntime>,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+    grace: Duration,
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker").field("id", &self.id).finish()
+    }
+}
+
+impl Worker {
+    /// The worker's lease identity.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Number of instances in memory (running and parked).
+    pub fn live_instances(&self) -> usize {
+        self.rt.live().len()
+    }
+
+    /// Stops claiming, waits up to the grace period for running instances to
+    /// finish or park, then releases the rest so other workers take them
+    /// over at once. Parked instances hold no lease and are simply dropped.
+    pub async fn shutdown(self) {
+        self.rt.stopping.store(true, Ordering::SeqCst);
+        let _ = self.stop.send(true);
+        let deadline = Instant::now() + self.grace;
+        loop {
+            let active = self.rt.live().values().filter(|e| e.parked.is_none()).count();
+            if active == 0 || Instant::now() >= deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let entries: Vec<(String, LiveEntry)> = self.rt.live().drain().collect();
+        for (id, entry) in entries {
+            entry.abort.abort();
+            if entry.parked.is_some() {
+                continue;
+            }
+            if let Some(inst) = entry.instance {
+                let release = Commit {
+                    instance_id: id.clone(),
+                    lease_token: inst.lease_token(),
+                    transition: Transition::Release,
+                    ..Commit::default()
+                };
+                if let Err(e) = self.rt.shared.store.commit(release).await {
+                    tracing::warn!(instance = %id, error = %e, "cannot release instance; its lease will expire");
+                }
+            }
+        }
+        let _ = self.task.await;
+        tracing::info!(worker = %self.id, "worker stopped");
+    }
+}
+
+struct LiveEntry {
+    /// Set once the runner has rebuilt the instance.
+    instance: Option<Arc<Instance>>,
+    abort: AbortHandle,
+    /// Journal length when parked; `None` while running.
+    parked: Option<u64>,
+    parked_at: Instant,
+}
+
+pub(crate) struct WorkerRuntime {
+    id: String,
+    pub(crate) shared: Arc<Shared>,
+    semaphore: Arc<Semaphore>,
+    slot_freed: Notify,
+    live: Mutex<HashMap<String, LiveEntry>>,
+    stopping: AtomicBool,
+    max_cached: usize,
+}
+
+impl WorkerRuntime {
+    fn live(&self) -> MutexGuard<'_, HashMap<String, LiveEntry>> {
+        self.live.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    async fn run(self: Arc<Self>, cfg: WorkerBuilder, mut stop: watch::Receiver<bool>) {
+        tracing::info!(worker = %self.id, concurrency = cfg.concurrency, backend = self.shared.store.backend_name(), "worker started");
+        let mut tasks = JoinSet::new();
+        let renew = tokio::spawn(Arc::clone(&self).renew_leases(cfg.lease, stop.clone()));
+        let mut work = self.shared.work.subscribe();
+        let mut backoff = Duration::from_millis(50);
+        while !*stop.borrow() {
+            let free = self.semaphore.available_permits();
+            let mut next_wake: Option<Millis> = None;
+            let mut full_batch = false;
+            if free > 0 {
+                let req = ClaimRequest {
+                    owner: self.id.clone(),
+                    workflows: self.shared.registry().keys(),
+                    limit: free.min(256),
+                    lease: cfg.lease,
+                };
+                if !req.workflows.is_empty() {
+                    match self.shared.store.claim(&req).await {
+                        Ok(batch) => {
+                            backoff = Duration::from_millis(50);
+                            full_batch = batch.claimed.len() == req.limit;
+                            next_wake = batch.next_wake;
+                            for c in batch.claimed {
+                                self.dispatch(c, &mut tasks);
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, ?backoff, "claim failed; backing off");
+                            tokio::time::sleep(backoff).await;
+                            backoff = (backoff * 2).min(Duration::from_secs(5));
+                            continue;
+                        }
+                    }
+                }
+            }
+            // Reap finished runner tasks.
+            while tasks.try_join_next().is_some() {}
+            if full_batch && self.semaphore.available_permits() > 0 {
+                continue;
+            }
+            let mut wait = cfg.poll_interval;
+            if let Some(at) = next_wake {
+                wait = wait.min(Duration::from_millis((at - now_millis()).max(0) as u64));
+            }
+            tokio::select! {
+                _ = work.changed() => {}
+                _ = self.slot_freed.notified(), if free == 0 => {}
+                _ = tokio::time::sleep(wait) => {}
+                _ = stop.changed() => {}
+            }
+        }
+        renew.abort();
+        // Runner tasks are aborted by `Worker::shutdown`; wait for them here.
+        while tasks.join_next().await.is_some() {}
+    }
+
+    /// Resumes a cached parked instance, or starts a runner that replays it.
+    fn dispatch(self: &Arc<Self>, c: ClaimedInstance, tasks: &mut JoinSet<()>) {
+        let Ok(permit) = Arc::clone(&self.semaphore).try_acquire_owned() else {
+            // Cannot happen: we claim at most the free permits. Leave the
+            // claim to expire rather than run over the limit.
+            tracing::warn!(instance = %c.record.id, "no free slot for a claimed instance");
+            return;
+        };
+        let mut live = self.live();
+        if let Some(entry) = live.remove(&c.record.id) {
+            match (&entry.instance, entry.parked) {
+                (Some(inst), Some(n)) if n == c.next_event_id => {
+                    inst.resume(Resume {
+                        lease_token: c.lease_token,
+                        inbox_seq: c.inbox_seq,
+                        cancel_requested: c.record.cancel_requested,
+                        permit,
+                    });
+                    live.insert(
+                        c.record.id.clone(),
+                        LiveEntry {
+                            parked: None,
+                            ..entry
+                        },
+                    );
+                    return;
+                }
+                // Someone else advanced it, or our copy is mid-park: replay.
+                _ => entry.abort.abort(),
+            }
+        }
+        let id = c.record.id.clone();
+        let abort = tasks.spawn(crate::runner::run(Arc::clone(self), c, permit));
+        live.insert(
+            id,
+            LiveEntry {
+                instance: None,
+                abort,
+                parked: None,
+                parked_at: Instant::now(),
+            },
+        );
+    }
+
+    pub(crate) fn attach(&self, id: &str, inst: Arc<Instance>) {
+        if let Some(e) = self.live().get_mut(id) {
+            e.instance = Some(inst);
+        }
+    }
+
+    pub(crate) fn detach(&self, id: &str) {
+        self.live().remove(id);
+        self.slot_freed.notify_one();
+    }
+
+    /// Records that an instance parked with `next_event_id` journal entries,
+    /// and evicts the longest-parked ones beyond the cache size.
+    pub(crate) fn parked(&self, id: &str, next_event_id: u64, wake_at: Option<Millis>) {
+        let mut live = self.live();
+        if let Some(e) = live.get_mut(id) {
+            e.parked = Some(next_event_id);
+            e.parked_at = Instant::now();
+        }
+        let parked = live.values().filter(|e| e.parked.is_some()).count();
+        if parked > self.max_cached {
+            let mut oldest: Vec<(Instant, String)> = live
+                .iter()
+                .filter(|(_, e)| e.parked.is_some())
+                .map(|(k, e)| (e.parked_at, k.clone()))
+                .collect();
+            oldest.sort();
+            for (_, k) in oldest.into_iter().take(parked - self.max_cached) {
+                if let Some(e) = live.remove(&k) {
+                    e.abort.abort();
+                }
+            }
+        }
+        drop(live);
+        self.slot_freed.notify_one();
+        if wake_at.is_some() {
+            // Let the claim loop learn the new wake-up time.
+            self.shared.notify_work();
+        }
+    }
+
+    async fn renew_leases(self: Arc<Self>, lease: Duration, stop: watch::Receiver<bool>) {
+        let every = lease / 3;
+        loop {
+            tokio::time::sleep(every).await;
+            if *stop.borrow() || self.stopping.load(Ordering::SeqCst) {
+                return;
+            }
+            match self.shared.store.renew_leases(&self.id, lease).await {
+                Ok(cancelled) => {
+                    for id in cancelled {
+                        let inst = self.live().get(&id).and_then(|e| e.instance.clone());
+                        if let Some(inst) = inst {
+                            inst.request_cancel();
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "lease renewal failed"),
+            }
+        }
+    }
+}

@@ -1,0 +1,129 @@
+//! Workflow and signal traits (implemented by the macros) and the registry
+//! of workflows a [`Fluxo`](crate::Fluxo) instance can run.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use futures::future::BoxFuture;
+use futures::FutureExt;
+
+use crate::context::WorkflowContext;
+use crate::error::{Failure, WorkflowError};
+use crate::payload::{self, Payload};
+
+/// A workflow type. `#[fluxo::workflow]` implements it for the unit struct
+/// it generates (`order_flow` becomes `OrderFlow`).
+pub trait Workflow: Send + Sync + 'static {
+    /// Input type.
+    type Input: Payload;
+    /// Output type.
+    type Output: Payload;
+    /// Registered name.
+    const NAME: &'static str;
+    /// Version; instances stay on the version they started with.
+    const VERSION: u32;
+    /// Runs the workflow body.
+    fn run(
+        ctx: WorkflowContext,
+        input: Self::Input,
+    ) -> BoxFuture<'static, Result<Self::Output, WorkflowError>>;
+}
+
+/// A typed message a workflow can wait for. Implemented by `#[fluxo::signal]`.
+pub trait Signal: Payload {
+    /// The signal's name in the inbox and the journal.
+    const NAME: &'static str;
+}
+
+/// Marks that workflow `Self` declared signal `S`, so handles only send
+/// signals the workflow can receive.
+#[diagnostic::on_unimplemented(
+    message = "workflow `{Self}` does not declare the signal `{S}`",
+    label = "`{S}` is not in this workflow's signals",
+    note = "declare it on the workflow: #[fluxo::workflow(signals({S}))]"
+)]
+pub trait HasSignal<S: Signal> {}
+
+/// What the engine's registry stores per workflow: the run function with
+/// input decoding and output encoding done.
+pub(crate) type ErasedRun = Arc<
+    dyn Fn(WorkflowContext, &[u8]) -> Result<BoxFuture<'static, RunOutcome>, Failure>
+        + Send
+        + Sync,
+>;
+
+/// What an erased workflow run ends with.
+pub(crate) enum RunOutcome {
+    /// Encoded output.
+    Output(Vec<u8>),
+    /// The workflow returned an error.
+    Failed(WorkflowError),
+    /// The output could not be encoded.
+    Encode(String),
+}
+
+/// A registered workflow definition.
+#[derive(Clone)]
+pub(crate) struct Definition {
+    pub name: String,
+    pub version: u32,
+    pub run: ErasedRun,
+}
+
+impl Definition {
+    pub(crate) fn of<W: Workflow>() -> Self {
+        Definition {
+            name: W::NAME.to_owned(),
+            version: W::VERSION,
+            run: Arc::new(|ctx, input| {
+                let input: W::Input =
+                    payload::decode(input).map_err(|message| Failure::Decode {
+                        seq: None,
+                        what: "input".into(),
+                        type_name: std::any::type_name::<W::Input>().to_owned(),
+                        message,
+                    })?;
+                Ok(W::run(ctx, input)
+                    .map(|r| match r {
+                        Ok(out) => match payload::encode(&out) {
+                            Ok(bytes) => RunOutcome::Output(bytes),
+                            Err(e) => RunOutcome::Encode(e.to_string()),
+                        },
+                        Err(e) => RunOutcome::Failed(e),
+                    })
+                    .boxed())
+            }),
+        }
+    }
+}
+
+/// The workflows one process can run, by name and version.
+#[derive(Default, Clone)]
+pub(crate) struct Registry {
+    by_name: HashMap<String, HashMap<u32, Definition>>,
+}
+
+impl Registry {
+    pub(crate) fn insert(&mut self, def: Definition) {
+        self.by_name
+            .entry(def.name.clone())
+            .or_default()
+            .insert(def.version, def);
+    }
+
+    pub(crate) fn get(&self, name: &str, version: u32) -> Option<&Definition> {
+        self.by_name.get(name)?.get(&version)
+    }
+
+    /// The latest registered version of `name`.
+    pub(crate) fn latest(&self, name: &str) -> Option<&Definition> {
+        self.by_name.get(name)?.values().max_by_key(|d| d.version)
+    }
+
+    pub(crate) fn keys(&self) -> Vec<(String, u32)> {
+        self.by_name
+            .values()
+            .flat_map(|vs| vs.values().map(|d| (d.name.clone(), d.version)))
+            .collect()
+    }
+}

@@ -1,0 +1,1 @@
+//! Integration tests, examples and benches for Fluxo.
