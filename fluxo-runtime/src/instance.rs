@@ -260,7 +260,10 @@ impl Instance {
             Ok(CommitOutcome::Applied { cancel_requested }) => {
                 st.next_event_id += count;
                 st.lazy.clear();
-                st.cancel_requested |= cancel_requested;
+                drop(st);
+                if cancel_requested {
+                    self.request_cancel();
+                }
                 Some(Committed::Applied)
             }
             Ok(CommitOutcome::InboxChanged {
@@ -270,7 +273,10 @@ impl Instance {
                 st.next_event_id += count;
                 st.lazy.clear();
                 st.inbox_seq = inbox_seq;
-                st.cancel_requested |= cancel_requested;
+                drop(st);
+                if cancel_requested {
+                    self.request_cancel();
+                }
                 Some(Committed::InboxChanged)
             }
             Ok(CommitOutcome::LeaseLost) => {
@@ -388,8 +394,10 @@ impl Instance {
             let mut st = self.state();
             st.lease_token = r.lease_token;
             st.inbox_seq = r.inbox_seq;
-            st.cancel_requested |= r.cancel_requested;
             st.permit = Some(r.permit);
+        }
+        if r.cancel_requested {
+            self.request_cancel();
         }
         self.next_epoch();
         true

@@ -29,6 +29,7 @@ pub use workflow::{HasSignal, Signal, Workflow};
 /// Items used by the code the macros generate. Not a public API.
 #[doc(hidden)]
 pub mod __private {
+    pub use crate::step::run_step;
     pub use futures::future::BoxFuture;
 
     use crate::{Error, Fluxo, StartOptions, Workflow, WorkflowHandle};

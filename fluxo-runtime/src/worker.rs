@@ -24,6 +24,7 @@ pub struct WorkerBuilder {
     poll_interval: Duration,
     max_cached: usize,
     shutdown_grace: Duration,
+    renew: bool,
 }
 
 impl WorkerBuilder {
@@ -36,7 +37,16 @@ impl WorkerBuilder {
             poll_interval: Duration::from_millis(100),
             max_cached: 10_000,
             shutdown_grace: Duration::from_secs(10),
+            renew: true,
         }
+    }
+
+    /// Turns lease renewal off, so the worker behaves like one that stalls
+    /// (tests of lease expiry and fencing use this).
+    #[doc(hidden)]
+    pub fn renew_leases(mut self, on: bool) -> Self {
+        self.renew = on;
+        self
     }
 
     /// Worker identity in leases (default: a random id).
@@ -209,7 +219,7 @@ impl WorkerRuntime {
     async fn run(self: Arc<Self>, cfg: WorkerBuilder, mut stop: watch::Receiver<bool>) {
         tracing::info!(worker = %self.id, concurrency = cfg.concurrency, backend = self.shared.store.backend_name(), "worker started");
         let mut tasks = JoinSet::new();
-        let renew = tokio::spawn(Arc::clone(&self).renew_leases(cfg.lease, stop.clone()));
+        let renew = tokio::spawn(Arc::clone(&self).renew_leases(cfg.lease, cfg.renew, stop.clone()));
         let mut work = self.shared.work.subscribe();
         let mut backoff = Duration::from_millis(50);
         while !*stop.borrow() {
@@ -348,7 +358,10 @@ impl WorkerRuntime {
         }
     }
 
-    async fn renew_leases(self: Arc<Self>, lease: Duration, stop: watch::Receiver<bool>) {
+    async fn renew_leases(self: Arc<Self>, lease: Duration, enabled: bool, stop: watch::Receiver<bool>) {
+        if !enabled {
+            return;
+        }
         let every = lease / 3;
         loop {
             tokio::time::sleep(every).await;

@@ -1,0 +1,70 @@
+//! Shared helpers for integration tests: backends and execution counters.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use fluxo::store::Store;
+
+fn counts() -> std::sync::MutexGuard<'static, HashMap<String, u32>> {
+    static COUNTS: OnceLock<Mutex<HashMap<String, u32>>> = OnceLock::new();
+    COUNTS.get_or_init(Default::default).lock().unwrap()
+}
+
+/// Counts how often something ran, keyed by e.g. `"<workflow id>/<step>"`.
+/// Returns the new count.
+pub fn bump(key: impl Into<String>) -> u32 {
+    let mut m = counts();
+    let n = m.entry(key.into()).or_default();
+    *n += 1;
+    *n
+}
+
+/// Reads a counter.
+pub fn count(key: &str) -> u32 {
+    counts().get(key).copied().unwrap_or(0)
+}
+
+/// A fresh in-memory store.
+pub async fn memory_store() -> Arc<dyn Store> {
+    Arc::new(fluxo::store::memory::MemoryStore::new())
+}
+
+/// A fresh SQLite store in a new temporary file.
+#[cfg(feature = "sqlite")]
+pub async fn sqlite_store() -> Arc<dyn Store> {
+    let path = temp_db_path();
+    Arc::new(fluxo::store::sqlite::SqliteStore::open(&path).await.expect("open sqlite"))
+}
+
+/// A unique path for a temporary SQLite file.
+pub fn temp_db_path() -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join("fluxo-tests");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(format!("{}.db", uuid_like()))
+}
+
+fn uuid_like() -> String {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let t = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos();
+    format!("{}-{t}-{n}", std::process::id())
+}
+
+fn gates() -> std::sync::MutexGuard<'static, HashMap<String, Arc<tokio::sync::Notify>>> {
+    static GATES: OnceLock<Mutex<HashMap<String, Arc<tokio::sync::Notify>>>> = OnceLock::new();
+    GATES.get_or_init(Default::default).lock().unwrap()
+}
+
+/// Waits until [`open_gate`] is called with the same name.
+pub async fn wait_gate(name: &str) {
+    let n = gates().entry(name.to_owned()).or_default().clone();
+    n.notified().await;
+}
+
+/// Releases one waiter of [`wait_gate`] (or the next one to come).
+pub fn open_gate(name: &str) {
+    let n = gates().entry(name.to_owned()).or_default().clone();
+    n.notify_one();
+}

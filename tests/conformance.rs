@@ -1,0 +1,55 @@
+//! The behavioural conformance suite: the same workflow tests against every
+//! backend. Adding a backend means adding one module in `backend_tests!`.
+
+mod common;
+#[path = "conformance/suite.rs"]
+mod suite;
+#[path = "conformance/workflows.rs"]
+mod workflows;
+
+macro_rules! backend_tests {
+    ($($name:ident),* $(,)?) => {
+        mod memory {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    crate::suite::$name(crate::common::memory_store().await).await
+                }
+            )*
+        }
+        #[cfg(feature = "sqlite")]
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    crate::suite::$name(crate::common::sqlite_store().await).await
+                }
+            )*
+        }
+    };
+}
+
+backend_tests!(
+    typed_result,
+    steps_are_journaled_once,
+    retries_until_success,
+    exhausted_retries_are_typed_errors,
+    workflow_failure_is_typed,
+    durable_retry_backoff_parks,
+    short_and_long_durable_timers,
+    signals_before_and_after_the_wait,
+    signal_timeout,
+    parallel_steps,
+    child_workflows,
+    cancellation,
+    cancellation_cascades_to_children,
+    idempotent_start_by_id,
+    non_determinism_is_detected,
+    undecodable_input,
+    undecodable_signal,
+    api_errors,
+    eviction_replays_without_rerunning_steps,
+    lease_expiry_takeover_and_zombie_fencing,
+    handle_from_another_process,
+    long_history,
+);

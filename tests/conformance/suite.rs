@@ -1,0 +1,461 @@
+//! The suite's tests; each takes a fresh store of the backend under test.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use fluxo::history::Event;
+use fluxo::prelude::*;
+use fluxo::store::{NewInstance, Store};
+use fluxo::{Error, Worker};
+
+use crate::common::{count, open_gate};
+use crate::workflows::*;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn fluxo_on(store: &Arc<dyn Store>) -> Fluxo {
+    let fluxo = Fluxo::from_store(Arc::clone(store));
+    register_all(&fluxo);
+    fluxo
+}
+
+fn worker(fluxo: &Fluxo) -> Worker {
+    fluxo
+        .worker()
+        .lease(Duration::from_secs(5))
+        .poll_interval(Duration::from_millis(20))
+        .spawn()
+}
+
+fn setup(store: &Arc<dyn Store>) -> (Fluxo, Worker) {
+    let f = fluxo_on(store);
+    let w = worker(&f);
+    (f, w)
+}
+
+async fn step_events(fluxo: &Fluxo, id: &str) -> Vec<(u64, String)> {
+    fluxo
+        .history(id)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter_map(|h| match h.event {
+            Event::StepCompleted { name, .. } => Some((h.seq, name)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Journal positions are 0..n without gaps or duplicates.
+async fn assert_journal_dense(fluxo: &Fluxo, id: &str) {
+    let h = fluxo.history(id).await.unwrap();
+    for (i, e) in h.iter().enumerate() {
+        assert_eq!(e.event_id, i as u64, "journal of {id} has a gap or duplicate: {h:#?}");
+    }
+}
+
+pub async fn typed_result(store: Arc<dyn Store>) {
+    let (fluxo, w) = setup(&store);
+    let h = Greet::start(&fluxo, "ana".into()).await.unwrap();
+    let out: String = h.result_timeout(WAIT).await.unwrap();
+    assert_eq!(out, "hello ana");
+    assert_eq!(h.status().await.unwrap(), WorkflowStatus::Completed);
+    w.shutdown().await;
+}
+
+pub async fn steps_are_journaled_once(store: Arc<dyn Store>) {
+    let (fluxo, w) = setup(&store);
+    let h = Greet::start(&fluxo, "bo".into()).await.unwrap();
+    h.result_timeout(WAIT).await.unwrap();
+    assert_eq!(step_events(&fluxo, h.id()).await, vec![(0, "greet_step".to_owned())]);
+    assert_eq!(count(&format!("{}/greet", h.id())), 1);
+    assert_journal_dense(&fluxo, h.id()).await;
+    w.shutdown().await;
+}
+
+pub async fn retries_until_success(store: Arc<dyn Store>) {
+    let (fluxo, w) = setup(&store);
+    let h = Retrying::start(&fluxo, 2).await.unwrap();
+    assert_eq!(h.result_timeout(WAIT).await.unwrap(), 3, "succeeds on attempt 3");
+    let failed_attempts = fluxo
+        .history(h.id())
+        .await
+        .unwrap()
+        .iter()
+        .filter(|e| matches!(e.event, Event::StepAttemptFailed { .. }))
+        .count();
+    assert_eq!(failed_attempts, 2);
+    w.shutdown().await;
+}
+
+pub async fn exhausted_retries_are_typed_errors(store: Arc<dyn Store>) {
+    let (fluxo, w) = setup(&store);
+    let h = Exhausting::start(&fluxo, ()).await.unwrap();
+    let out = h.result_timeout(WAIT).await.unwrap();
+    assert_eq!(out, "caught Boom; caught Declined; caught Timeout");
+    assert_eq!(count(&format!("{}/always_fails", h.id())), 2, "max_attempts = 2");
+    assert_eq!(count(&format!("{}/declined", h.id())), 1, "non-retryable kind");
+    assert_eq!(count(&format!("{}/too_slow", h.id())), 2, "timeouts are retried");
+    w.shutdown().await;
+}
+
+pub async fn workflow_failure_is_typed(store: Arc<dyn Store>) {
+    let (fluxo, w) = setup(&store);
+    let h = Failing::start(&fluxo, ()).await.unwrap();
+    match h.result_timeout(WAIT).await {
+        Err(Error::WorkflowFailed { error, workflow, .. }) => {
+            assert_eq!(workflow, "failing");
+            assert_eq!(error.kind(), "StepFailed");
+            assert_eq!(error.step_error().unwrap().kind(), "Boom");
+        }
+        other => panic!("expected WorkflowFailed, got {other:?}"),
+    }
+    assert_eq!(h.status().await.unwrap(), WorkflowStatus::Failed);
+    w.shutdown().await;
+}
+
+pub async fn durable_retry_backoff_parks(store: Arc<dyn Store>) {
+    let (fluxo, w) = setup(&store);
+    let h = DurableRetry::start(&fluxo, ()).await.unwrap();
+    // The 1.2 s back-off parks the instance: its lease is released meanwhile.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(h.status().await.unwrap(), WorkflowStatus::Running);
+    assert_eq!(h.result_timeout(WAIT).await.unwrap(), 2);
+    w.shutdown().await;
+}
+
+pub async fn short_and_long_durable_timers(store: Arc<dyn Store>) {
+    let (fluxo, w) = setup(&store);
+    let short = Sleeper::start(&fluxo, 50).await.unwrap();
+    let long = Sleeper::start(&fluxo, 1_500).await.unwrap();
+    assert!(short.result_timeout(WAIT).await.unwrap() >= 50);
+    assert!(long.result_timeout(WAIT).await.unwrap() >= 1_500);
+    let h = fluxo.history(long.id()).await.unwrap();
+    assert!(h.iter().any(|e| matches!(e.event, Event::TimerStarted { .. })));
+    assert!(h.iter().any(|e| matches!(e.event, Event::TimerFired)));
+    w.shutdown().await;
+}
+
+pub async fn signals_before_and_after_the_wait(store: Arc<dyn Store>) {
+    let fluxo = fluxo_on(&store);
+    // The first signal arrives before any worker runs the instance.
+    let h = Approval::start(&fluxo, ()).await.unwrap();
+    h.signal(Approved { by: "ana".into() }).await.unwrap();
+    let w = worker(&fluxo);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(h.status().await.unwrap(), WorkflowStatus::Running);
+    h.signal(Approved { by: "bo".into() }).await.unwrap();
+    assert_eq!(h.result_timeout(WAIT).await.unwrap(), "ana,bo", "arrival order");
+    w.shutdown().await;
+}
+
+pub async fn signal_timeout(store: Arc<dyn Store>) {
+    let (fluxo, w) = setup(&store);
+    let quick = ApprovalTimeout::start(&fluxo, 100).await.unwrap();
+    let parked = ApprovalTimeout::start(&fluxo, 1_300).await.unwrap();
+    let answered = ApprovalTimeout::start(&fluxo, 60_000).await.unwrap();
+    answered.signal(Approved { by: "cy".into() }).await.unwrap();
+    assert_eq!(quick.result_timeout(WAIT).await.unwrap(), "gave up: timed out waiting for signal `Approved`");
+    assert_eq!(parked.result_timeout(WAIT).await.unwrap(), "gave up: timed out waiting for signal `Approved`");
+    assert_eq!(answered.result_timeout(WAIT).await.unwrap(), "approved by cy");
+    w.shutdown().await;
+}
+
+pub async fn parallel_steps(store: Arc<dyn Store>) {
+    let (fluxo, w) = setup(&store);
+    let h = Parallel::start(&fluxo, ()).await.unwrap();
+    assert_eq!(h.result_timeout(WAIT).await.unwrap(), ["a", "b", "c", "d", "e", "f"]);
+    // Sequence numbers follow issue order, whatever order steps finished in.
+    let mut steps = step_events(&fluxo, h.id()).await;
+    steps.sort();
+    let expected: Vec<(u64, String)> = (0..6).map(|i| (i, "count_step".to_owned())).collect();
+    assert_eq!(steps, expected);
+    assert_journal_dense(&fluxo, h.id()).await;
+    w.shutdown().await;
+}
+
+pub async fn child_workflows(store: Arc<dyn Store>) {
+    let (fluxo, w) = setup(&store);
+    let h = Parent::start(&fluxo, 21).await.unwrap();
+    assert_eq!(h.result_timeout(WAIT).await.unwrap(), "42 ChildFailed");
+    let child = ChildDouble::handle(&fluxo, format!("{}/0", h.id()));
+    assert_eq!(child.result().await.unwrap(), 42);
+    w.shutdown().await;
+}
+
+pub async fn cancellation(store: Arc<dyn Store>) {
+    let (fluxo, w) = setup(&store);
+    let h = WaitsForever::start(&fluxo, ()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    h.cancel().await.unwrap();
+    match h.result_timeout(WAIT).await {
+        Err(Error::Cancelled { .. }) => {}
+        other => panic!("expected Cancelled, got {other:?}"),
+    }
+    assert_eq!(h.status().await.unwrap(), WorkflowStatus::Cancelled);
+    // Cancelling again is a no-op; signalling is refused.
+    h.cancel().await.unwrap();
+    assert!(matches!(h.signal(Go).await, Err(Error::WorkflowFinished { .. })));
+    w.shutdown().await;
+}
+
+pub async fn cancellation_cascades_to_children(store: Arc<dyn Store>) {
+    let (fluxo, w) = setup(&store);
+    let h = CancelParent::start(&fluxo, ()).await.unwrap();
+    let child = WaitsForever::handle(&fluxo, format!("{}-child", h.id()));
+    // Wait for the child to exist.
+    for _ in 0..500 {
+        if child.status().await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    h.cancel().await.unwrap();
+    assert!(matches!(h.result_timeout(WAIT).await, Err(Error::Cancelled { .. })));
+    assert!(matches!(child.result_timeout(WAIT).await, Err(Error::Cancelled { .. })));
+    w.shutdown().await;
+}
+
+pub async fn idempotent_start_by_id(store: Arc<dyn Store>) {
+    let (fluxo, w) = setup(&store);
+    let id = format!("order-{}", uuid_suffix());
+    let a = Greet::start_with(&fluxo, "ana".into(), StartOptions::new().id(&id)).await.unwrap();
+    let b = Greet::start_with(&fluxo, "someone else".into(), StartOptions::new().id(&id)).await.unwrap();
+    assert_eq!(a.id(), b.id());
+    assert_eq!(b.result_timeout(WAIT).await.unwrap(), "hello ana", "the second start did not run");
+    assert_eq!(count(&format!("{id}/greet")), 1);
+    // The same id for another workflow is an error.
+    match Sleeper::start_with(&fluxo, 1, StartOptions::new().id(&id)).await {
+        Err(Error::WorkflowMismatch { found, .. }) => assert_eq!(found, "greet"),
+        other => panic!("expected WorkflowMismatch, got {other:?}"),
+    }
+    w.shutdown().await;
+}
+
+pub async fn non_determinism_is_detected(store: Arc<dyn Store>) {
+    let v1 = Fluxo::from_store(Arc::clone(&store));
+    v1.register(EvolvingV1).unwrap();
+    let w1 = worker(&v1);
+    let h = EvolvingV1::start(&v1, ()).await.unwrap();
+    // Wait until step `a` is journaled and the instance waits for `Go`.
+    for _ in 0..500 {
+        if !step_events(&v1, h.id()).await.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    w1.shutdown().await;
+
+    // A new deployment changed the code without changing the version.
+    let v2 = Fluxo::from_store(Arc::clone(&store));
+    v2.register(EvolvingV1Changed).unwrap();
+    let w2 = worker(&v2);
+    let h2 = EvolvingV1Changed::handle(&v2, h.id());
+    h2.signal(Go).await.unwrap();
+    match h2.result_timeout(WAIT).await {
+        Err(Error::NonDeterminism { seq, expected, found, .. }) => {
+            assert_eq!(seq, 0);
+            assert_eq!(expected, "step `count_step`");
+            assert_eq!(found, "step `greet_step`");
+        }
+        other => panic!("expected NonDeterminism, got {other:?}"),
+    }
+    w2.shutdown().await;
+}
+
+pub async fn undecodable_input(store: Arc<dyn Store>) {
+    let (fluxo, w) = setup(&store);
+    let id = format!("bad-input-{}", uuid_suffix());
+    store
+        .create_instance(NewInstance {
+            id: id.clone(),
+            workflow: "greet".into(),
+            version: 1,
+            input: b"{not json".to_vec(),
+            parent_id: None,
+        })
+        .await
+        .unwrap();
+    fluxo.store().get_instance(&id).await.unwrap().unwrap();
+    let h = Greet::handle(&fluxo, &id);
+    match h.result_timeout(WAIT).await {
+        Err(Error::Decode { workflow, what, type_name, .. }) => {
+            assert_eq!(workflow, "greet");
+            assert_eq!(what, "input");
+            assert!(type_name.contains("String"), "{type_name}");
+        }
+        other => panic!("expected Decode, got {other:?}"),
+    }
+    w.shutdown().await;
+}
+
+pub async fn undecodable_signal(store: Arc<dyn Store>) {
+    let (fluxo, w) = setup(&store);
+    let h = Approval::start(&fluxo, ()).await.unwrap();
+    fluxo
+        .signal_by_name(h.id(), "Approved", serde_json::json!({"nobody": 1}))
+        .await
+        .unwrap();
+    match h.result_timeout(WAIT).await {
+        Err(Error::Decode { seq, what, type_name, .. }) => {
+            assert_eq!(seq, Some(0));
+            assert_eq!(what, "signal `Approved`");
+            assert!(type_name.ends_with("Approved"), "{type_name}");
+        }
+        other => panic!("expected Decode, got {other:?}"),
+    }
+    w.shutdown().await;
+}
+
+pub async fn api_errors(store: Arc<dyn Store>) {
+    let (fluxo, w) = setup(&store);
+    assert!(matches!(
+        fluxo.start_by_name("no_such_flow", serde_json::json!(null), StartOptions::new()).await,
+        Err(Error::UnknownWorkflow { .. })
+    ));
+    let missing = Greet::handle(&fluxo, "no-such-id");
+    assert!(matches!(missing.result().await, Err(Error::NotFound { .. })));
+    assert!(matches!(missing.cancel().await, Err(Error::NotFound { .. })));
+    let h = Greet::start(&fluxo, "x".into()).await.unwrap();
+    h.result_timeout(WAIT).await.unwrap();
+    match fluxo.signal_by_name(h.id(), "Approved", serde_json::json!({"by": "x"})).await {
+        Err(Error::WorkflowFinished { status, signal, .. }) => {
+            assert_eq!(status, WorkflowStatus::Completed);
+            assert_eq!(signal, "Approved");
+        }
+        other => panic!("expected WorkflowFinished, got {other:?}"),
+    }
+    // Start by name works for registered workflows.
+    let id = fluxo
+        .start_by_name("greet", serde_json::json!("by name"), StartOptions::new())
+        .await
+        .unwrap();
+    assert_eq!(Greet::handle(&fluxo, id).result_timeout(WAIT).await.unwrap(), "hello by name");
+    w.shutdown().await;
+}
+
+pub async fn eviction_replays_without_rerunning_steps(store: Arc<dyn Store>) {
+    let fluxo = fluxo_on(&store);
+    // No cache: every park evicts, every wake replays from the journal.
+    let w = fluxo
+        .worker()
+        .max_cached(0)
+        .poll_interval(Duration::from_millis(20))
+        .spawn();
+    let h = Replayed::start(&fluxo, ()).await.unwrap();
+    for _ in 0..500 {
+        if fluxo.history(h.id()).await.unwrap().len() >= 4 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(w.live_instances(), 0, "the parked instance was evicted");
+    h.signal(Go).await.unwrap();
+    let (now, random, uuid, key) = h.result_timeout(WAIT).await.unwrap();
+    assert_eq!(count(&format!("{}/one", h.id())), 1, "step one ran once");
+    assert_eq!(count(&format!("{}/two", h.id())), 1);
+    // Replayed values are the journaled ones.
+    let values: Vec<serde_json::Value> = fluxo
+        .history(h.id())
+        .await
+        .unwrap()
+        .into_iter()
+        .filter_map(|e| match e.event {
+            Event::ValueRecorded { value, .. } => Some(value),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(values.len(), 3);
+    let journaled_now: chrono_like::Instant = serde_json::from_value(values[0].clone()).unwrap();
+    assert_eq!(journaled_now.0, now.clone());
+    assert_eq!(values[1], serde_json::json!(random));
+    assert_eq!(values[2], serde_json::json!(uuid));
+    assert_eq!(key, format!("{}:6", h.id()));
+    w.shutdown().await;
+}
+
+mod chrono_like {
+    /// Reads a journaled `now` and renders it like `DateTime::to_rfc3339`.
+    pub struct Instant(pub String);
+    impl<'de> serde::Deserialize<'de> for Instant {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            let s = String::deserialize(d)?;
+            // RFC 3339 as serialized by chrono: "2026-01-01T00:00:00.123456789Z"
+            Ok(Instant(s.replace('Z', "+00:00")))
+        }
+    }
+}
+
+pub async fn lease_expiry_takeover_and_zombie_fencing(store: Arc<dyn Store>) {
+    let fluxo = fluxo_on(&store);
+    // A worker that stalls: it never renews its 300 ms lease.
+    let zombie = fluxo
+        .worker()
+        .lease(Duration::from_millis(300))
+        .renew_leases(false)
+        .poll_interval(Duration::from_millis(20))
+        .spawn();
+    let gate = format!("gate-{}", uuid_suffix());
+    let h = Gated::start(&fluxo, gate.clone()).await.unwrap();
+    for _ in 0..500 {
+        if count(&format!("{}/gate", h.id())) >= 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // A healthy worker (other Fluxo handle, as if another process) takes over
+    // once the lease expires and completes the instance.
+    let other = fluxo_on(&store);
+    let healthy = worker(&other);
+    let out = Gated::handle(&other, h.id()).result_timeout(WAIT).await.unwrap();
+    assert_eq!(out, 2, "the takeover ran the step again as attempt 2");
+    let before = other.history(h.id()).await.unwrap();
+    // The zombie now finishes its step; its write must not land.
+    open_gate(&gate);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let after = other.history(h.id()).await.unwrap();
+    assert_eq!(before, after, "the zombie's journal write was fenced off");
+    assert_eq!(
+        step_events(&other, h.id()).await,
+        vec![(0, "gate_step".to_owned()), (1, "count_step".to_owned())]
+    );
+    assert_journal_dense(&other, h.id()).await;
+    zombie.shutdown().await;
+    healthy.shutdown().await;
+}
+
+pub async fn handle_from_another_process(store: Arc<dyn Store>) {
+    let (fluxo, w) = setup(&store);
+    let h = Approval::start(&fluxo, ()).await.unwrap();
+    // A client with no worker and no registrations.
+    let client = Fluxo::from_store(Arc::clone(&store));
+    let remote = Approval::handle(&client, h.id());
+    remote.signal(Approved { by: "x".into() }).await.unwrap();
+    remote.signal(Approved { by: "y".into() }).await.unwrap();
+    assert_eq!(remote.result_timeout(WAIT).await.unwrap(), "x,y");
+    w.shutdown().await;
+}
+
+pub async fn long_history(store: Arc<dyn Store>) {
+    let (fluxo, w) = setup(&store);
+    let h = ManySteps::start(&fluxo, 300).await.unwrap();
+    assert_eq!(h.result_timeout(WAIT).await.unwrap(), (1..=300).sum::<u32>());
+    assert_eq!(fluxo.history(h.id()).await.unwrap().len(), 300);
+    assert_journal_dense(&fluxo, h.id()).await;
+    w.shutdown().await;
+}
+
+fn uuid_suffix() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "{}-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos(),
+        N.fetch_add(1, Ordering::SeqCst)
+    )
+}
