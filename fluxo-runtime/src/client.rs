@@ -9,7 +9,9 @@ use crate::error::{Error, Failure};
 use crate::history::Event;
 use crate::payload;
 use crate::shared::Shared;
-use crate::store::{CreateOutcome, InstanceRecord, InstanceStatus, ListFilter, NewInstance, Store, StoreError};
+use crate::store::{
+    CreateOutcome, InstanceRecord, InstanceStatus, ListFilter, NewInstance, Store, StoreError,
+};
 use crate::worker::WorkerBuilder;
 use crate::workflow::{Definition, HasSignal, Signal, Workflow};
 
@@ -82,7 +84,9 @@ impl Fluxo {
     /// A Fluxo on a SQLite file, created if missing (WAL, `synchronous=FULL`).
     #[cfg(feature = "sqlite")]
     pub async fn sqlite(path: impl AsRef<std::path::Path>) -> Result<Self, Error> {
-        Ok(Self::with_store(crate::store::sqlite::SqliteStore::open(path).await?))
+        Ok(Self::with_store(
+            crate::store::sqlite::SqliteStore::open(path).await?,
+        ))
     }
 
     /// The store.
@@ -124,7 +128,13 @@ impl Fluxo {
         self.create(workflow, version, input, options).await
     }
 
-    async fn create(&self, workflow: &str, version: u32, input: Vec<u8>, options: StartOptions) -> Result<String, Error> {
+    async fn create(
+        &self,
+        workflow: &str,
+        version: u32,
+        input: Vec<u8>,
+        options: StartOptions,
+    ) -> Result<String, Error> {
         let id = options
             .id
             .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
@@ -195,7 +205,12 @@ impl Fluxo {
 
     /// Sends a signal by name with a JSON payload (see
     /// [`WorkflowHandle::signal`] for the typed form).
-    pub async fn signal_by_name(&self, id: &str, signal: &str, payload: serde_json::Value) -> Result<(), Error> {
+    pub async fn signal_by_name(
+        &self,
+        id: &str,
+        signal: &str,
+        payload: serde_json::Value,
+    ) -> Result<(), Error> {
         let bytes = payload::encode(&payload)?;
         self.send_signal(id, signal, bytes).await
     }
@@ -277,7 +292,11 @@ impl<W: Workflow> std::fmt::Debug for WorkflowHandle<W> {
 impl<W: Workflow> WorkflowHandle<W> {
     /// Starts an instance of `W` (it need not be registered in this process:
     /// any worker that registered it runs it).
-    pub async fn start(fluxo: &Fluxo, input: W::Input, options: StartOptions) -> Result<Self, Error> {
+    pub async fn start(
+        fluxo: &Fluxo,
+        input: W::Input,
+        options: StartOptions,
+    ) -> Result<Self, Error> {
         let bytes = payload::encode(&input)?;
         let id = fluxo.create(W::NAME, W::VERSION, bytes, options).await?;
         Ok(Self::new(fluxo, id))
@@ -328,7 +347,9 @@ impl<W: Workflow> WorkflowHandle<W> {
     pub async fn result_timeout(&self, timeout: Duration) -> Result<W::Output, Error> {
         match tokio::time::timeout(timeout, self.result()).await {
             Ok(r) => r,
-            Err(_) => Err(Error::Timeout { id: self.id.clone() }),
+            Err(_) => Err(Error::Timeout {
+                id: self.id.clone(),
+            }),
         }
     }
 

@@ -93,7 +93,12 @@ impl WorkflowContext {
         self.inst.abort(Abort::Fail(failure));
     }
 
-    fn decode<T: Payload>(&self, seq: u64, what: impl Into<String>, value: serde_json::Value) -> Option<T> {
+    fn decode<T: Payload>(
+        &self,
+        seq: u64,
+        what: impl Into<String>,
+        value: serde_json::Value,
+    ) -> Option<T> {
         match serde_json::from_value(value) {
             Ok(v) => Some(v),
             Err(e) => {
@@ -126,7 +131,12 @@ impl WorkflowContext {
         }
     }
 
-    pub(crate) async fn run_step<T, F, Fut>(&self, name: &str, options: StepOptions, mut f: F) -> Result<T, StepError>
+    pub(crate) async fn run_step<T, F, Fut>(
+        &self,
+        name: &str,
+        options: StepOptions,
+        mut f: F,
+    ) -> Result<T, StepError>
     where
         T: Payload,
         F: FnMut() -> Fut,
@@ -171,7 +181,10 @@ impl WorkflowContext {
             };
             let run = step.scope(f());
             let result = match options.timeout {
-                Some(limit) => match tokio::time::timeout(limit, run).instrument(span.clone()).await {
+                Some(limit) => match tokio::time::timeout(limit, run)
+                    .instrument(span.clone())
+                    .await
+                {
                     Ok(r) => r,
                     Err(_) => Err(StepError::timed_out(limit)),
                 },
@@ -185,7 +198,12 @@ impl WorkflowContext {
                         output,
                     };
                     drop(_enter);
-                    if self.inst.commit(seq, vec![event], CommitExtra::default()).await.is_none() {
+                    if self
+                        .inst
+                        .commit(seq, vec![event], CommitExtra::default())
+                        .await
+                        .is_none()
+                    {
                         return halt().await;
                     }
                     return Ok(value);
@@ -199,7 +217,10 @@ impl WorkflowContext {
             };
             let event = if options.retry.should_retry(attempt, &error) {
                 let delay = options.retry.delay_after(attempt);
-                tracing::warn!(%error, ?delay, "step attempt failed; retrying");
+                tracing::warn!(
+                    workflow = %self.inst.workflow, id = %self.inst.id, step = name, seq, attempt,
+                    %error, ?delay, "step attempt failed; retrying"
+                );
                 let at = now_millis() + delay.as_millis() as Millis;
                 retry_at = Some(at);
                 Event::StepAttemptFailed {
@@ -209,14 +230,22 @@ impl WorkflowContext {
                     retry_at: at,
                 }
             } else {
-                tracing::error!(%error, "step failed");
+                tracing::error!(
+                    workflow = %self.inst.workflow, id = %self.inst.id, step = name, seq, attempt,
+                    %error, "step failed"
+                );
                 Event::StepFailed {
                     name: name.to_owned(),
                     error: error.clone(),
                 }
             };
             drop(_enter);
-            if self.inst.commit(seq, vec![event], CommitExtra::default()).await.is_none() {
+            if self
+                .inst
+                .commit(seq, vec![event], CommitExtra::default())
+                .await
+                .is_none()
+            {
                 return halt().await;
             }
             if retry_at.is_none() {
@@ -274,7 +303,8 @@ impl WorkflowContext {
                 let at = fire_at(now_millis());
                 // Nothing outside sees the timer until the next commit, which
                 // carries these events.
-                self.inst.record_lazy(guard.seq, Event::TimerStarted { fire_at: at });
+                self.inst
+                    .record_lazy(guard.seq, Event::TimerStarted { fire_at: at });
                 at
             }
         };
@@ -330,7 +360,13 @@ impl WorkflowContext {
             }
         }
         loop {
-            let found = match self.inst.shared.store.next_signal(&self.inst.id, S::NAME).await {
+            let found = match self
+                .inst
+                .shared
+                .store
+                .next_signal(&self.inst.id, S::NAME)
+                .await
+            {
                 Ok((found, _)) => found,
                 Err(e) => {
                     self.inst.abort(Abort::Store(e));
@@ -350,7 +386,9 @@ impl WorkflowContext {
                         return halt().await;
                     }
                 };
-                let Some(typed) = self.decode::<S>(seq, format!("signal `{}`", S::NAME), value.clone()) else {
+                let Some(typed) =
+                    self.decode::<S>(seq, format!("signal `{}`", S::NAME), value.clone())
+                else {
                     return halt().await;
                 };
                 let event = Event::SignalReceived {
@@ -401,7 +439,12 @@ impl WorkflowContext {
             what: what.to_owned(),
             value: serde_json::to_value(&v).unwrap_or_default(),
         };
-        if self.inst.commit(guard.seq, vec![event], CommitExtra::default()).await.is_none() {
+        if self
+            .inst
+            .commit(guard.seq, vec![event], CommitExtra::default())
+            .await
+            .is_none()
+        {
             return halt().await;
         }
         v
@@ -431,13 +474,21 @@ impl WorkflowContext {
     }
 
     /// Runs three operations concurrently (see [`WorkflowContext::join`]).
-    pub async fn join3<A: Future, B: Future, C: Future>(&self, a: A, b: B, c: C) -> (A::Output, B::Output, C::Output) {
+    pub async fn join3<A: Future, B: Future, C: Future>(
+        &self,
+        a: A,
+        b: B,
+        c: C,
+    ) -> (A::Output, B::Output, C::Output) {
         futures::future::join3(a, b, c).await
     }
 
     /// Runs any number of operations concurrently, results in input order.
     /// Each is first polled in order, so sequence numbers are stable.
-    pub async fn join_all<F: Future>(&self, futures: impl IntoIterator<Item = F>) -> Vec<F::Output> {
+    pub async fn join_all<F: Future>(
+        &self,
+        futures: impl IntoIterator<Item = F>,
+    ) -> Vec<F::Output> {
         JoinAll {
             pending: futures.into_iter().map(|f| Some(Box::pin(f))).collect(),
             done: Vec::new(),
@@ -458,7 +509,11 @@ impl WorkflowContext {
         }
     }
 
-    async fn run_child<W: Workflow>(&self, input: W::Input, id: Option<String>) -> Result<W::Output, WorkflowError> {
+    async fn run_child<W: Workflow>(
+        &self,
+        input: W::Input,
+        id: Option<String>,
+    ) -> Result<W::Output, WorkflowError> {
         let Some((guard, recorded)) = self.inst.begin(Operation::Child(W::NAME.to_owned())) else {
             return halt().await;
         };
@@ -467,7 +522,9 @@ impl WorkflowContext {
         for event in recorded {
             match event {
                 Event::ChildStarted { child_id: c, .. } => child_id = Some(c),
-                Event::ChildFinished { outcome, .. } => return self.child_outcome::<W>(seq, outcome).await,
+                Event::ChildFinished { outcome, .. } => {
+                    return self.child_outcome::<W>(seq, outcome).await
+                }
                 _ => {}
             }
         }
@@ -505,7 +562,8 @@ impl WorkflowContext {
             let record = match self.inst.shared.store.get_instance(&child_id).await {
                 Ok(Some(r)) => r,
                 Ok(None) => {
-                    self.inst.abort(Abort::Store(crate::store::StoreError::NotFound(child_id)));
+                    self.inst
+                        .abort(Abort::Store(crate::store::StoreError::NotFound(child_id)));
                     return halt().await;
                 }
                 Err(e) => {
@@ -528,7 +586,12 @@ impl WorkflowContext {
                     child_id: child_id.clone(),
                     outcome: outcome.clone(),
                 };
-                if self.inst.commit(seq, vec![event], CommitExtra::default()).await.is_none() {
+                if self
+                    .inst
+                    .commit(seq, vec![event], CommitExtra::default())
+                    .await
+                    .is_none()
+                {
                     return halt().await;
                 }
                 return self.child_outcome::<W>(seq, outcome).await;
@@ -547,11 +610,17 @@ impl WorkflowContext {
                 Some(out) => Ok(out),
                 None => halt().await,
             },
-            Err(Failure::Cancelled) => {
-                Err(WorkflowError::new(format!("child workflow `{}` was cancelled", W::NAME)).with_kind("ChildCancelled"))
-            }
-            Err(f) => Err(WorkflowError::new(format!("child workflow `{}` failed: {}", W::NAME, f.describe()))
-                .with_kind("ChildFailed")),
+            Err(Failure::Cancelled) => Err(WorkflowError::new(format!(
+                "child workflow `{}` was cancelled",
+                W::NAME
+            ))
+            .with_kind("ChildCancelled")),
+            Err(f) => Err(WorkflowError::new(format!(
+                "child workflow `{}` failed: {}",
+                W::NAME,
+                f.describe()
+            ))
+            .with_kind("ChildFailed")),
         }
     }
 }

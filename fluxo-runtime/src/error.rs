@@ -401,9 +401,14 @@ impl Failure {
                 seq,
                 expected,
                 found,
-            } => format!("non-determinism at seq {seq}: journal holds {expected}, code issued {found}"),
+            } => format!(
+                "non-determinism at seq {seq}: journal holds {expected}, code issued {found}"
+            ),
             Failure::Decode {
-                what, type_name, message, ..
+                what,
+                type_name,
+                message,
+                ..
             } => format!("cannot decode {what} as `{type_name}`: {message}"),
             Failure::IncompatibleHistory { found, supported } => {
                 format!("history format {found} is not supported (this build reads {supported})")

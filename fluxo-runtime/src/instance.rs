@@ -224,7 +224,12 @@ impl Instance {
     /// Writes `events` (after any lazily recorded ones) under the lease. On a
     /// lost lease or a store error the instance is aborted and `None` is
     /// returned.
-    pub(crate) async fn commit(&self, seq: u64, events: Vec<Event>, extra: CommitExtra) -> Option<Committed> {
+    pub(crate) async fn commit(
+        &self,
+        seq: u64,
+        events: Vec<Event>,
+        extra: CommitExtra,
+    ) -> Option<Committed> {
         let _serial = self.commit_lock.lock().await;
         let (commit, count) = {
             let mut st = self.state();
@@ -234,7 +239,11 @@ impl Instance {
             let mut stored = Vec::with_capacity(st.lazy.len() + events.len());
             let mut id = st.next_event_id;
             let lazy = std::mem::take(&mut st.lazy);
-            for (s, e) in lazy.iter().map(|(s, e)| (*s, e)).chain(events.iter().map(|e| (seq, e))) {
+            for (s, e) in lazy
+                .iter()
+                .map(|(s, e)| (*s, e))
+                .chain(events.iter().map(|e| (seq, e)))
+            {
                 stored.push(e.to_stored(id, s));
                 id += 1;
             }
@@ -294,7 +303,11 @@ impl Instance {
 
     /// The final commit of a run: `transition` finishes or releases the
     /// instance. Errors are returned instead of aborting.
-    pub(crate) async fn commit_final(&self, transition: Transition, cancel_instances: Vec<String>) -> Result<CommitOutcome, StoreError> {
+    pub(crate) async fn commit_final(
+        &self,
+        transition: Transition,
+        cancel_instances: Vec<String>,
+    ) -> Result<CommitOutcome, StoreError> {
         let _serial = self.commit_lock.lock().await;
         let commit = {
             let st = self.state();

@@ -38,7 +38,11 @@ pub mod __private {
     pub fn assert_payload<T: serde::Serialize + serde::de::DeserializeOwned + Send + 'static>() {}
 
     /// Starts an instance of `W`.
-    pub async fn start<W: Workflow>(fluxo: &Fluxo, input: W::Input, options: StartOptions) -> Result<WorkflowHandle<W>, Error> {
+    pub async fn start<W: Workflow>(
+        fluxo: &Fluxo,
+        input: W::Input,
+        options: StartOptions,
+    ) -> Result<WorkflowHandle<W>, Error> {
         WorkflowHandle::start(fluxo, input, options).await
     }
 

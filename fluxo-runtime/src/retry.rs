@@ -66,7 +66,11 @@ impl RetryPolicy {
 
     /// Random spread of each delay, as a fraction in `0.0..=1.0`.
     pub fn jitter(mut self, j: f64) -> Self {
-        self.jitter = if j.is_finite() { j.clamp(0.0, 1.0) } else { 0.0 };
+        self.jitter = if j.is_finite() {
+            j.clamp(0.0, 1.0)
+        } else {
+            0.0
+        };
         self
     }
 
@@ -170,7 +174,9 @@ mod tests {
 
     #[test]
     fn fatal_and_listed_kinds_are_not_retried() {
-        let p = RetryPolicy::default().max_attempts(5).non_retryable(&["Declined"]);
+        let p = RetryPolicy::default()
+            .max_attempts(5)
+            .non_retryable(&["Declined"]);
         assert!(p.should_retry(1, &StepError::retryable("x")));
         assert!(!p.should_retry(5, &StepError::retryable("x")));
         assert!(!p.should_retry(1, &StepError::fatal("x")));

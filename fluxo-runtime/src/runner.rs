@@ -17,13 +17,21 @@ use crate::worker::WorkerRuntime;
 use crate::workflow::RunOutcome;
 
 /// Runs `claimed` on this worker until it finishes, is aborted or evicted.
-pub(crate) async fn run(worker: Arc<WorkerRuntime>, claimed: ClaimedInstance, permit: OwnedSemaphorePermit) {
+pub(crate) async fn run(
+    worker: Arc<WorkerRuntime>,
+    claimed: ClaimedInstance,
+    permit: OwnedSemaphorePermit,
+) {
     let rec = &claimed.record;
     let span = tracing::info_span!("workflow", workflow = %rec.workflow, id = %rec.id, version = rec.version);
     run_inner(worker, claimed, permit).instrument(span).await
 }
 
-async fn run_inner(worker: Arc<WorkerRuntime>, claimed: ClaimedInstance, permit: OwnedSemaphorePermit) {
+async fn run_inner(
+    worker: Arc<WorkerRuntime>,
+    claimed: ClaimedInstance,
+    permit: OwnedSemaphorePermit,
+) {
     let shared = Arc::clone(&worker.shared);
     let rec = claimed.record;
 
@@ -150,7 +158,11 @@ async fn drive(
     }
 }
 
-fn shared_def(inst: &Instance, workflow: &str, version: u32) -> Result<crate::workflow::Definition, Abort> {
+fn shared_def(
+    inst: &Instance,
+    workflow: &str,
+    version: u32,
+) -> Result<crate::workflow::Definition, Abort> {
     inst.shared
         .registry()
         .get(workflow, version)
@@ -216,11 +228,16 @@ async fn finish(inst: &Instance, outcome: Result<RunOutcome, Abort>) {
     };
     if let Transition::Fail { failure } = &transition {
         let f: Option<Failure> = payload::decode(failure).ok();
-        tracing::error!(failure = %f.map(|f| f.describe()).unwrap_or_default(), "workflow failed");
+        tracing::error!(
+            workflow = %inst.workflow, id = %inst.id,
+            failure = %f.map(|f| f.describe()).unwrap_or_default(), "workflow failed"
+        );
     }
     match inst.commit_final(transition, cancel_children).await {
         Ok(CommitOutcome::LeaseLost) => tracing::warn!("lease lost before the final commit"),
         Ok(_) => tracing::info!("workflow {what}"),
-        Err(e) => tracing::warn!(error = %e, "cannot record that the workflow {what}; it will run again"),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot record that the workflow {what}; it will run again")
+        }
     }
 }

@@ -61,7 +61,11 @@ impl StepContext {
 
 /// Runs a step: journaled when called from a workflow, a plain call
 /// otherwise (and inside another step). Used by `#[fluxo::step]`.
-pub async fn run_step<T, F, Fut>(name: &'static str, options: StepOptions, f: F) -> Result<T, StepError>
+pub async fn run_step<T, F, Fut>(
+    name: &'static str,
+    options: StepOptions,
+    f: F,
+) -> Result<T, StepError>
 where
     T: Payload,
     F: FnMut() -> Fut,

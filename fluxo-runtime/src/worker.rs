@@ -163,7 +163,12 @@ impl Worker {
         let _ = self.stop.send(true);
         let deadline = Instant::now() + self.grace;
         loop {
-            let active = self.rt.live().values().filter(|e| e.parked.is_none()).count();
+            let active = self
+                .rt
+                .live()
+                .values()
+                .filter(|e| e.parked.is_none())
+                .count();
             if active == 0 || Instant::now() >= deadline {
                 break;
             }
@@ -219,7 +224,8 @@ impl WorkerRuntime {
     async fn run(self: Arc<Self>, cfg: WorkerBuilder, mut stop: watch::Receiver<bool>) {
         tracing::info!(worker = %self.id, concurrency = cfg.concurrency, backend = self.shared.store.backend_name(), "worker started");
         let mut tasks = JoinSet::new();
-        let renew = tokio::spawn(Arc::clone(&self).renew_leases(cfg.lease, cfg.renew, stop.clone()));
+        let renew =
+            tokio::spawn(Arc::clone(&self).renew_leases(cfg.lease, cfg.renew, stop.clone()));
         let mut work = self.shared.work.subscribe();
         let mut backoff = Duration::from_millis(50);
         while !*stop.borrow() {
@@ -358,7 +364,12 @@ impl WorkerRuntime {
         }
     }
 
-    async fn renew_leases(self: Arc<Self>, lease: Duration, enabled: bool, stop: watch::Receiver<bool>) {
+    async fn renew_leases(
+        self: Arc<Self>,
+        lease: Duration,
+        enabled: bool,
+        stop: watch::Receiver<bool>,
+    ) {
         if !enabled {
             return;
         }

@@ -47,9 +47,7 @@ pub trait HasSignal<S: Signal> {}
 /// What the engine's registry stores per workflow: the run function with
 /// input decoding and output encoding done.
 pub(crate) type ErasedRun = Arc<
-    dyn Fn(WorkflowContext, &[u8]) -> Result<BoxFuture<'static, RunOutcome>, Failure>
-        + Send
-        + Sync,
+    dyn Fn(WorkflowContext, &[u8]) -> Result<BoxFuture<'static, RunOutcome>, Failure> + Send + Sync,
 >;
 
 /// What an erased workflow run ends with.

@@ -95,7 +95,8 @@ impl State {
             return CreateOutcome::Existing(existing.record.clone());
         }
         self.order.push(new.id.clone());
-        self.instances.insert(new.id.clone(), Instance::new(new, now));
+        self.instances
+            .insert(new.id.clone(), Instance::new(new, now));
         CreateOutcome::Created
     }
 

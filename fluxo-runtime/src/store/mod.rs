@@ -17,12 +17,12 @@
 //!   a [`Transition::Park`] is refused when the inbox moved since the engine
 //!   last looked.
 
+#[doc(hidden)]
+pub mod conformance;
 #[cfg(feature = "memory")]
 pub mod memory;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
-#[doc(hidden)]
-pub mod conformance;
 
 use std::fmt;
 use std::time::Duration;
@@ -81,7 +81,11 @@ impl InstanceStatus {
             "completed" => InstanceStatus::Completed,
             "failed" => InstanceStatus::Failed,
             "cancelled" => InstanceStatus::Cancelled,
-            other => return Err(StoreError::Corrupt(format!("unknown instance status {other:?}"))),
+            other => {
+                return Err(StoreError::Corrupt(format!(
+                    "unknown instance status {other:?}"
+                )))
+            }
         })
     }
 }
