@@ -318,12 +318,15 @@ impl<W: Workflow> WorkflowHandle<W> {
 
     /// Sends a signal. Only signals the workflow declared compile. The signal
     /// is durable once this returns, even if the workflow is not waiting yet.
-    pub async fn signal<S: Signal>(&self, signal: S) -> Result<(), Error>
+    pub fn signal<S: Signal>(
+        &self,
+        signal: S,
+    ) -> impl std::future::Future<Output = Result<(), Error>> + Send + '_
     where
         W: HasSignal<S>,
     {
-        let bytes = payload::encode(&signal)?;
-        self.fluxo.send_signal(&self.id, S::NAME, bytes).await
+        let bytes = payload::encode(&signal);
+        async move { self.fluxo.send_signal(&self.id, S::NAME, bytes?).await }
     }
 
     /// The instance's current state.

@@ -30,6 +30,7 @@ pub use workflow::{HasSignal, Signal, Workflow};
 #[doc(hidden)]
 pub mod __private {
     pub use crate::step::run_step;
+    pub use crate::workflow::Undeclared;
     pub use futures::future::BoxFuture;
 
     use crate::{Error, Fluxo, StartOptions, Workflow, WorkflowHandle};

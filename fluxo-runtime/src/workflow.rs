@@ -44,6 +44,19 @@ pub trait Signal: Payload {
 )]
 pub trait HasSignal<S: Signal> {}
 
+/// A signal no value can have. Every workflow "declares" it, so that with a
+/// single declared signal the compiler still reports an undeclared one as a
+/// missing [`HasSignal`] instead of a type mismatch.
+#[doc(hidden)]
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub enum Undeclared {}
+
+impl Signal for Undeclared {
+    const NAME: &'static str = "";
+}
+
+impl<W: Workflow> HasSignal<Undeclared> for W {}
+
 /// What the engine's registry stores per workflow: the run function with
 /// input decoding and output encoding done.
 pub(crate) type ErasedRun = Arc<

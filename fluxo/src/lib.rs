@@ -41,11 +41,12 @@
 //! ```
 
 pub use fluxo_macros::{signal, step, workflow};
+pub use fluxo_runtime::payload::Payload;
 pub use fluxo_runtime::{
-    error, history, store, time, ChildCall, Error, Failure, Fluxo, HasSignal, HistoryEntry, RetryPolicy,
-    Signal, SignalWait, SignalWaitTimeout, StartOptions, StepCall, StepContext, StepError, StepOptions,
-    Timeout, Worker, WorkerBuilder, Workflow, WorkflowContext, WorkflowError, WorkflowHandle,
-    WorkflowStatus,
+    error, history, store, time, ChildCall, Error, Failure, Fluxo, HasSignal, HistoryEntry,
+    RetryPolicy, Signal, SignalWait, SignalWaitTimeout, StartOptions, StepCall, StepContext,
+    StepError, StepOptions, Timeout, Worker, WorkerBuilder, Workflow, WorkflowContext,
+    WorkflowError, WorkflowHandle, WorkflowStatus,
 };
 
 /// serde, re-exported for the derives in the prelude.
@@ -59,8 +60,8 @@ pub mod testing;
 pub mod prelude {
     pub use crate::time::{days, hours, millis, minutes, secs};
     pub use crate::{
-        Fluxo, RetryPolicy, StartOptions, StepContext, StepError, StepOptions, WorkflowContext, WorkflowError,
-        WorkflowHandle, WorkflowStatus,
+        Fluxo, RetryPolicy, StartOptions, StepContext, StepError, StepOptions, WorkflowContext,
+        WorkflowError, WorkflowHandle, WorkflowStatus,
     };
     pub use serde::{Deserialize, Serialize};
 }

@@ -42,7 +42,10 @@ impl LocalRunner {
 
     /// A runner on an existing Fluxo (any backend).
     pub fn on(fluxo: Fluxo) -> Self {
-        LocalRunner { fluxo, worker: None }
+        LocalRunner {
+            fluxo,
+            worker: None,
+        }
     }
 
     /// Registers a workflow.

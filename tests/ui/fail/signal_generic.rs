@@ -1,0 +1,9 @@
+use serde::{Deserialize, Serialize};
+
+#[fluxo::signal]
+#[derive(Serialize, Deserialize)]
+pub struct Approved<T> {
+    pub by: T,
+}
+
+fn main() {}

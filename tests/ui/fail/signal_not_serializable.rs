@@ -1,0 +1,6 @@
+#[fluxo::signal]
+pub struct Approved {
+    pub by: String,
+}
+
+fn main() {}

@@ -1,0 +1,6 @@
+#[fluxo::step]
+async fn charge(cents: u64) -> u64 {
+    cents
+}
+
+fn main() {}
