@@ -5,7 +5,7 @@ use std::marker::PhantomData;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::error::{Error, Failure};
+use crate::error::{DecodeError, Error, Failure};
 use crate::history::Event;
 use crate::payload;
 use crate::shared::Shared;
@@ -191,13 +191,15 @@ impl Fluxo {
                         seq: s.seq,
                         event,
                     })
-                    .map_err(|message| Error::Decode {
-                        workflow: rec.workflow.clone(),
-                        id: id.to_owned(),
-                        seq: Some(s.seq),
-                        what: format!("journal entry {}", s.event_id),
-                        type_name: "fluxo::history::Event".into(),
-                        message,
+                    .map_err(|message| {
+                        Error::Decode(Box::new(DecodeError {
+                            workflow: rec.workflow.clone(),
+                            id: id.to_owned(),
+                            seq: Some(s.seq),
+                            what: format!("journal entry {}", s.event_id),
+                            type_name: "fluxo::history::Event".into(),
+                            message,
+                        }))
                     })
             })
             .collect()
@@ -378,13 +380,15 @@ fn outcome<W: Workflow>(rec: InstanceRecord) -> Result<W::Output, Error> {
     match rec.status {
         InstanceStatus::Completed => {
             let bytes = rec.output.unwrap_or_default();
-            payload::decode(&bytes).map_err(|message| Error::Decode {
-                workflow: rec.workflow.clone(),
-                id: rec.id.clone(),
-                seq: None,
-                what: "output".into(),
-                type_name: std::any::type_name::<W::Output>().to_owned(),
-                message,
+            payload::decode(&bytes).map_err(|message| {
+                Error::Decode(Box::new(DecodeError {
+                    workflow: rec.workflow.clone(),
+                    id: rec.id.clone(),
+                    seq: None,
+                    what: "output".into(),
+                    type_name: std::any::type_name::<W::Output>().to_owned(),
+                    message,
+                }))
             })
         }
         _ => {

@@ -47,21 +47,8 @@ pub enum Error {
         signal: String,
     },
     /// A payload could not be decoded into the expected type.
-    #[error("cannot decode {what} of workflow {workflow:?} (instance {id:?}{}) as `{type_name}`: {message}", seq.map(|s| format!(", seq {s}")).unwrap_or_default())]
-    Decode {
-        /// Workflow name.
-        workflow: String,
-        /// Instance id.
-        id: String,
-        /// Journal sequence number, when the payload came from the journal.
-        seq: Option<u64>,
-        /// What was decoded: `input`, `output`, `signal Approved`, ...
-        what: String,
-        /// The Rust type asked for.
-        type_name: String,
-        /// The decoder's message.
-        message: String,
-    },
+    #[error(transparent)]
+    Decode(Box<DecodeError>),
     /// A value could not be encoded.
     #[error("cannot encode `{type_name}`: {message}")]
     Encode {
@@ -71,19 +58,8 @@ pub enum Error {
         message: String,
     },
     /// The workflow code issued other operations than its journal holds.
-    #[error("non-determinism in workflow {workflow:?} instance {id:?} at seq {seq}: the journal holds {expected} but the code issued {found}")]
-    NonDeterminism {
-        /// Workflow name.
-        workflow: String,
-        /// Instance id.
-        id: String,
-        /// Sequence number of the mismatch.
-        seq: u64,
-        /// What the journal holds.
-        expected: String,
-        /// What the code issued.
-        found: String,
-    },
+    #[error(transparent)]
+    NonDeterminism(Box<NonDeterminismError>),
     /// The instance's journal was written by an incompatible build.
     #[error("instance {id:?} was written with history format {found}; this build reads format {supported}")]
     IncompatibleHistory {
@@ -102,7 +78,7 @@ pub enum Error {
         /// Instance id.
         id: String,
         /// The workflow's error.
-        error: WorkflowError,
+        error: Box<WorkflowError>,
     },
     /// The workflow was cancelled.
     #[error("workflow {workflow:?} instance {id:?} was cancelled")]
@@ -121,6 +97,40 @@ pub enum Error {
     /// The storage backend failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+/// A payload that does not decode into the expected type.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("cannot decode {what} of workflow {workflow:?} (instance {id:?}{}) as `{type_name}`: {message}", seq.map(|s| format!(", seq {s}")).unwrap_or_default())]
+pub struct DecodeError {
+    /// Workflow name.
+    pub workflow: String,
+    /// Instance id.
+    pub id: String,
+    /// Journal sequence number, when the payload came from the journal.
+    pub seq: Option<u64>,
+    /// What was decoded: `input`, `output`, `signal `Approved``, ...
+    pub what: String,
+    /// The Rust type asked for.
+    pub type_name: String,
+    /// The decoder's message.
+    pub message: String,
+}
+
+/// Workflow code that issued other operations than its journal holds.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("non-determinism in workflow {workflow:?} instance {id:?} at seq {seq}: the journal holds {expected} but the code issued {found}")]
+pub struct NonDeterminismError {
+    /// Workflow name.
+    pub workflow: String,
+    /// Instance id.
+    pub id: String,
+    /// Sequence number of the mismatch.
+    pub seq: u64,
+    /// What the journal holds.
+    pub expected: String,
+    /// What the code issued.
+    pub found: String,
 }
 
 /// How a step failure is classified for retries.
@@ -358,32 +368,32 @@ impl Failure {
             Failure::Workflow { error } => Error::WorkflowFailed {
                 workflow,
                 id,
-                error,
+                error: Box::new(error),
             },
             Failure::NonDeterminism {
                 seq,
                 expected,
                 found,
-            } => Error::NonDeterminism {
+            } => Error::NonDeterminism(Box::new(NonDeterminismError {
                 workflow,
                 id,
                 seq,
                 expected,
                 found,
-            },
+            })),
             Failure::Decode {
                 seq,
                 what,
                 type_name,
                 message,
-            } => Error::Decode {
+            } => Error::Decode(Box::new(DecodeError {
                 workflow,
                 id,
                 seq,
                 what,
                 type_name,
                 message,
-            },
+            })),
             Failure::IncompatibleHistory { found, supported } => Error::IncompatibleHistory {
                 id,
                 found,

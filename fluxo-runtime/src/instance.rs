@@ -236,17 +236,14 @@ impl Instance {
             if st.abort.is_some() {
                 return None;
             }
-            let mut stored = Vec::with_capacity(st.lazy.len() + events.len());
-            let mut id = st.next_event_id;
             let lazy = std::mem::take(&mut st.lazy);
-            for (s, e) in lazy
+            let stored: Vec<_> = lazy
                 .iter()
                 .map(|(s, e)| (*s, e))
                 .chain(events.iter().map(|e| (seq, e)))
-            {
-                stored.push(e.to_stored(id, s));
-                id += 1;
-            }
+                .zip(st.next_event_id..)
+                .map(|((s, e), id)| e.to_stored(id, s))
+                .collect();
             let count = stored.len() as u64;
             // Keep the lazy events in case this commit does not apply.
             st.lazy = lazy;
@@ -311,15 +308,11 @@ impl Instance {
         let _serial = self.commit_lock.lock().await;
         let commit = {
             let st = self.state();
-            let mut id = st.next_event_id;
             let events = st
                 .lazy
                 .iter()
-                .map(|(s, e)| {
-                    let stored = e.to_stored(id, *s);
-                    id += 1;
-                    stored
-                })
+                .zip(st.next_event_id..)
+                .map(|((s, e), id)| e.to_stored(id, *s))
                 .collect();
             Commit {
                 instance_id: self.id.clone(),

@@ -19,7 +19,7 @@ mod workflow;
 
 pub use client::{Fluxo, HistoryEntry, StartOptions, WorkflowHandle};
 pub use context::{ChildCall, SignalWait, SignalWaitTimeout, StepCall, Timeout, WorkflowContext};
-pub use error::{Error, Failure, StepError, WorkflowError};
+pub use error::{DecodeError, Error, Failure, NonDeterminismError, StepError, WorkflowError};
 pub use retry::{RetryPolicy, StepOptions};
 pub use step::{run_step, StepContext};
 pub use store::InstanceStatus as WorkflowStatus;

@@ -158,6 +158,7 @@ async fn drive(
     }
 }
 
+#[allow(clippy::result_large_err)] // once per run start
 fn shared_def(
     inst: &Instance,
     workflow: &str,

@@ -82,6 +82,8 @@ pub(crate) struct Definition {
 }
 
 impl Definition {
+    // The failure is built once per run start; its size does not matter.
+    #[allow(clippy::result_large_err)]
     pub(crate) fn of<W: Workflow>() -> Self {
         Definition {
             name: W::NAME.to_owned(),

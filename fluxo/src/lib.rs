@@ -43,10 +43,10 @@
 pub use fluxo_macros::{signal, step, workflow};
 pub use fluxo_runtime::payload::Payload;
 pub use fluxo_runtime::{
-    error, history, store, time, ChildCall, Error, Failure, Fluxo, HasSignal, HistoryEntry,
-    RetryPolicy, Signal, SignalWait, SignalWaitTimeout, StartOptions, StepCall, StepContext,
-    StepError, StepOptions, Timeout, Worker, WorkerBuilder, Workflow, WorkflowContext,
-    WorkflowError, WorkflowHandle, WorkflowStatus,
+    error, history, store, time, ChildCall, DecodeError, Error, Failure, Fluxo, HasSignal,
+    HistoryEntry, NonDeterminismError, RetryPolicy, Signal, SignalWait, SignalWaitTimeout,
+    StartOptions, StepCall, StepContext, StepError, StepOptions, Timeout, Worker, WorkerBuilder,
+    Workflow, WorkflowContext, WorkflowError, WorkflowHandle, WorkflowStatus,
 };
 
 /// serde, re-exported for the derives in the prelude.

@@ -50,7 +50,10 @@ async fn step_events(fluxo: &Fluxo, id: &str) -> Vec<(u64, String)> {
 async fn assert_journal_dense(fluxo: &Fluxo, id: &str) {
     let h = fluxo.history(id).await.unwrap();
     for (i, e) in h.iter().enumerate() {
-        assert_eq!(e.event_id, i as u64, "journal of {id} has a gap or duplicate: {h:#?}");
+        assert_eq!(
+            e.event_id, i as u64,
+            "journal of {id} has a gap or duplicate: {h:#?}"
+        );
     }
 }
 
@@ -67,7 +70,10 @@ pub async fn steps_are_journaled_once(store: Arc<dyn Store>) {
     let (fluxo, w) = setup(&store);
     let h = Greet::start(&fluxo, "bo".into()).await.unwrap();
     h.result_timeout(WAIT).await.unwrap();
-    assert_eq!(step_events(&fluxo, h.id()).await, vec![(0, "greet_step".to_owned())]);
+    assert_eq!(
+        step_events(&fluxo, h.id()).await,
+        vec![(0, "greet_step".to_owned())]
+    );
     assert_eq!(count(&format!("{}/greet", h.id())), 1);
     assert_journal_dense(&fluxo, h.id()).await;
     w.shutdown().await;
@@ -76,7 +82,11 @@ pub async fn steps_are_journaled_once(store: Arc<dyn Store>) {
 pub async fn retries_until_success(store: Arc<dyn Store>) {
     let (fluxo, w) = setup(&store);
     let h = Retrying::start(&fluxo, 2).await.unwrap();
-    assert_eq!(h.result_timeout(WAIT).await.unwrap(), 3, "succeeds on attempt 3");
+    assert_eq!(
+        h.result_timeout(WAIT).await.unwrap(),
+        3,
+        "succeeds on attempt 3"
+    );
     let failed_attempts = fluxo
         .history(h.id())
         .await
@@ -93,9 +103,21 @@ pub async fn exhausted_retries_are_typed_errors(store: Arc<dyn Store>) {
     let h = Exhausting::start(&fluxo, ()).await.unwrap();
     let out = h.result_timeout(WAIT).await.unwrap();
     assert_eq!(out, "caught Boom; caught Declined; caught Timeout");
-    assert_eq!(count(&format!("{}/always_fails", h.id())), 2, "max_attempts = 2");
-    assert_eq!(count(&format!("{}/declined", h.id())), 1, "non-retryable kind");
-    assert_eq!(count(&format!("{}/too_slow", h.id())), 2, "timeouts are retried");
+    assert_eq!(
+        count(&format!("{}/always_fails", h.id())),
+        2,
+        "max_attempts = 2"
+    );
+    assert_eq!(
+        count(&format!("{}/declined", h.id())),
+        1,
+        "non-retryable kind"
+    );
+    assert_eq!(
+        count(&format!("{}/too_slow", h.id())),
+        2,
+        "timeouts are retried"
+    );
     w.shutdown().await;
 }
 
@@ -103,7 +125,9 @@ pub async fn workflow_failure_is_typed(store: Arc<dyn Store>) {
     let (fluxo, w) = setup(&store);
     let h = Failing::start(&fluxo, ()).await.unwrap();
     match h.result_timeout(WAIT).await {
-        Err(Error::WorkflowFailed { error, workflow, .. }) => {
+        Err(Error::WorkflowFailed {
+            error, workflow, ..
+        }) => {
             assert_eq!(workflow, "failing");
             assert_eq!(error.kind(), "StepFailed");
             assert_eq!(error.step_error().unwrap().kind(), "Boom");
@@ -131,7 +155,9 @@ pub async fn short_and_long_durable_timers(store: Arc<dyn Store>) {
     assert!(short.result_timeout(WAIT).await.unwrap() >= 50);
     assert!(long.result_timeout(WAIT).await.unwrap() >= 1_500);
     let h = fluxo.history(long.id()).await.unwrap();
-    assert!(h.iter().any(|e| matches!(e.event, Event::TimerStarted { .. })));
+    assert!(h
+        .iter()
+        .any(|e| matches!(e.event, Event::TimerStarted { .. })));
     assert!(h.iter().any(|e| matches!(e.event, Event::TimerFired)));
     w.shutdown().await;
 }
@@ -145,7 +171,11 @@ pub async fn signals_before_and_after_the_wait(store: Arc<dyn Store>) {
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(h.status().await.unwrap(), WorkflowStatus::Running);
     h.signal(Approved { by: "bo".into() }).await.unwrap();
-    assert_eq!(h.result_timeout(WAIT).await.unwrap(), "ana,bo", "arrival order");
+    assert_eq!(
+        h.result_timeout(WAIT).await.unwrap(),
+        "ana,bo",
+        "arrival order"
+    );
     w.shutdown().await;
 }
 
@@ -155,16 +185,28 @@ pub async fn signal_timeout(store: Arc<dyn Store>) {
     let parked = ApprovalTimeout::start(&fluxo, 1_300).await.unwrap();
     let answered = ApprovalTimeout::start(&fluxo, 60_000).await.unwrap();
     answered.signal(Approved { by: "cy".into() }).await.unwrap();
-    assert_eq!(quick.result_timeout(WAIT).await.unwrap(), "gave up: timed out waiting for signal `Approved`");
-    assert_eq!(parked.result_timeout(WAIT).await.unwrap(), "gave up: timed out waiting for signal `Approved`");
-    assert_eq!(answered.result_timeout(WAIT).await.unwrap(), "approved by cy");
+    assert_eq!(
+        quick.result_timeout(WAIT).await.unwrap(),
+        "gave up: timed out waiting for signal `Approved`"
+    );
+    assert_eq!(
+        parked.result_timeout(WAIT).await.unwrap(),
+        "gave up: timed out waiting for signal `Approved`"
+    );
+    assert_eq!(
+        answered.result_timeout(WAIT).await.unwrap(),
+        "approved by cy"
+    );
     w.shutdown().await;
 }
 
 pub async fn parallel_steps(store: Arc<dyn Store>) {
     let (fluxo, w) = setup(&store);
     let h = Parallel::start(&fluxo, ()).await.unwrap();
-    assert_eq!(h.result_timeout(WAIT).await.unwrap(), ["a", "b", "c", "d", "e", "f"]);
+    assert_eq!(
+        h.result_timeout(WAIT).await.unwrap(),
+        ["a", "b", "c", "d", "e", "f"]
+    );
     // Sequence numbers follow issue order, whatever order steps finished in.
     let mut steps = step_events(&fluxo, h.id()).await;
     steps.sort();
@@ -195,7 +237,10 @@ pub async fn cancellation(store: Arc<dyn Store>) {
     assert_eq!(h.status().await.unwrap(), WorkflowStatus::Cancelled);
     // Cancelling again is a no-op; signalling is refused.
     h.cancel().await.unwrap();
-    assert!(matches!(h.signal(Go).await, Err(Error::WorkflowFinished { .. })));
+    assert!(matches!(
+        h.signal(Go).await,
+        Err(Error::WorkflowFinished { .. })
+    ));
     w.shutdown().await;
 }
 
@@ -211,18 +256,32 @@ pub async fn cancellation_cascades_to_children(store: Arc<dyn Store>) {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     h.cancel().await.unwrap();
-    assert!(matches!(h.result_timeout(WAIT).await, Err(Error::Cancelled { .. })));
-    assert!(matches!(child.result_timeout(WAIT).await, Err(Error::Cancelled { .. })));
+    assert!(matches!(
+        h.result_timeout(WAIT).await,
+        Err(Error::Cancelled { .. })
+    ));
+    assert!(matches!(
+        child.result_timeout(WAIT).await,
+        Err(Error::Cancelled { .. })
+    ));
     w.shutdown().await;
 }
 
 pub async fn idempotent_start_by_id(store: Arc<dyn Store>) {
     let (fluxo, w) = setup(&store);
     let id = format!("order-{}", uuid_suffix());
-    let a = Greet::start_with(&fluxo, "ana".into(), StartOptions::new().id(&id)).await.unwrap();
-    let b = Greet::start_with(&fluxo, "someone else".into(), StartOptions::new().id(&id)).await.unwrap();
+    let a = Greet::start_with(&fluxo, "ana".into(), StartOptions::new().id(&id))
+        .await
+        .unwrap();
+    let b = Greet::start_with(&fluxo, "someone else".into(), StartOptions::new().id(&id))
+        .await
+        .unwrap();
     assert_eq!(a.id(), b.id());
-    assert_eq!(b.result_timeout(WAIT).await.unwrap(), "hello ana", "the second start did not run");
+    assert_eq!(
+        b.result_timeout(WAIT).await.unwrap(),
+        "hello ana",
+        "the second start did not run"
+    );
     assert_eq!(count(&format!("{id}/greet")), 1);
     // The same id for another workflow is an error.
     match Sleeper::start_with(&fluxo, 1, StartOptions::new().id(&id)).await {
@@ -253,10 +312,11 @@ pub async fn non_determinism_is_detected(store: Arc<dyn Store>) {
     let h2 = EvolvingV1Changed::handle(&v2, h.id());
     h2.signal(Go).await.unwrap();
     match h2.result_timeout(WAIT).await {
-        Err(Error::NonDeterminism { seq, expected, found, .. }) => {
-            assert_eq!(seq, 0);
-            assert_eq!(expected, "step `count_step`");
-            assert_eq!(found, "step `greet_step`");
+        Err(Error::NonDeterminism(nd)) => {
+            assert_eq!(nd.seq, 0);
+            assert_eq!(nd.expected, "step `count_step`");
+            assert_eq!(nd.found, "step `greet_step`");
+            assert_eq!(nd.workflow, "evolving");
         }
         other => panic!("expected NonDeterminism, got {other:?}"),
     }
@@ -279,10 +339,10 @@ pub async fn undecodable_input(store: Arc<dyn Store>) {
     fluxo.store().get_instance(&id).await.unwrap().unwrap();
     let h = Greet::handle(&fluxo, &id);
     match h.result_timeout(WAIT).await {
-        Err(Error::Decode { workflow, what, type_name, .. }) => {
-            assert_eq!(workflow, "greet");
-            assert_eq!(what, "input");
-            assert!(type_name.contains("String"), "{type_name}");
+        Err(Error::Decode(d)) => {
+            assert_eq!(d.workflow, "greet");
+            assert_eq!(d.what, "input");
+            assert!(d.type_name.contains("String"), "{}", d.type_name);
         }
         other => panic!("expected Decode, got {other:?}"),
     }
@@ -297,10 +357,14 @@ pub async fn undecodable_signal(store: Arc<dyn Store>) {
         .await
         .unwrap();
     match h.result_timeout(WAIT).await {
-        Err(Error::Decode { seq, what, type_name, .. }) => {
-            assert_eq!(seq, Some(0));
-            assert_eq!(what, "signal `Approved`");
-            assert!(type_name.ends_with("Approved"), "{type_name}");
+        Err(Error::Decode(d)) => {
+            assert_eq!(d.seq, Some(0));
+            assert_eq!(d.what, "signal `Approved`");
+            assert!(d.type_name.ends_with("Approved"), "{}", d.type_name);
+            assert!(
+                d.to_string().contains("approval"),
+                "names the workflow: {d}"
+            );
         }
         other => panic!("expected Decode, got {other:?}"),
     }
@@ -310,15 +374,26 @@ pub async fn undecodable_signal(store: Arc<dyn Store>) {
 pub async fn api_errors(store: Arc<dyn Store>) {
     let (fluxo, w) = setup(&store);
     assert!(matches!(
-        fluxo.start_by_name("no_such_flow", serde_json::json!(null), StartOptions::new()).await,
+        fluxo
+            .start_by_name("no_such_flow", serde_json::json!(null), StartOptions::new())
+            .await,
         Err(Error::UnknownWorkflow { .. })
     ));
     let missing = Greet::handle(&fluxo, "no-such-id");
-    assert!(matches!(missing.result().await, Err(Error::NotFound { .. })));
-    assert!(matches!(missing.cancel().await, Err(Error::NotFound { .. })));
+    assert!(matches!(
+        missing.result().await,
+        Err(Error::NotFound { .. })
+    ));
+    assert!(matches!(
+        missing.cancel().await,
+        Err(Error::NotFound { .. })
+    ));
     let h = Greet::start(&fluxo, "x".into()).await.unwrap();
     h.result_timeout(WAIT).await.unwrap();
-    match fluxo.signal_by_name(h.id(), "Approved", serde_json::json!({"by": "x"})).await {
+    match fluxo
+        .signal_by_name(h.id(), "Approved", serde_json::json!({"by": "x"}))
+        .await
+    {
         Err(Error::WorkflowFinished { status, signal, .. }) => {
             assert_eq!(status, WorkflowStatus::Completed);
             assert_eq!(signal, "Approved");
@@ -330,7 +405,13 @@ pub async fn api_errors(store: Arc<dyn Store>) {
         .start_by_name("greet", serde_json::json!("by name"), StartOptions::new())
         .await
         .unwrap();
-    assert_eq!(Greet::handle(&fluxo, id).result_timeout(WAIT).await.unwrap(), "hello by name");
+    assert_eq!(
+        Greet::handle(&fluxo, id)
+            .result_timeout(WAIT)
+            .await
+            .unwrap(),
+        "hello by name"
+    );
     w.shutdown().await;
 }
 
@@ -408,7 +489,10 @@ pub async fn lease_expiry_takeover_and_zombie_fencing(store: Arc<dyn Store>) {
     // once the lease expires and completes the instance.
     let other = fluxo_on(&store);
     let healthy = worker(&other);
-    let out = Gated::handle(&other, h.id()).result_timeout(WAIT).await.unwrap();
+    let out = Gated::handle(&other, h.id())
+        .result_timeout(WAIT)
+        .await
+        .unwrap();
     assert_eq!(out, 2, "the takeover ran the step again as attempt 2");
     let before = other.history(h.id()).await.unwrap();
     // The zombie now finishes its step; its write must not land.
@@ -440,7 +524,10 @@ pub async fn handle_from_another_process(store: Arc<dyn Store>) {
 pub async fn long_history(store: Arc<dyn Store>) {
     let (fluxo, w) = setup(&store);
     let h = ManySteps::start(&fluxo, 300).await.unwrap();
-    assert_eq!(h.result_timeout(WAIT).await.unwrap(), (1..=300).sum::<u32>());
+    assert_eq!(
+        h.result_timeout(WAIT).await.unwrap(),
+        (1..=300).sum::<u32>()
+    );
     assert_eq!(fluxo.history(h.id()).await.unwrap().len(), 300);
     assert_journal_dense(&fluxo, h.id()).await;
     w.shutdown().await;

@@ -136,7 +136,11 @@ pub async fn approval(ctx: WorkflowContext) -> Result<String, WorkflowError> {
 
 #[fluxo::workflow(signals(Approved))]
 pub async fn approval_timeout(ctx: WorkflowContext, ms: u64) -> Result<String, WorkflowError> {
-    match ctx.wait::<Approved>().timeout(Duration::from_millis(ms)).await {
+    match ctx
+        .wait::<Approved>()
+        .timeout(Duration::from_millis(ms))
+        .await
+    {
         Ok(a) => Ok(format!("approved by {}", a.by)),
         Err(t) => Ok(format!("gave up: {t}")),
     }
@@ -181,13 +185,17 @@ pub async fn waits_forever(ctx: WorkflowContext) -> Result<(), WorkflowError> {
 
 #[fluxo::workflow(signals(Go))]
 pub async fn cancel_parent(ctx: WorkflowContext) -> Result<(), WorkflowError> {
-    ctx.child(WaitsForever, ()).id(format!("{}-child", ctx.id())).await?;
+    ctx.child(WaitsForever, ())
+        .id(format!("{}-child", ctx.id()))
+        .await?;
     Ok(())
 }
 
 /// Steps, a signal wait and values: replayed after an eviction.
 #[fluxo::workflow(signals(Go))]
-pub async fn replayed(ctx: WorkflowContext) -> Result<(String, u64, String, String), WorkflowError> {
+pub async fn replayed(
+    ctx: WorkflowContext,
+) -> Result<(String, u64, String, String), WorkflowError> {
     count_step("one").await?;
     let now = ctx.now().await;
     let r = ctx.random().await;

@@ -124,15 +124,13 @@ impl State {
         {
             return Ok(CommitOutcome::LeaseLost);
         }
-        let mut expected = inst.history.len() as u64;
-        for e in &c.events {
+        for (expected, e) in (inst.history.len() as u64..).zip(&c.events) {
             if e.event_id != expected {
                 return Err(StoreError::Conflict(format!(
                     "instance {:?}: journal entry {} written where {} was expected",
                     c.instance_id, e.event_id, expected
                 )));
             }
-            expected += 1;
         }
         inst.history.extend(c.events);
         if let Some(sid) = c.consume_signal {
