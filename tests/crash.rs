@@ -18,7 +18,10 @@ const WORKFLOW_ID: &str = "crash-test-order";
 #[fluxo::step(retry(max_attempts = 3, initial = "50ms"))]
 async fn slow_step(i: u32, log: &str) -> Result<u32, StepError> {
     use std::io::Write;
-    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)?;
     writeln!(f, "{i}")?;
     f.sync_all()?;
     tokio::time::sleep(Duration::from_millis(150)).await;
@@ -39,7 +42,10 @@ async fn crash_flow(_ctx: WorkflowContext, log: String) -> Result<u32, WorkflowE
 #[test]
 #[ignore = "run as a child process by kill_9_mid_workflow_then_resume"]
 fn crash_worker_process() {
-    let (Ok(db), Ok(log)) = (std::env::var("FLUXO_CRASH_DB"), std::env::var("FLUXO_CRASH_LOG")) else {
+    let (Ok(db), Ok(log)) = (
+        std::env::var("FLUXO_CRASH_DB"),
+        std::env::var("FLUXO_CRASH_LOG"),
+    ) else {
         return;
     };
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -61,7 +67,13 @@ fn crash_worker_process() {
 
 fn spawn_worker(db: &Path, log: &Path) -> Child {
     Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "crash_worker_process", "--ignored", "--nocapture", "--test-threads=1"])
+        .args([
+            "--exact",
+            "crash_worker_process",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env("FLUXO_CRASH_DB", db)
         .env("FLUXO_CRASH_LOG", log)
         .stdout(Stdio::null())
@@ -112,8 +124,14 @@ fn kill_9_mid_workflow_then_resume() {
             .map(|e| e.seq)
             .collect()
     });
-    assert!(committed.len() >= 3, "steps 0..3 were journaled: {committed:?}");
-    assert!(committed.len() < STEPS as usize, "the crash came mid-workflow");
+    assert!(
+        committed.len() >= 3,
+        "steps 0..3 were journaled: {committed:?}"
+    );
+    assert!(
+        committed.len() < STEPS as usize,
+        "the crash came mid-workflow"
+    );
 
     // 3. A new process resumes the instance (after the old lease expires).
     let mut second = spawn_worker(&db, &log);
@@ -128,7 +146,10 @@ fn kill_9_mid_workflow_then_resume() {
         }
         std::thread::sleep(Duration::from_millis(20));
     };
-    assert!(status.success(), "the resumed worker completed the workflow");
+    assert!(
+        status.success(),
+        "the resumed worker completed the workflow"
+    );
 
     // 4. The outcome and the journal.
     rt.block_on(async {
@@ -142,7 +163,11 @@ fn kill_9_mid_workflow_then_resume() {
             .filter(|e| matches!(e.event, Event::StepCompleted { .. }))
             .map(|e| e.seq)
             .collect();
-        assert_eq!(seqs, (0..STEPS as u64).collect::<Vec<_>>(), "every step journaled once, in order");
+        assert_eq!(
+            seqs,
+            (0..STEPS as u64).collect::<Vec<_>>(),
+            "every step journaled once, in order"
+        );
         for (i, e) in history.iter().enumerate() {
             assert_eq!(e.event_id, i as u64, "no gap or duplicate in the journal");
         }
@@ -150,7 +175,10 @@ fn kill_9_mid_workflow_then_resume() {
     let runs = executions(&log);
     for (i, n) in runs.iter().enumerate() {
         if committed.contains(&(i as u64)) {
-            assert_eq!(*n, 1, "step {i} was journaled before the crash and must not run again: {runs:?}");
+            assert_eq!(
+                *n, 1,
+                "step {i} was journaled before the crash and must not run again: {runs:?}"
+            );
         } else {
             assert!((1..=2).contains(n), "step {i} ran {n} times: {runs:?}");
         }

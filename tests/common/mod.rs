@@ -34,7 +34,11 @@ pub async fn memory_store() -> Arc<dyn Store> {
 #[cfg(feature = "sqlite")]
 pub async fn sqlite_store() -> Arc<dyn Store> {
     let path = temp_db_path();
-    Arc::new(fluxo::store::sqlite::SqliteStore::open(&path).await.expect("open sqlite"))
+    Arc::new(
+        fluxo::store::sqlite::SqliteStore::open(&path)
+            .await
+            .expect("open sqlite"),
+    )
 }
 
 /// A unique path for a temporary SQLite file.
@@ -48,7 +52,10 @@ fn uuid_like() -> String {
     use std::time::{SystemTime, UNIX_EPOCH};
     static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-    let t = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos();
+    let t = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
     format!("{}-{t}-{n}", std::process::id())
 }
 

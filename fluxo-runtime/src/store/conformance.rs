@@ -26,38 +26,6 @@ use std::time::Duration;
 
 use super::*;
 
-/// The checks of the suite, in the order [`store_conformance_tests!`]
-/// generates them.
-pub const CHECKS: &[&str] = &[
-    "create_instance_and_get",
-    "create_existing_instance_reports_it",
-    "claim_filters_by_workflow_and_version",
-    "claim_respects_limit",
-    "claim_skips_leased_instances",
-    "expired_lease_is_reclaimable_with_higher_token",
-    "lease_token_strictly_increases",
-    "claim_respects_ready_at_and_reports_next_wake",
-    "park_without_timer_waits_for_inbox",
-    "fenced_commit_with_stale_token_writes_nothing",
-    "commit_without_lease_is_refused",
-    "commit_to_unknown_instance_is_not_found",
-    "event_ids_continue_without_gaps",
-    "history_round_trips",
-    "park_and_wake_by_signal",
-    "park_refused_when_inbox_moved",
-    "signals_consumed_in_arrival_order_per_name",
-    "send_signal_to_unknown_or_finished_fails",
-    "request_cancel_semantics",
-    "renew_leases_extends_and_reports_cancel",
-    "release_makes_instance_runnable",
-    "finishing_transitions",
-    "child_creation_and_parent_wake",
-    "cancel_instances_in_commit",
-    "commit_batch_fences_each_commit",
-    "list_instances_filters",
-    "concurrent_claims_never_share_an_instance",
-];
-
 /// Runs the whole suite against one store, check after check.
 pub async fn run_all(store: &dyn Store) {
     create_instance_and_get(store).await;
@@ -96,6 +64,17 @@ pub async fn run_all(store: &dyn Store) {
 #[doc(hidden)]
 #[macro_export]
 macro_rules! store_conformance_tests {
+    (@tests $attrs:tt ($make:expr) $($check:ident),* $(,)?) => {
+        $( $crate::store_conformance_tests!(@test $attrs ($make) $check); )*
+    };
+    (@test [$($attr:tt)*] ($make:expr) $check:ident) => {
+        #[::tokio::test]
+        $($attr)*
+        async fn $check() {
+            let fixture = $make.await;
+            $crate::store::conformance::$check(&*fixture).await;
+        }
+    };
     ($(#[$meta:meta])* $make:expr $(,)?) => {
         $crate::store_conformance_tests!(@tests [$(#[$meta])*] ($make)
             create_instance_and_get,
@@ -126,17 +105,6 @@ macro_rules! store_conformance_tests {
             list_instances_filters,
             concurrent_claims_never_share_an_instance,
         );
-    };
-    (@tests $attrs:tt ($make:expr) $($check:ident),* $(,)?) => {
-        $( $crate::store_conformance_tests!(@test $attrs ($make) $check); )*
-    };
-    (@test [$($attr:tt)*] ($make:expr) $check:ident) => {
-        #[::tokio::test]
-        $($attr)*
-        async fn $check() {
-            let fixture = $make.await;
-            $crate::store::conformance::$check(&*fixture).await;
-        }
     };
 }
 
@@ -730,18 +698,18 @@ pub async fn commit_without_lease_is_refused(store: &dyn Store) {
         "a commit after parking must be refused"
     );
 
-    let (wf2, done) = finished_instance(store, Transition::Complete { output: vec![1] }).await;
-    let _ = wf2;
-    let token = Commit {
-        instance_id: done.clone(),
-        lease_token: 1,
-        events: vec![event(0, 0, "x")],
-        ..Commit::default()
-    };
+    let wf = unique("wf");
+    let done = create(store, &wf, 1).await;
+    let c = claim_one(store, &done, &wf, LONG).await;
+    let complete = Transition::Complete { output: vec![1] };
     assert_eq!(
-        apply(store, token).await,
+        apply(store, commit(&c, vec![], complete)).await,
+        applied(false)
+    );
+    assert_eq!(
+        apply(store, commit(&c, vec![event(0, 0, "x")], Transition::None)).await,
         CommitOutcome::LeaseLost,
-        "finished instance"
+        "a commit to a finished instance must be refused"
     );
     assert!(history(store, &id).await.is_empty());
     assert!(history(store, &done).await.is_empty());
@@ -873,10 +841,34 @@ pub async fn history_round_trips(store: &dyn Store) {
             applied(false)
         );
     }
+    let empty = StoredEvent {
+        event_id: 12,
+        seq: 12,
+        kind: String::new(),
+        data: Vec::new(),
+    };
+    written.push(empty.clone());
+    assert_eq!(
+        apply(store, commit(&c, vec![empty], Transition::None)).await,
+        applied(false)
+    );
     assert_eq!(
         history(store, &id).await,
         written,
         "the journal must round-trip exactly"
+    );
+
+    let mut bare = new_instance(&wf, 2);
+    bare.input = Vec::new();
+    let bare_id = bare.id.clone();
+    assert!(matches!(
+        store.create_instance(bare).await,
+        Ok(CreateOutcome::Created)
+    ));
+    assert_eq!(
+        get(store, &bare_id).await.input,
+        Vec::<u8>::new(),
+        "an empty input round-trips"
     );
 }
 
@@ -1014,6 +1006,10 @@ pub async fn signals_consumed_in_arrival_order_per_name(store: &dyn Store) {
     assert_eq!((b.signal_id, b.payload.as_slice()), (b1, &b"b1"[..]));
     let (none, _) = next_signal(store, &id, "c").await;
     assert!(none.is_none(), "no signal of that name");
+    let empty = send(store, &id, "empty", "").await;
+    let (signal, _) = next_signal(store, &id, "empty").await;
+    let signal = signal.expect("a signal with an empty payload is still a signal");
+    assert_eq!((signal.signal_id, signal.payload.len()), (empty, 0));
 
     let mut consume = commit(&c, vec![event(1, 1, "got_b")], Transition::None);
     consume.consume_signal = Some(b1);

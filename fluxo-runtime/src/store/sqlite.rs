@@ -30,11 +30,13 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use sqlx::pool::PoolConnection;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
     SqliteRow, SqliteSynchronous,
 };
 use sqlx::{Connection, Row, Sqlite};
+use tokio::sync::{Mutex, MutexGuard};
 
 use super::*;
 
@@ -99,11 +101,70 @@ impl SqliteOptions {
 
 /// A [`Store`] in a SQLite database file.
 pub struct SqliteStore {
-    /// One connection: every write goes through it, in order.
-    writer: SqlitePool,
-    /// Reads; the same pool as `writer` for an in-memory database.
-    reader: SqlitePool,
+    /// The one connection every write of this process goes through, in
+    /// arrival order.
+    writer: Mutex<WriteSlot>,
+    /// How to open the write connection again after a failure; `None` for an
+    /// in-memory database, which lives and dies with its connection.
+    reopen: Option<SqliteConnectOptions>,
+    /// Connections for reads; `None` when reads share the write connection
+    /// (in-memory database).
+    readers: Option<SqlitePool>,
     location: String,
+}
+
+/// The write connection.
+struct WriteSlot {
+    /// `None` once the store is closed (or while a replacement failed).
+    conn: Option<SqliteConnection>,
+    /// Set after a backend failure: the connection may be out of step with
+    /// its driver (SQLite rolls a transaction back by itself on some I/O
+    /// errors, unknown to the driver), so it is replaced before its next use.
+    replace: bool,
+}
+
+/// Exclusive use of the write connection.
+struct Writer<'a> {
+    slot: MutexGuard<'a, WriteSlot>,
+    replaceable: bool,
+}
+
+impl Writer<'_> {
+    fn conn(&mut self) -> StoreResult<&mut SqliteConnection> {
+        self.slot.conn.as_mut().ok_or_else(closed)
+    }
+
+    /// Notes how a use of the connection ended.
+    fn done<T>(&mut self, result: &StoreResult<T>) {
+        if let Err(e) = result {
+            self.failed_with(e);
+        }
+    }
+
+    fn failed_with(&mut self, e: &StoreError) {
+        if self.replaceable && matches!(e, StoreError::Backend(_)) {
+            self.slot.replace = true;
+        }
+    }
+}
+
+/// A connection to read with.
+enum Reader<'a> {
+    Pool(PoolConnection<Sqlite>),
+    Writer(Writer<'a>),
+}
+
+impl Reader<'_> {
+    fn conn(&mut self) -> StoreResult<&mut SqliteConnection> {
+        match self {
+            Reader::Pool(conn) => Ok(&mut **conn),
+            Reader::Writer(writer) => writer.conn(),
+        }
+    }
+}
+
+fn closed() -> StoreError {
+    StoreError::backend(sqlx::Error::PoolClosed)
 }
 
 impl fmt::Debug for SqliteStore {
@@ -132,24 +193,23 @@ impl SqliteStore {
                 Synchronous::Normal => SqliteSynchronous::Normal,
             });
         // WAL is a property of the file: switching once, on the connection
-        // that migrates, is enough for the readers too.
-        let writer = SqlitePoolOptions::new()
-            .max_connections(1)
-            .min_connections(1)
-            .idle_timeout(None)
-            .max_lifetime(None)
-            .test_before_acquire(false)
-            .connect_with(connect.clone().journal_mode(SqliteJournalMode::Wal))
-            .await
-            .map_err(db_err)?;
-        migrate(&writer).await?;
-        let reader = SqlitePoolOptions::new()
+        // that migrates, is enough for every other connection.
+        let mut conn =
+            SqliteConnection::connect_with(&connect.clone().journal_mode(SqliteJournalMode::Wal))
+                .await
+                .map_err(db_err)?;
+        migrate(&mut conn).await?;
+        let readers = SqlitePoolOptions::new()
             .max_connections(options.max_connections.max(1))
             .test_before_acquire(false)
-            .connect_lazy_with(connect);
+            .connect_lazy_with(connect.clone());
         Ok(SqliteStore {
-            writer,
-            reader,
+            writer: Mutex::new(WriteSlot {
+                conn: Some(conn),
+                replace: false,
+            }),
+            reopen: Some(connect),
+            readers: Some(readers),
             location: options.path.display().to_string(),
         })
     }
@@ -160,73 +220,91 @@ impl SqliteStore {
         let connect = SqliteConnectOptions::new()
             .in_memory(true)
             .foreign_keys(false);
-        // An in-memory database lives in its connection: keep exactly one,
-        // for ever.
-        let pool = SqlitePoolOptions::new()
-            .max_connections(1)
-            .min_connections(1)
-            .idle_timeout(None)
-            .max_lifetime(None)
-            .test_before_acquire(false)
-            .connect_with(connect)
+        let mut conn = SqliteConnection::connect_with(&connect)
             .await
             .map_err(db_err)?;
-        migrate(&pool).await?;
+        migrate(&mut conn).await?;
         Ok(SqliteStore {
-            writer: pool.clone(),
-            reader: pool,
+            writer: Mutex::new(WriteSlot {
+                conn: Some(conn),
+                replace: false,
+            }),
+            reopen: None,
+            readers: None,
             location: ":memory:".to_owned(),
         })
     }
 
     /// Closes every connection; later calls fail.
     pub async fn close(&self) {
-        self.writer.close().await;
-        self.reader.close().await;
+        let conn = {
+            let mut slot = self.writer.lock().await;
+            slot.replace = false;
+            slot.conn.take()
+        };
+        if let Some(conn) = conn {
+            if let Err(e) = conn.close().await {
+                tracing::debug!(error = %e, "closing the write connection failed");
+            }
+        }
+        if let Some(readers) = &self.readers {
+            readers.close().await;
+        }
     }
 
-    async fn begin(&self) -> StoreResult<sqlx::Transaction<'static, Sqlite>> {
-        self.writer
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(db_err)
+    /// Waits for the write connection.
+    async fn writer(&self) -> StoreResult<Writer<'_>> {
+        let mut slot = self.writer.lock().await;
+        if slot.replace {
+            if let Some(options) = &self.reopen {
+                if let Some(old) = slot.conn.take() {
+                    // It is being replaced because it failed: its own error
+                    // when closing adds nothing.
+                    let _ = old.close().await;
+                }
+                slot.conn = Some(
+                    SqliteConnection::connect_with(options)
+                        .await
+                        .map_err(db_err)?,
+                );
+            }
+            slot.replace = false;
+        }
+        Ok(Writer {
+            slot,
+            replaceable: self.reopen.is_some(),
+        })
+    }
+
+    /// A connection for reads.
+    async fn reader(&self) -> StoreResult<Reader<'_>> {
+        match &self.readers {
+            Some(pool) => Ok(Reader::Pool(pool.acquire().await.map_err(db_err)?)),
+            None => Ok(Reader::Writer(self.writer().await?)),
+        }
     }
 
     async fn commit_one(&self, commit: &Commit, now: Millis) -> StoreResult<CommitOutcome> {
-        let mut tx = self.begin().await?;
-        // An error half-way drops the transaction, which rolls it back.
-        match apply_commit(&mut tx, commit, now).await? {
-            Ok(CommitOutcome::LeaseLost) => {
-                tx.rollback().await.map_err(db_err)?;
-                Ok(CommitOutcome::LeaseLost)
-            }
-            Ok(outcome) => {
-                tx.commit().await.map_err(db_err)?;
-                Ok(outcome)
-            }
-            Err(e) => {
-                tx.rollback().await.map_err(db_err)?;
-                Err(e)
-            }
-        }
+        let mut w = self.writer().await?;
+        let result = commit_tx(w.conn()?, commit, now).await;
+        w.done(&result);
+        result
     }
 
     async fn commit_group(&self, commits: &[Commit], now: Millis) -> GroupResult {
-        let mut tx = match self.begin().await {
-            Ok(tx) => tx,
-            Err(e) => return GroupResult::NotStarted(e),
+        let mut w = match self.writer().await {
+            Ok(w) => w,
+            Err(e) => return GroupResult::Failed(e),
         };
-        let mut out = Vec::with_capacity(commits.len());
-        for c in commits {
-            match apply_commit(&mut tx, c, now).await {
-                Ok(r) => out.push(r),
-                Err(e) => return GroupResult::RolledBack(e),
-            }
+        let conn = match w.conn() {
+            Ok(conn) => conn,
+            Err(e) => return GroupResult::Failed(e),
+        };
+        let result = group_tx(conn, commits, now).await;
+        if let GroupResult::Failed(e) | GroupResult::Retry(e) = &result {
+            w.failed_with(e);
         }
-        match tx.commit().await {
-            Ok(()) => GroupResult::Done(out),
-            Err(e) => GroupResult::NotStarted(db_err(e)),
-        }
+        result
     }
 }
 
@@ -235,14 +313,67 @@ enum GroupResult {
     /// Committed; one result per commit.
     Done(Vec<StoreResult<CommitOutcome>>),
     /// Failed in a way that fails every commit of the group.
-    NotStarted(StoreError),
-    /// One commit failed half-way; the whole transaction was rolled back and
-    /// nothing was written.
-    RolledBack(StoreError),
+    Failed(StoreError),
+    /// One commit failed half-way (but not the database), so the
+    /// transaction was rolled back and nothing was written: the commits are
+    /// worth applying one by one.
+    Retry(StoreError),
 }
 
-async fn migrate(pool: &SqlitePool) -> StoreResult<()> {
-    let mut conn = pool.acquire().await.map_err(db_err)?;
+async fn begin(conn: &mut SqliteConnection) -> StoreResult<sqlx::Transaction<'_, Sqlite>> {
+    conn.begin_with("BEGIN IMMEDIATE").await.map_err(db_err)
+}
+
+async fn commit_tx(
+    conn: &mut SqliteConnection,
+    commit: &Commit,
+    now: Millis,
+) -> StoreResult<CommitOutcome> {
+    let mut tx = begin(conn).await?;
+    // An error half-way drops the transaction, which rolls it back.
+    match apply_commit(&mut tx, commit, now).await? {
+        Ok(CommitOutcome::LeaseLost) => {
+            tx.rollback().await.map_err(db_err)?;
+            Ok(CommitOutcome::LeaseLost)
+        }
+        Ok(outcome) => {
+            tx.commit().await.map_err(db_err)?;
+            Ok(outcome)
+        }
+        Err(e) => {
+            tx.rollback().await.map_err(db_err)?;
+            Err(e)
+        }
+    }
+}
+
+async fn group_tx(conn: &mut SqliteConnection, commits: &[Commit], now: Millis) -> GroupResult {
+    let mut tx = match begin(conn).await {
+        Ok(tx) => tx,
+        Err(e) => return GroupResult::Failed(e),
+    };
+    let mut out = Vec::with_capacity(commits.len());
+    for c in commits {
+        match apply_commit(&mut tx, c, now).await {
+            Ok(r) => out.push(r),
+            Err(e) => {
+                return match tx.rollback().await {
+                    // A commit of the group is at fault (a journal conflict):
+                    // the others deserve their own transactions.
+                    Ok(()) if !matches!(e, StoreError::Backend(_)) => GroupResult::Retry(e),
+                    Ok(()) => GroupResult::Failed(e),
+                    Err(rollback) => GroupResult::Failed(db_err(rollback)),
+                };
+            }
+        }
+    }
+    match tx.commit().await {
+        Ok(()) => GroupResult::Done(out),
+        Err(e) => GroupResult::Failed(db_err(e)),
+    }
+}
+
+async fn migrate(conn: &mut SqliteConnection) -> StoreResult<()> {
     // Under the write lock, so that processes opening a fresh file together
     // apply each migration once.
     let mut tx = conn.begin_with("BEGIN IMMEDIATE").await.map_err(db_err)?;
@@ -476,7 +607,7 @@ async fn apply_commit(
         .zip(first.unwrap_or(0)..)
         .all(|(e, expected)| e.event_id == expected);
     if !consecutive {
-        return Ok(diagnose(conn, c).await);
+        return clean(diagnose(conn, c).await);
     }
 
     let id = c.instance_id.as_str();
@@ -543,7 +674,7 @@ async fn apply_commit(
         }
     };
     let Some(row) = fence.fetch_optional(&mut *conn).await.map_err(db_err)? else {
-        return Ok(diagnose(conn, c).await);
+        return clean(diagnose(conn, c).await);
     };
     let inbox_seq = u64_col(&row, 0, "inbox sequence")?;
     let cancel_requested: bool = col(&row, 1)?;
@@ -615,6 +746,16 @@ async fn apply_commit(
         },
         _ => CommitOutcome::Applied { cancel_requested },
     }))
+}
+
+/// Sorts the result of a step that wrote nothing: a backend failure may have
+/// ended the transaction (SQLite rolls back by itself on some I/O errors), so
+/// it is treated as a failure half-way.
+fn clean(result: StoreResult<CommitOutcome>) -> StoreResult<StoreResult<CommitOutcome>> {
+    match result {
+        Err(e @ StoreError::Backend(_)) => Err(e),
+        other => Ok(other),
+    }
 }
 
 /// Explains, without writing, why a commit cannot be applied.
@@ -689,11 +830,15 @@ impl Store for SqliteStore {
     }
 
     async fn create_instance(&self, new: NewInstance) -> StoreResult<CreateOutcome> {
-        let mut conn = self.writer.acquire().await.map_err(db_err)?;
-        if insert_instance(&mut conn, &new, now_millis()).await? {
+        let created = {
+            let mut w = self.writer().await?;
+            let result = insert_instance(w.conn()?, &new, now_millis()).await;
+            w.done(&result);
+            result?
+        };
+        if created {
             return Ok(CreateOutcome::Created);
         }
-        drop(conn);
         // Instances are never deleted: the one in the way is still there.
         match self.get_instance(&new.id).await? {
             Some(existing) => Ok(CreateOutcome::Existing(existing)),
@@ -705,9 +850,10 @@ impl Store for SqliteStore {
     }
 
     async fn get_instance(&self, id: &str) -> StoreResult<Option<InstanceRecord>> {
+        let mut r = self.reader().await?;
         let row = sqlx::query(GET_INSTANCE)
             .bind(id)
-            .fetch_optional(&self.reader)
+            .fetch_optional(r.conn()?)
             .await
             .map_err(db_err)?;
         row.as_ref().map(record_from_row).transpose()
@@ -725,14 +871,16 @@ impl Store for SqliteStore {
                 .bind(w)
                 .bind(s),
         };
-        let rows = query.fetch_all(&self.reader).await.map_err(db_err)?;
+        let mut r = self.reader().await?;
+        let rows = query.fetch_all(r.conn()?).await.map_err(db_err)?;
         rows.iter().map(record_from_row).collect()
     }
 
     async fn load_history(&self, id: &str) -> StoreResult<Vec<StoredEvent>> {
+        let mut r = self.reader().await?;
         let rows = sqlx::query(LOAD_HISTORY)
             .bind(id)
-            .fetch_all(&self.reader)
+            .fetch_all(r.conn()?)
             .await
             .map_err(db_err)?;
         if rows.is_empty() {
@@ -760,48 +908,25 @@ impl Store for SqliteStore {
         if req.workflows.is_empty() {
             return Ok(ClaimBatch::default());
         }
-        let keys = workflow_keys(&req.workflows)?;
-        let limit = i64::try_from(req.limit).unwrap_or(i64::MAX);
-        let now = now_millis();
-        let expires = now.saturating_add(millis(req.lease));
-        let mut tx = self.begin().await?;
-        let rows = sqlx::query(CLAIM)
-            .bind(req.owner.as_str())
-            .bind(expires)
-            .bind(now)
-            .bind(keys.as_str())
-            .bind(limit)
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(db_err)?;
-        let next_wake: Option<Millis> = sqlx::query_scalar(NEXT_WAKE)
-            .bind(now)
-            .bind(keys.as_str())
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(db_err)?;
-        let mut claimed = Vec::with_capacity(rows.len());
-        for row in &rows {
-            claimed.push(ClaimedInstance {
-                record: record_from_row(row)?,
-                lease_token: u64_col(row, RECORD_COLUMNS, "lease token")?,
-                next_event_id: u64_col(row, RECORD_COLUMNS + 1, "next event id")?,
-                inbox_seq: u64_col(row, RECORD_COLUMNS + 2, "inbox sequence")?,
-            });
-        }
-        tx.commit().await.map_err(db_err)?;
-        claimed.sort_by_key(|c| c.record.created_at);
-        Ok(ClaimBatch { claimed, next_wake })
+        let mut w = self.writer().await?;
+        let result = claim_tx(w.conn()?, req).await;
+        w.done(&result);
+        result
     }
 
     async fn renew_leases(&self, owner: &str, lease: Duration) -> StoreResult<Vec<String>> {
         let expires = now_millis().saturating_add(millis(lease));
-        let rows = sqlx::query(RENEW)
-            .bind(owner)
-            .bind(expires)
-            .fetch_all(&self.writer)
-            .await
-            .map_err(db_err)?;
+        let rows = {
+            let mut w = self.writer().await?;
+            let result = sqlx::query(RENEW)
+                .bind(owner)
+                .bind(expires)
+                .fetch_all(w.conn()?)
+                .await
+                .map_err(db_err);
+            w.done(&result);
+            result?
+        };
         let mut cancelled = Vec::new();
         for row in &rows {
             if col::<bool>(row, 1)? {
@@ -825,7 +950,7 @@ impl Store for SqliteStore {
         }
         match self.commit_group(&commits, now_millis()).await {
             GroupResult::Done(out) => out,
-            GroupResult::NotStarted(e) => {
+            GroupResult::Failed(e) => {
                 let message = e.to_string();
                 let mut out = Vec::with_capacity(commits.len());
                 out.push(Err(e));
@@ -835,7 +960,7 @@ impl Store for SqliteStore {
                 );
                 out
             }
-            GroupResult::RolledBack(e) => {
+            GroupResult::Retry(e) => {
                 // Nothing of the group was written: apply the commits one by
                 // one so that only the failing one fails.
                 tracing::debug!(error = %e, "group commit failed; committing one by one");
@@ -849,39 +974,18 @@ impl Store for SqliteStore {
     }
 
     async fn send_signal(&self, id: &str, name: &str, payload: Vec<u8>) -> StoreResult<u64> {
-        let now = now_millis();
-        let mut tx = self.begin().await?;
-        let woken = sqlx::query(WAKE)
-            .bind(id)
-            .bind(now)
-            .execute(&mut *tx)
-            .await
-            .map_err(db_err)?;
-        if woken.rows_affected() == 0 {
-            let status = status_of(&mut tx, id).await?;
-            return Err(StoreError::Finished {
-                id: id.to_owned(),
-                status,
-            });
-        }
-        let inserted = sqlx::query(INSERT_SIGNAL)
-            .bind(id)
-            .bind(name)
-            .bind(payload.as_slice())
-            .bind(now)
-            .execute(&mut *tx)
-            .await
-            .map_err(db_err)?;
-        tx.commit().await.map_err(db_err)?;
-        u64::try_from(inserted.last_insert_rowid())
-            .map_err(|_| StoreError::Corrupt("negative signal id".to_owned()))
+        let mut w = self.writer().await?;
+        let result = send_signal_tx(w.conn()?, id, name, &payload).await;
+        w.done(&result);
+        result
     }
 
     async fn next_signal(&self, id: &str, name: &str) -> StoreResult<(Option<InboxSignal>, u64)> {
+        let mut r = self.reader().await?;
         let row = sqlx::query(NEXT_SIGNAL)
             .bind(id)
             .bind(name)
-            .fetch_optional(&self.reader)
+            .fetch_optional(r.conn()?)
             .await
             .map_err(db_err)?
             .ok_or_else(|| StoreError::NotFound(id.to_owned()))?;
@@ -898,20 +1002,97 @@ impl Store for SqliteStore {
     }
 
     async fn request_cancel(&self, id: &str) -> StoreResult<InstanceStatus> {
-        let mut tx = self.begin().await?;
-        let done = sqlx::query(REQUEST_CANCEL)
-            .bind(id)
-            .bind(now_millis())
-            .execute(&mut *tx)
-            .await
-            .map_err(db_err)?;
-        if done.rows_affected() == 0 {
-            // Unknown or finished: nothing to write.
-            return status_of(&mut tx, id).await;
-        }
-        tx.commit().await.map_err(db_err)?;
-        Ok(InstanceStatus::Running)
+        let mut w = self.writer().await?;
+        let result = request_cancel_tx(w.conn()?, id).await;
+        w.done(&result);
+        result
     }
+}
+
+async fn claim_tx(conn: &mut SqliteConnection, req: &ClaimRequest) -> StoreResult<ClaimBatch> {
+    let keys = workflow_keys(&req.workflows)?;
+    let limit = i64::try_from(req.limit).unwrap_or(i64::MAX);
+    let now = now_millis();
+    let expires = now.saturating_add(millis(req.lease));
+    let mut tx = begin(conn).await?;
+    let rows = sqlx::query(CLAIM)
+        .bind(req.owner.as_str())
+        .bind(expires)
+        .bind(now)
+        .bind(keys.as_str())
+        .bind(limit)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(db_err)?;
+    let next_wake: Option<Millis> = sqlx::query_scalar(NEXT_WAKE)
+        .bind(now)
+        .bind(keys.as_str())
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(db_err)?;
+    let mut claimed = Vec::with_capacity(rows.len());
+    for row in &rows {
+        claimed.push(ClaimedInstance {
+            record: record_from_row(row)?,
+            lease_token: u64_col(row, RECORD_COLUMNS, "lease token")?,
+            next_event_id: u64_col(row, RECORD_COLUMNS + 1, "next event id")?,
+            inbox_seq: u64_col(row, RECORD_COLUMNS + 2, "inbox sequence")?,
+        });
+    }
+    tx.commit().await.map_err(db_err)?;
+    claimed.sort_by_key(|c| c.record.created_at);
+    Ok(ClaimBatch { claimed, next_wake })
+}
+
+async fn send_signal_tx(
+    conn: &mut SqliteConnection,
+    id: &str,
+    name: &str,
+    payload: &[u8],
+) -> StoreResult<u64> {
+    let now = now_millis();
+    let mut tx = begin(conn).await?;
+    let woken = sqlx::query(WAKE)
+        .bind(id)
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err)?;
+    if woken.rows_affected() == 0 {
+        // Unknown or finished: nothing was written.
+        let status = status_of(&mut tx, id).await?;
+        return Err(StoreError::Finished {
+            id: id.to_owned(),
+            status,
+        });
+    }
+    let inserted = sqlx::query(INSERT_SIGNAL)
+        .bind(id)
+        .bind(name)
+        .bind(payload)
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err)?;
+    tx.commit().await.map_err(db_err)?;
+    u64::try_from(inserted.last_insert_rowid())
+        .map_err(|_| StoreError::Corrupt("negative signal id".to_owned()))
+}
+
+async fn request_cancel_tx(conn: &mut SqliteConnection, id: &str) -> StoreResult<InstanceStatus> {
+    let mut tx = begin(conn).await?;
+    let done = sqlx::query(REQUEST_CANCEL)
+        .bind(id)
+        .bind(now_millis())
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err)?;
+    if done.rows_affected() == 0 {
+        // Unknown or finished: nothing was written.
+        return status_of(&mut tx, id).await;
+    }
+    tx.commit().await.map_err(db_err)?;
+    Ok(InstanceStatus::Running)
 }
 
 #[cfg(test)]
@@ -1130,7 +1311,7 @@ mod tests {
             .bind("stray")
             .bind(&b"x"[..])
             .bind(0_i64)
-            .execute(&db.writer)
+            .execute(db.writer().await.expect("writer").conn().expect("open"))
             .await
             .expect("insert a stray row");
         let commit = |c: &ClaimedInstance, events: Vec<StoredEvent>| Commit {
@@ -1192,7 +1373,7 @@ mod tests {
         let c = started(&db, "corrupt").await;
         sqlx::query("UPDATE instances SET status = 'sleeping' WHERE id = ?1")
             .bind(c.record.id.as_str())
-            .execute(&db.writer)
+            .execute(db.writer().await.expect("writer").conn().expect("open"))
             .await
             .expect("update");
         match db.get_instance(&c.record.id).await {
@@ -1201,7 +1382,7 @@ mod tests {
         }
         sqlx::query("UPDATE instances SET status = 'running', version = -1 WHERE id = ?1")
             .bind(c.record.id.as_str())
-            .execute(&db.writer)
+            .execute(db.writer().await.expect("writer").conn().expect("open"))
             .await
             .expect("update");
         match db.list_instances(ListFilter::default()).await {
@@ -1210,9 +1391,72 @@ mod tests {
         }
     }
 
+    async fn raw(db: &SqliteStore, sql: &str) {
+        let mut w = db.writer().await.expect("writer");
+        sqlx::query(sql)
+            .execute(w.conn().expect("open"))
+            .await
+            .expect("raw statement");
+    }
+
+    /// A backend failure mid-commit leaves the store usable, on the same
+    /// data (a file store replaces its write connection, an in-memory store
+    /// keeps its only one).
+    async fn recovers_from_a_failed_commit(db: &SqliteStore) {
+        let c = started(db, "recover").await;
+        raw(db, "ALTER TABLE history RENAME TO history_moved").await;
+        let commit = |events| Commit {
+            instance_id: c.record.id.clone(),
+            lease_token: c.lease_token,
+            events,
+            ..Commit::default()
+        };
+        match db.commit(commit(vec![event(0)])).await {
+            Err(StoreError::Backend(_)) => {}
+            other => panic!("expected a backend error, got {other:?}"),
+        }
+        raw(db, "ALTER TABLE history_moved RENAME TO history").await;
+        assert_eq!(
+            db.commit(commit(vec![event(0)])).await.expect("commit"),
+            CommitOutcome::Applied {
+                cancel_requested: false
+            }
+        );
+        assert_eq!(
+            db.load_history(&c.record.id).await.expect("history"),
+            vec![event(0)]
+        );
+    }
+
+    #[tokio::test]
+    async fn file_store_recovers_from_a_failed_commit() {
+        let db = TempDb::new().await;
+        recovers_from_a_failed_commit(&db).await;
+    }
+
+    #[tokio::test]
+    async fn memory_store_recovers_from_a_failed_commit() {
+        let db = SqliteStore::in_memory().await.expect("open");
+        recovers_from_a_failed_commit(&db).await;
+    }
+
+    #[tokio::test]
+    async fn closed_store_fails_cleanly() {
+        let db = TempDb::new().await;
+        db.close().await;
+        match db.create_instance(new_instance("closed")).await {
+            Err(StoreError::Backend(_)) => {}
+            other => panic!("expected a backend error, got {other:?}"),
+        }
+        match db.get_instance("x").await {
+            Err(StoreError::Backend(_)) => {}
+            other => panic!("expected a backend error, got {other:?}"),
+        }
+    }
+
     async fn plan(db: &SqliteStore, sql: &str) -> String {
         let rows = sqlx::query(&format!("EXPLAIN QUERY PLAN {sql}"))
-            .fetch_all(&db.writer)
+            .fetch_all(db.writer().await.expect("writer").conn().expect("open"))
             .await
             .expect("explain");
         let details: Vec<String> = rows
