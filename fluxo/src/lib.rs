@@ -68,3 +68,8 @@ pub mod prelude {
 
 #[doc(hidden)]
 pub use fluxo_runtime::__private;
+
+/// The README's examples, compiled and run as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeDoctests;
