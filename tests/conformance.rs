@@ -52,4 +52,6 @@ backend_tests!(
     lease_expiry_takeover_and_zombie_fencing,
     handle_from_another_process,
     long_history,
+    call_time_step_options,
+    incompatible_history_format,
 );

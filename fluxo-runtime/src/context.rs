@@ -131,6 +131,14 @@ impl WorkflowContext {
         }
     }
 
+    /// Runs a `#[step]` call with options chosen at call time instead of
+    /// those in its attribute:
+    /// `ctx.with_options(StepOptions::new().retry(p), charge(&order)).await`.
+    /// The options apply to the first step `fut` starts.
+    pub async fn with_options<F: Future>(&self, options: StepOptions, fut: F) -> F::Output {
+        crate::step::with_options(options, fut).await
+    }
+
     pub(crate) async fn run_step<T, F, Fut>(
         &self,
         name: &str,

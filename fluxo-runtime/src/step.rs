@@ -9,6 +9,21 @@ use crate::retry::StepOptions;
 
 tokio::task_local! {
     static STEP: StepContext;
+    static OVERRIDE: std::cell::Cell<Option<StepOptions>>;
+}
+
+/// Runs `fut` so that the first step it starts uses `options` instead of
+/// the ones in its `#[step]` attribute. See
+/// [`WorkflowContext::with_options`](crate::WorkflowContext::with_options).
+pub(crate) async fn with_options<F: Future>(options: StepOptions, fut: F) -> F::Output {
+    OVERRIDE
+        .scope(std::cell::Cell::new(Some(options)), fut)
+        .await
+}
+
+/// Takes the call-time options set around this step, if any.
+fn take_override() -> Option<StepOptions> {
+    OVERRIDE.try_with(|o| o.take()).ok().flatten()
 }
 
 /// What a running step knows about itself. Read it with
@@ -72,7 +87,10 @@ where
     Fut: Future<Output = Result<T, StepError>>,
 {
     match current_workflow() {
-        Some(ctx) => ctx.run_step(name, options, f).await,
+        Some(ctx) => {
+            let options = take_override().unwrap_or(options);
+            ctx.run_step(name, options, f).await
+        }
         None => {
             let mut f = f;
             f().await

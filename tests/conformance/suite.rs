@@ -5,7 +5,10 @@ use std::time::Duration;
 
 use fluxo::history::Event;
 use fluxo::prelude::*;
-use fluxo::store::{NewInstance, Store};
+use fluxo::store::{
+    ClaimBatch, ClaimRequest, Commit, CommitOutcome, CreateOutcome, InboxSignal, InstanceRecord,
+    ListFilter, NewInstance, Store, StoreResult, StoredEvent,
+};
 use fluxo::{Error, Worker};
 
 use crate::common::{count, open_gate};
@@ -545,4 +548,85 @@ fn uuid_suffix() -> String {
             .as_nanos(),
         N.fetch_add(1, Ordering::SeqCst)
     )
+}
+
+pub async fn call_time_step_options(store: Arc<dyn Store>) {
+    let (fluxo, w) = setup(&store);
+    let h = CallTimeOptions::start(&fluxo, 1).await.unwrap();
+    assert_eq!(
+        h.result_timeout(WAIT).await.unwrap(),
+        "gave up: attempt 1 failed"
+    );
+    assert_eq!(
+        count(&format!("{}/flaky", h.id())),
+        1,
+        "the call-time policy allowed one attempt"
+    );
+    w.shutdown().await;
+}
+
+/// A store that reports every instance as written by a future journal
+/// format, as after a downgrade.
+struct FutureFormat(Arc<dyn Store>);
+
+#[async_trait::async_trait]
+impl Store for FutureFormat {
+    fn backend_name(&self) -> &'static str {
+        self.0.backend_name()
+    }
+    async fn create_instance(&self, new: NewInstance) -> StoreResult<CreateOutcome> {
+        self.0.create_instance(new).await
+    }
+    async fn get_instance(&self, id: &str) -> StoreResult<Option<InstanceRecord>> {
+        self.0.get_instance(id).await
+    }
+    async fn list_instances(&self, filter: ListFilter) -> StoreResult<Vec<InstanceRecord>> {
+        self.0.list_instances(filter).await
+    }
+    async fn load_history(&self, id: &str) -> StoreResult<Vec<StoredEvent>> {
+        self.0.load_history(id).await
+    }
+    async fn claim(&self, req: &ClaimRequest) -> StoreResult<ClaimBatch> {
+        let mut batch = self.0.claim(req).await?;
+        for c in &mut batch.claimed {
+            c.record.history_format = fluxo::store::HISTORY_FORMAT + 1;
+        }
+        Ok(batch)
+    }
+    async fn renew_leases(&self, owner: &str, lease: Duration) -> StoreResult<Vec<String>> {
+        self.0.renew_leases(owner, lease).await
+    }
+    async fn commit(&self, commit: Commit) -> StoreResult<CommitOutcome> {
+        self.0.commit(commit).await
+    }
+    async fn send_signal(&self, id: &str, name: &str, payload: Vec<u8>) -> StoreResult<u64> {
+        self.0.send_signal(id, name, payload).await
+    }
+    async fn next_signal(&self, id: &str, name: &str) -> StoreResult<(Option<InboxSignal>, u64)> {
+        self.0.next_signal(id, name).await
+    }
+    async fn request_cancel(&self, id: &str) -> StoreResult<fluxo::WorkflowStatus> {
+        self.0.request_cancel(id).await
+    }
+}
+
+pub async fn incompatible_history_format(store: Arc<dyn Store>) {
+    let wrapped: Arc<dyn Store> = Arc::new(FutureFormat(Arc::clone(&store)));
+    let (fluxo, w) = setup(&wrapped);
+    let h = Greet::start(&fluxo, "old".into()).await.unwrap();
+    match h.result_timeout(WAIT).await {
+        Err(Error::IncompatibleHistory {
+            found, supported, ..
+        }) => {
+            assert_eq!(supported, fluxo::store::HISTORY_FORMAT);
+            assert_eq!(found, supported + 1);
+        }
+        other => panic!("expected IncompatibleHistory, got {other:?}"),
+    }
+    assert_eq!(
+        count(&format!("{}/greet", h.id())),
+        0,
+        "nothing ran on the foreign history"
+    );
+    w.shutdown().await;
 }

@@ -272,4 +272,18 @@ pub fn register_all(fluxo: &Fluxo) {
     fluxo.register(Replayed).unwrap();
     fluxo.register(Gated).unwrap();
     fluxo.register(ManySteps).unwrap();
+    fluxo.register(CallTimeOptions).unwrap();
+}
+
+/// Overrides the step's attribute options at call time.
+#[fluxo::workflow]
+pub async fn call_time_options(
+    ctx: WorkflowContext,
+    fail_times: u32,
+) -> Result<String, WorkflowError> {
+    let once = StepOptions::new().retry(RetryPolicy::none());
+    match ctx.with_options(once, flaky(fail_times)).await {
+        Ok(attempt) => Ok(format!("succeeded on attempt {attempt}")),
+        Err(e) => Ok(format!("gave up: {}", e.message())),
+    }
 }
