@@ -12,7 +12,7 @@ use crate::error::{Failure, WorkflowError};
 use crate::history::{Event, Replay};
 use crate::instance::{Abort, Instance, InstanceInit};
 use crate::payload;
-use crate::store::{ClaimedInstance, CommitOutcome, Transition, HISTORY_FORMAT};
+use crate::store::{ClaimedInstance, Commit, CommitOutcome, Transition, HISTORY_FORMAT};
 use crate::worker::WorkerRuntime;
 use crate::workflow::RunOutcome;
 
@@ -20,16 +20,20 @@ use crate::workflow::RunOutcome;
 pub(crate) async fn run(
     worker: Arc<WorkerRuntime>,
     claimed: ClaimedInstance,
+    run: u64,
     permit: OwnedSemaphorePermit,
 ) {
     let rec = &claimed.record;
     let span = tracing::info_span!("workflow", workflow = %rec.workflow, id = %rec.id, version = rec.version);
-    run_inner(worker, claimed, permit).instrument(span).await
+    run_inner(worker, claimed, run, permit)
+        .instrument(span)
+        .await
 }
 
 async fn run_inner(
     worker: Arc<WorkerRuntime>,
     claimed: ClaimedInstance,
+    run: u64,
     permit: OwnedSemaphorePermit,
 ) {
     let shared = Arc::clone(&worker.shared);
@@ -62,8 +66,16 @@ async fn run_inner(
                 }
             }
             Err(e) => {
-                tracing::warn!(error = %e, "cannot load history; will retry after the lease expires");
-                worker.detach(&rec.id);
+                tracing::warn!(error = %e, "cannot load history; releasing the instance");
+                let release = Commit {
+                    instance_id: rec.id.clone(),
+                    lease_token: claimed.lease_token,
+                    transition: Transition::Release,
+                    ..Commit::default()
+                };
+                // If this fails too, the lease expires and another claim retries.
+                let _ = shared.store.commit(release).await;
+                worker.detach(&rec.id, run);
                 return;
             }
         }
@@ -93,7 +105,7 @@ async fn run_inner(
             permit,
         },
     );
-    worker.attach(&rec.id, Arc::clone(&inst));
+    worker.attach(&rec.id, run, Arc::clone(&inst));
     if replaying {
         tracing::debug!(events = claimed.next_event_id, "replaying from the journal");
     }
@@ -105,7 +117,7 @@ async fn run_inner(
     };
     finish(&inst, outcome).await;
     inst.release_permit();
-    worker.detach(&rec.id);
+    worker.detach(&rec.id, run);
     shared.finished.notify_waiters();
 }
 

@@ -2,7 +2,7 @@
 //! instances in memory (sticky) and renew their leases.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -107,6 +107,7 @@ impl WorkerBuilder {
             live: Mutex::new(HashMap::new()),
             stopping: AtomicBool::new(false),
             max_cached: self.max_cached,
+            next_run: AtomicU64::new(0),
         });
         let task = tokio::spawn(Arc::clone(&rt).run(self.clone(), stop_rx));
         Worker {
@@ -198,6 +199,8 @@ impl Worker {
 }
 
 struct LiveEntry {
+    /// Identifies the runner task (an instance may be replaced by a new run).
+    run: u64,
     /// Set once the runner has rebuilt the instance.
     instance: Option<Arc<Instance>>,
     abort: AbortHandle,
@@ -214,6 +217,7 @@ pub(crate) struct WorkerRuntime {
     live: Mutex<HashMap<String, LiveEntry>>,
     stopping: AtomicBool,
     max_cached: usize,
+    next_run: AtomicU64,
 }
 
 impl WorkerRuntime {
@@ -311,10 +315,12 @@ impl WorkerRuntime {
             }
         }
         let id = c.record.id.clone();
-        let abort = tasks.spawn(crate::runner::run(Arc::clone(self), c, permit));
+        let run = self.next_run.fetch_add(1, Ordering::Relaxed);
+        let abort = tasks.spawn(crate::runner::run(Arc::clone(self), c, run, permit));
         live.insert(
             id,
             LiveEntry {
+                run,
                 instance: None,
                 abort,
                 parked: None,
@@ -323,14 +329,21 @@ impl WorkerRuntime {
         );
     }
 
-    pub(crate) fn attach(&self, id: &str, inst: Arc<Instance>) {
-        if let Some(e) = self.live().get_mut(id) {
+    /// Called by a runner once it has rebuilt its instance.
+    pub(crate) fn attach(&self, id: &str, run: u64, inst: Arc<Instance>) {
+        if let Some(e) = self.live().get_mut(id).filter(|e| e.run == run) {
             e.instance = Some(inst);
         }
     }
 
-    pub(crate) fn detach(&self, id: &str) {
-        self.live().remove(id);
+    /// Called by a runner when it ends; a newer runner of the same instance
+    /// keeps its entry.
+    pub(crate) fn detach(&self, id: &str, run: u64) {
+        let mut live = self.live();
+        if live.get(id).is_some_and(|e| e.run == run) {
+            live.remove(id);
+        }
+        drop(live);
         self.slot_freed.notify_one();
     }
 
