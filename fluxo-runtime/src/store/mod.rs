@@ -21,6 +21,8 @@
 pub mod conformance;
 #[cfg(feature = "memory")]
 pub mod memory;
+#[cfg(feature = "postgres")]
+pub mod postgres;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
 
@@ -381,4 +383,20 @@ pub trait Store: Send + Sync + 'static {
     /// Records a cancel request and wakes the instance. Returns the
     /// instance's status (a finished instance is left as it is).
     async fn request_cancel(&self, id: &str) -> StoreResult<InstanceStatus>;
+
+    /// Notices pushed when any process may have made work runnable (an
+    /// instance created, a signal sent, a cancel requested, an instance
+    /// released or woken): the counter changes on each. Workers wait on it
+    /// instead of polling fast. `None` (the default): the backend cannot
+    /// push, and workers poll.
+    fn work_notifications(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        None
+    }
+
+    /// Whether [`Store::commit_batch`] is cheaper per commit than
+    /// [`Store::commit`] (one transaction, one flush): the engine then groups
+    /// concurrent instances' commits (group commit).
+    fn prefers_batches(&self) -> bool {
+        false
+    }
 }
