@@ -260,7 +260,7 @@ impl Instance {
                 count,
             )
         };
-        let outcome = self.shared.store.commit(commit).await;
+        let outcome = self.shared.commit(commit).await;
         let mut st = self.state();
         match outcome {
             Ok(CommitOutcome::Applied { cancel_requested }) => {
@@ -323,7 +323,7 @@ impl Instance {
                 ..Commit::default()
             }
         };
-        self.shared.store.commit(commit).await
+        self.shared.commit(commit).await
     }
 
     // ----- waiting and parking ---------------------------------------------

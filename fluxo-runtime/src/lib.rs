@@ -3,6 +3,7 @@
 //! re-exports what is public here together with the macros.
 
 mod client;
+mod committer;
 mod context;
 pub mod error;
 pub mod history;

@@ -1,11 +1,12 @@
 //! State shared by a [`Fluxo`](crate::Fluxo) handle, its workers and its
 //! running instances.
 
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 
 use tokio::sync::{watch, Notify};
 
-use crate::store::Store;
+use crate::committer::Committer;
+use crate::store::{Commit, CommitOutcome, Store, StoreResult};
 use crate::workflow::Registry;
 
 pub(crate) struct Shared {
@@ -16,6 +17,9 @@ pub(crate) struct Shared {
     pub work: watch::Sender<u64>,
     /// Notified when an instance finishes in this process.
     pub finished: Notify,
+    /// Group-commit writer, started on first use for stores that prefer
+    /// batches.
+    committer: OnceLock<Committer>,
 }
 
 impl Shared {
@@ -25,7 +29,20 @@ impl Shared {
             registry: RwLock::new(Registry::default()),
             work: watch::Sender::new(0),
             finished: Notify::new(),
+            committer: OnceLock::new(),
         })
+    }
+
+    /// Commits an instance's change, grouped with other instances' commits
+    /// when the store prefers batches.
+    pub(crate) async fn commit(&self, commit: Commit) -> StoreResult<CommitOutcome> {
+        if !self.store.prefers_batches() {
+            return self.store.commit(commit).await;
+        }
+        self.committer
+            .get_or_init(|| Committer::start(Arc::clone(&self.store)))
+            .commit(commit)
+            .await
     }
 
     pub(crate) fn notify_work(&self) {

@@ -21,7 +21,7 @@ pub struct WorkerBuilder {
     id: Option<String>,
     concurrency: usize,
     lease: Duration,
-    poll_interval: Duration,
+    poll_interval: Option<Duration>,
     max_cached: usize,
     shutdown_grace: Duration,
     renew: bool,
@@ -34,7 +34,7 @@ impl WorkerBuilder {
             id: None,
             concurrency: 64,
             lease: Duration::from_secs(30),
-            poll_interval: Duration::from_millis(100),
+            poll_interval: None,
             max_cached: 10_000,
             shutdown_grace: Duration::from_secs(10),
             renew: true,
@@ -69,11 +69,13 @@ impl WorkerBuilder {
         self
     }
 
-    /// How often an idle worker looks for work started by other processes
-    /// (default 100 ms). Work started through the same [`Fluxo`] is picked
-    /// up at once.
+    /// How often an idle worker looks for work started by other processes.
+    /// Work started through the same [`Fluxo`] is picked up at once, and so
+    /// is other processes' work on backends that push notices (Postgres);
+    /// there polling is only a fallback. Default: 100 ms, or 1 s on a
+    /// backend that pushes.
     pub fn poll_interval(mut self, d: Duration) -> Self {
-        self.poll_interval = d.max(Duration::from_millis(1));
+        self.poll_interval = Some(d.max(Duration::from_millis(1)));
         self
     }
 
@@ -231,6 +233,13 @@ impl WorkerRuntime {
         let renew =
             tokio::spawn(Arc::clone(&self).renew_leases(cfg.lease, cfg.renew, stop.clone()));
         let mut work = self.shared.work.subscribe();
+        // Other processes' work, pushed by the store when it can.
+        let mut pushed = self.shared.store.work_notifications();
+        let poll_interval = cfg.poll_interval.unwrap_or(if pushed.is_some() {
+            Duration::from_secs(1)
+        } else {
+            Duration::from_millis(100)
+        });
         let mut backoff = Duration::from_millis(50);
         while !*stop.borrow() {
             let free = self.semaphore.available_permits();
@@ -267,12 +276,23 @@ impl WorkerRuntime {
             if full_batch && self.semaphore.available_permits() > 0 {
                 continue;
             }
-            let mut wait = cfg.poll_interval;
+            let mut wait = poll_interval;
             if let Some(at) = next_wake {
                 wait = wait.min(Duration::from_millis((at - now_millis()).max(0) as u64));
             }
+            let remote = async {
+                match pushed.as_mut() {
+                    Some(rx) => {
+                        if rx.changed().await.is_err() {
+                            std::future::pending::<()>().await
+                        }
+                    }
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = work.changed() => {}
+                _ = remote => {}
                 _ = self.slot_freed.notified(), if free == 0 => {}
                 _ = tokio::time::sleep(wait) => {}
                 _ = stop.changed() => {}

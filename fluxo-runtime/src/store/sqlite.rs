@@ -829,6 +829,11 @@ impl Store for SqliteStore {
         "sqlite"
     }
 
+    /// One transaction (one WAL flush) for many instances' commits.
+    fn prefers_batches(&self) -> bool {
+        true
+    }
+
     async fn create_instance(&self, new: NewInstance) -> StoreResult<CreateOutcome> {
         let created = {
             let mut w = self.writer().await?;

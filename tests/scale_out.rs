@@ -1,0 +1,192 @@
+//! Scale-out with real processes: several worker processes share one store,
+//! one is killed with SIGKILL mid-run, and every workflow still completes
+//! exactly once with a dense journal, the killed worker's instances taken
+//! over by the others after their leases expire.
+
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fluxo::history::Event;
+use fluxo::prelude::*;
+use fluxo::store::Store;
+
+mod common;
+
+const STEPS: u32 = 10;
+const LEASE: Duration = Duration::from_secs(2);
+
+#[fluxo::step(retry(max_attempts = 5, initial = "20ms"))]
+async fn work(i: u32) -> Result<(u32, u32), StepError> {
+    tokio::time::sleep(Duration::from_millis(2)).await;
+    Ok((i, std::process::id()))
+}
+
+#[fluxo::workflow]
+async fn scale_flow(_ctx: WorkflowContext, steps: u32) -> Result<Vec<(u32, u32)>, WorkflowError> {
+    let mut done = Vec::new();
+    for i in 0..steps {
+        done.push(work(i).await?);
+    }
+    Ok(done)
+}
+
+/// Which store the processes share.
+#[derive(Clone, Debug)]
+enum Target {
+    Sqlite(std::path::PathBuf),
+}
+
+impl Target {
+    fn to_env(&self) -> (String, String) {
+        match self {
+            Target::Sqlite(p) => ("sqlite".into(), p.display().to_string()),
+        }
+    }
+
+    fn from_env() -> Option<Target> {
+        let kind = std::env::var("FLUXO_SCALE_BACKEND").ok()?;
+        let at = std::env::var("FLUXO_SCALE_TARGET").ok()?;
+        match kind.as_str() {
+            "sqlite" => Some(Target::Sqlite(at.into())),
+            _ => None,
+        }
+    }
+
+    async fn open(&self) -> Arc<dyn Store> {
+        match self {
+            Target::Sqlite(p) => {
+                Arc::new(fluxo::store::sqlite::SqliteStore::open(p).await.unwrap())
+            }
+        }
+    }
+}
+
+/// A worker process; started by the scale-out tests through this binary.
+#[test]
+#[ignore = "run as a child process by the scale-out tests"]
+fn scale_worker_process() {
+    let Some(target) = Target::from_env() else {
+        return;
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async move {
+        let fluxo = Fluxo::from_store(target.open().await);
+        fluxo.register(ScaleFlow).unwrap();
+        let _worker = fluxo
+            .worker()
+            .concurrency(50)
+            .lease(LEASE)
+            .poll_interval(Duration::from_millis(50))
+            .spawn();
+        // Runs until the parent kills it.
+        std::future::pending::<()>().await;
+    });
+}
+
+fn spawn_worker(target: &Target) -> Child {
+    let (kind, at) = target.to_env();
+    Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "scale_worker_process",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("FLUXO_SCALE_BACKEND", kind)
+        .env("FLUXO_SCALE_TARGET", at)
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn worker process")
+}
+
+struct Workers(Vec<Child>);
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+async fn run_scale_out(target: Target, processes: usize, workflows: usize) {
+    let store = target.open().await;
+    let fluxo = Fluxo::from_store(Arc::clone(&store));
+    let mut handles = Vec::with_capacity(workflows);
+    for _ in 0..workflows {
+        handles.push(ScaleFlow::start(&fluxo, STEPS).await.unwrap());
+    }
+    let mut workers = Workers((0..processes).map(|_| spawn_worker(&target)).collect());
+
+    // Kill one worker once about a quarter of the workflows are done.
+    let started = Instant::now();
+    let completed = || async {
+        fluxo
+            .list(fluxo::store::ListFilter {
+                status: Some(WorkflowStatus::Completed),
+                limit: Some(workflows),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .len()
+    };
+    while completed().await < workflows / 4 {
+        assert!(started.elapsed() < Duration::from_secs(120), "no progress");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let victim = workers.0[0].id();
+    workers.0[0].kill().unwrap();
+    workers.0[0].wait().unwrap();
+    let at_kill = completed().await;
+    assert!(
+        at_kill < workflows,
+        "the kill came mid-run ({at_kill}/{workflows} done)"
+    );
+
+    // Every workflow completes, with the right result.
+    let mut taken_over = 0;
+    for h in &handles {
+        let out = h.result_timeout(Duration::from_secs(180)).await.unwrap();
+        let order: Vec<u32> = out.iter().map(|(i, _)| *i).collect();
+        assert_eq!(order, (0..STEPS).collect::<Vec<_>>());
+        let pids: Vec<u32> = out.iter().map(|(_, p)| *p).collect();
+        if pids.contains(&victim) && pids.iter().any(|p| *p != victim) {
+            taken_over += 1;
+        }
+        // Each step journaled once, positions dense.
+        let history = fluxo.history(h.id()).await.unwrap();
+        for (n, e) in history.iter().enumerate() {
+            assert_eq!(e.event_id, n as u64, "gap or duplicate in {}", h.id());
+        }
+        let seqs: Vec<u64> = history
+            .iter()
+            .filter(|e| matches!(e.event, Event::StepCompleted { .. }))
+            .map(|e| e.seq)
+            .collect();
+        assert_eq!(
+            seqs,
+            (0..STEPS as u64).collect::<Vec<_>>(),
+            "journal of {}",
+            h.id()
+        );
+    }
+    assert!(
+        taken_over > 0,
+        "some instances the killed worker had started were finished by another"
+    );
+    eprintln!(
+        "scale-out: {workflows} workflows x {STEPS} steps on {processes} processes, killed one at {at_kill} done, \
+         {taken_over} taken over, {:?} in all",
+        started.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_processes_on_one_sqlite_file() {
+    run_scale_out(Target::Sqlite(common::temp_db_path()), 2, 200).await;
+}
