@@ -3,7 +3,7 @@
 //! whose journal entry was committed runs again.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use fluxo::history::Event;
@@ -66,20 +66,13 @@ fn crash_worker_process() {
 }
 
 fn spawn_worker(db: &Path, log: &Path) -> Child {
-    Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "crash_worker_process",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env("FLUXO_CRASH_DB", db)
-        .env("FLUXO_CRASH_LOG", log)
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn worker process")
+    common::spawn_test_process(
+        "crash_worker_process",
+        &[
+            ("FLUXO_CRASH_DB", db.display().to_string()),
+            ("FLUXO_CRASH_LOG", log.display().to_string()),
+        ],
+    )
 }
 
 fn executions(log: &Path) -> Vec<u32> {

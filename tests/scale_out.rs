@@ -3,7 +3,7 @@
 //! exactly once with a dense journal, the killed worker's instances taken
 //! over by the others after their leases expire.
 
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -86,20 +86,10 @@ fn scale_worker_process() {
 
 fn spawn_worker(target: &Target) -> Child {
     let (kind, at) = target.to_env();
-    Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "scale_worker_process",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env("FLUXO_SCALE_BACKEND", kind)
-        .env("FLUXO_SCALE_TARGET", at)
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn worker process")
+    common::spawn_test_process(
+        "scale_worker_process",
+        &[("FLUXO_SCALE_BACKEND", kind), ("FLUXO_SCALE_TARGET", at)],
+    )
 }
 
 struct Workers(Vec<Child>);

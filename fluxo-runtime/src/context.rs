@@ -89,6 +89,15 @@ impl WorkflowContext {
         &self.inst.workflow
     }
 
+    /// Journals one event of operation `seq`; `false` means the instance was
+    /// aborted and the caller must halt.
+    async fn commit_event(&self, seq: u64, event: Event) -> bool {
+        self.inst
+            .commit(seq, vec![event], CommitExtra::default())
+            .await
+            .is_some()
+    }
+
     fn fail(&self, failure: Failure) {
         self.inst.abort(Abort::Fail(failure));
     }
@@ -206,12 +215,7 @@ impl WorkflowContext {
                         output,
                     };
                     drop(_enter);
-                    if self
-                        .inst
-                        .commit(seq, vec![event], CommitExtra::default())
-                        .await
-                        .is_none()
-                    {
+                    if !self.commit_event(seq, event).await {
                         return halt().await;
                     }
                     return Ok(value);
@@ -248,12 +252,7 @@ impl WorkflowContext {
                 }
             };
             drop(_enter);
-            if self
-                .inst
-                .commit(seq, vec![event], CommitExtra::default())
-                .await
-                .is_none()
-            {
+            if !self.commit_event(seq, event).await {
                 return halt().await;
             }
             if retry_at.is_none() {
@@ -447,12 +446,7 @@ impl WorkflowContext {
             what: what.to_owned(),
             value: serde_json::to_value(&v).unwrap_or_default(),
         };
-        if self
-            .inst
-            .commit(guard.seq, vec![event], CommitExtra::default())
-            .await
-            .is_none()
-        {
+        if !self.commit_event(guard.seq, event).await {
             return halt().await;
         }
         v
@@ -594,12 +588,7 @@ impl WorkflowContext {
                     child_id: child_id.clone(),
                     outcome: outcome.clone(),
                 };
-                if self
-                    .inst
-                    .commit(seq, vec![event], CommitExtra::default())
-                    .await
-                    .is_none()
-                {
+                if !self.commit_event(seq, event).await {
                     return halt().await;
                 }
                 return self.child_outcome::<W>(seq, outcome).await;

@@ -75,3 +75,22 @@ pub fn open_gate(name: &str) {
     let n = gates().entry(name.to_owned()).or_default().clone();
     n.notify_one();
 }
+
+/// Starts this test binary again as a child process running only the
+/// (ignored) test `test_name`, with `env` set.
+pub fn spawn_test_process(test_name: &str, env: &[(&str, String)]) -> std::process::Child {
+    let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
+    cmd.args([
+        "--exact",
+        test_name,
+        "--ignored",
+        "--nocapture",
+        "--test-threads=1",
+    ])
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::inherit());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.spawn().expect("spawn a worker process")
+}
