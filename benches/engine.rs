@@ -1,5 +1,6 @@
-//! Engine overhead per step: one workflow of 100 sequential no-op steps, on
-//! the in-memory backend and on SQLite (`synchronous=FULL` and `NORMAL`).
+//! Engine overhead per step: one workflow of 100 sequential no-op steps
+//! (latency), and 100 such workflows at once (throughput), on the in-memory
+//! backend and on SQLite (`synchronous=FULL` and `NORMAL`).
 //!
 //! `cargo bench --bench engine`
 
@@ -31,35 +32,58 @@ fn setup(rt: &tokio::runtime::Runtime, store: Arc<dyn Store>) -> (Fluxo, fluxo::
     let _guard = rt.enter();
     let fluxo = Fluxo::from_store(store);
     fluxo.register(Sequential).unwrap();
-    let worker = fluxo.worker().concurrency(16).spawn();
+    let worker = fluxo.worker().concurrency(128).spawn();
     (fluxo, worker)
 }
 
-fn bench_sequential(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_multi_thread()
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
-        .unwrap();
+        .unwrap()
+}
+
+fn bench_dir() -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("fluxo-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
 
+/// Every backend this build has, each on fresh storage.
+fn backends(
+    rt: &tokio::runtime::Runtime,
+    dir: &std::path::Path,
+) -> Vec<(&'static str, Arc<dyn Store>)> {
     let mut backends: Vec<(&str, Arc<dyn Store>)> =
         vec![("memory", Arc::new(fluxo::store::memory::MemoryStore::new()))];
     for (name, sync) in [
         ("sqlite-full", Synchronous::Full),
         ("sqlite-normal", Synchronous::Normal),
     ] {
-        let opts = SqliteOptions::new(dir.join(format!("{name}.db"))).synchronous(sync);
+        let path = dir.join(format!("{name}-{}.db", unique_suffix()));
+        let opts = SqliteOptions::new(path).synchronous(sync);
         let store = rt.block_on(SqliteStore::open_with(opts)).unwrap();
         backends.push((name, Arc::new(store)));
     }
+    backends
+}
 
+fn unique_suffix() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+}
+
+fn bench_sequential(c: &mut Criterion) {
+    let rt = runtime();
+    let dir = bench_dir();
     let mut group = c.benchmark_group("sequential_100_steps");
     group.throughput(Throughput::Elements(STEPS as u64));
     group.sample_size(10);
     group.measurement_time(Duration::from_secs(10));
-    for (name, store) in backends {
+    for (name, store) in backends(&rt, &dir) {
         let (fluxo, worker) = setup(&rt, store);
         group.bench_function(BenchmarkId::from_parameter(name), |b| {
             b.to_async(&rt).iter(|| async {
@@ -73,5 +97,34 @@ fn bench_sequential(c: &mut Criterion) {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-criterion_group!(benches, bench_sequential);
+/// 100 workflows of 100 steps in flight at once: steps per second, where
+/// group commit shows.
+fn bench_concurrent(c: &mut Criterion) {
+    const WORKFLOWS: u32 = 100;
+    let rt = runtime();
+    let dir = bench_dir();
+    let mut group = c.benchmark_group("concurrent_100x100_steps");
+    group.throughput(Throughput::Elements((WORKFLOWS * STEPS) as u64));
+    group.sample_size(10);
+    group.measurement_time(Duration::from_secs(15));
+    for (name, store) in backends(&rt, &dir) {
+        let (fluxo, worker) = setup(&rt, store);
+        group.bench_function(BenchmarkId::from_parameter(name), |b| {
+            b.to_async(&rt).iter(|| async {
+                let mut handles = Vec::new();
+                for _ in 0..WORKFLOWS {
+                    handles.push(Sequential::start(&fluxo, STEPS).await.unwrap());
+                }
+                for h in handles {
+                    assert_eq!(h.result().await.unwrap(), STEPS - 1);
+                }
+            })
+        });
+        rt.block_on(worker.shutdown());
+    }
+    group.finish();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+criterion_group!(benches, bench_sequential, bench_concurrent);
 criterion_main!(benches);

@@ -15,7 +15,7 @@ use tracing::Instrument;
 
 use crate::error::{Failure, StepError, WorkflowError};
 use crate::history::{Event, Operation};
-use crate::instance::{Abort, CommitExtra, Instance, OpGuard};
+use crate::instance::{retry_transient, Abort, CommitExtra, Instance, OpGuard};
 use crate::payload::{self, Payload};
 use crate::retry::{RetryPolicy, StepOptions};
 use crate::step::StepContext;
@@ -367,13 +367,8 @@ impl WorkflowContext {
             }
         }
         loop {
-            let found = match self
-                .inst
-                .shared
-                .store
-                .next_signal(&self.inst.id, S::NAME)
-                .await
-            {
+            let store = &self.inst.shared.store;
+            let found = match retry_transient(|| store.next_signal(&self.inst.id, S::NAME)).await {
                 Ok((found, _)) => found,
                 Err(e) => {
                     self.inst.abort(Abort::Store(e));
@@ -561,7 +556,8 @@ impl WorkflowContext {
         };
         self.inst.add_child(child_id.clone());
         loop {
-            let record = match self.inst.shared.store.get_instance(&child_id).await {
+            let store = &self.inst.shared.store;
+            let record = match retry_transient(|| store.get_instance(&child_id)).await {
                 Ok(Some(r)) => r,
                 Ok(None) => {
                     self.inst

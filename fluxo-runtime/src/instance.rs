@@ -260,7 +260,7 @@ impl Instance {
                 count,
             )
         };
-        let outcome = self.shared.commit(commit).await;
+        let outcome = retry_transient(|| self.shared.commit(commit.clone())).await;
         let mut st = self.state();
         match outcome {
             Ok(CommitOutcome::Applied { cancel_requested }) => {
@@ -323,7 +323,7 @@ impl Instance {
                 ..Commit::default()
             }
         };
-        self.shared.commit(commit).await
+        retry_transient(|| self.shared.commit(commit.clone())).await
     }
 
     // ----- waiting and parking ---------------------------------------------
@@ -441,5 +441,33 @@ impl Drop for OpGuard {
         st.blocked.remove(&self.seq);
         drop(st);
         self.inst.wake_runner.notify_one();
+    }
+}
+
+/// How often a storage call that failed with a backend error (connection
+/// lost, server restarting) is retried before the instance is released.
+const TRANSIENT_RETRIES: u32 = 6;
+
+/// Runs `call`, retrying backend errors with a growing pause (about 3 s in
+/// all). Retrying a commit is safe: if the first try was applied after all,
+/// the retry is refused by the fence (`Conflict`), and the instance is
+/// replayed from a journal that holds the entry.
+pub(crate) async fn retry_transient<T, F, Fut>(mut call: F) -> Result<T, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, StoreError>>,
+{
+    let mut pause = std::time::Duration::from_millis(50);
+    let mut tries = 0;
+    loop {
+        match call().await {
+            Err(StoreError::Backend(e)) if tries < TRANSIENT_RETRIES => {
+                tries += 1;
+                tracing::warn!(error = %e, ?pause, "storage call failed; retrying");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(std::time::Duration::from_secs(1));
+            }
+            other => return other,
+        }
     }
 }

@@ -26,19 +26,16 @@ pub fn count(key: &str) -> u32 {
 }
 
 /// A fresh in-memory store.
-pub async fn memory_store() -> Arc<dyn Store> {
-    Arc::new(fluxo::store::memory::MemoryStore::new())
+pub async fn memory_store() -> Option<Arc<dyn Store>> {
+    Some(Arc::new(fluxo::store::memory::MemoryStore::new()))
 }
 
 /// A fresh SQLite store in a new temporary file.
 #[cfg(feature = "sqlite")]
-pub async fn sqlite_store() -> Arc<dyn Store> {
+pub async fn sqlite_store() -> Option<Arc<dyn Store>> {
     let path = temp_db_path();
-    Arc::new(
-        fluxo::store::sqlite::SqliteStore::open(&path)
-            .await
-            .expect("open sqlite"),
-    )
+    let store = fluxo::store::sqlite::SqliteStore::open(&path).await;
+    Some(Arc::new(store.expect("open sqlite")))
 }
 
 /// A unique path for a temporary SQLite file.

@@ -55,19 +55,33 @@ pub async fn run_all(store: &dyn Store) {
     commit_batch_fences_each_commit(store).await;
     list_instances_filters(store).await;
     concurrent_claims_never_share_an_instance(store).await;
+    cancel_instances_written_by_the_same_commit(store).await;
+    signal_ids_are_never_reused(store).await;
 }
 
 /// Generates one `#[tokio::test]` per check of the store conformance suite.
 ///
 /// `$make` is an expression evaluating to a future whose output dereferences
 /// to the store under test; attributes before it go on every test.
+///
+/// With `optional:` first, the future's output is an `Option` of such a
+/// value instead, and a test whose fixture is `None` (a server that cannot
+/// be reached, say) returns at once; the fixture reports the skip itself.
+///
+/// ```ignore
+/// mod conformance {
+///     fluxo_runtime::store_conformance_tests!(optional: async {
+///         fluxo_runtime::store::postgres::test_store_from_env().await
+///     });
+/// }
+/// ```
 #[doc(hidden)]
 #[macro_export]
 macro_rules! store_conformance_tests {
-    (@tests $attrs:tt ($make:expr) $($check:ident),* $(,)?) => {
-        $( $crate::store_conformance_tests!(@test $attrs ($make) $check); )*
+    (@tests $mode:ident $attrs:tt ($make:expr) $($check:ident),* $(,)?) => {
+        $( $crate::store_conformance_tests!(@test $mode $attrs ($make) $check); )*
     };
-    (@test [$($attr:tt)*] ($make:expr) $check:ident) => {
+    (@test required [$($attr:tt)*] ($make:expr) $check:ident) => {
         #[::tokio::test]
         $($attr)*
         async fn $check() {
@@ -75,8 +89,18 @@ macro_rules! store_conformance_tests {
             $crate::store::conformance::$check(&*fixture).await;
         }
     };
-    ($(#[$meta:meta])* $make:expr $(,)?) => {
-        $crate::store_conformance_tests!(@tests [$(#[$meta])*] ($make)
+    (@test optional [$($attr:tt)*] ($make:expr) $check:ident) => {
+        #[::tokio::test]
+        $($attr)*
+        async fn $check() {
+            let ::core::option::Option::Some(fixture) = $make.await else {
+                return;
+            };
+            $crate::store::conformance::$check(&*fixture).await;
+        }
+    };
+    (@all $mode:ident $attrs:tt ($make:expr)) => {
+        $crate::store_conformance_tests!(@tests $mode $attrs ($make)
             create_instance_and_get,
             create_existing_instance_reports_it,
             claim_filters_by_workflow_and_version,
@@ -104,7 +128,15 @@ macro_rules! store_conformance_tests {
             commit_batch_fences_each_commit,
             list_instances_filters,
             concurrent_claims_never_share_an_instance,
+            cancel_instances_written_by_the_same_commit,
+            signal_ids_are_never_reused,
         );
+    };
+    (optional: $(#[$meta:meta])* $make:expr $(,)?) => {
+        $crate::store_conformance_tests!(@all optional [$(#[$meta])*] ($make));
+    };
+    ($(#[$meta:meta])* $make:expr $(,)?) => {
+        $crate::store_conformance_tests!(@all required [$(#[$meta])*] ($make));
     };
 }
 
@@ -1641,6 +1673,64 @@ pub async fn concurrent_claims_never_share_an_instance(store: &dyn Store) {
         }
     }
     assert_eq!(seen, all, "every instance must be claimed exactly once");
+}
+
+/// `cancel_instances` may name a child created by the same commit, or the
+/// committing instance itself: both get the request, as if it were made
+/// right after the rest of the commit.
+pub async fn cancel_instances_written_by_the_same_commit(store: &dyn Store) {
+    let wf = unique("wf");
+    let child_wf = unique("wf-child");
+    let id = create(store, &wf, 1).await;
+    let c = claim_one(store, &id, &wf, LONG).await;
+    let mut child = new_instance(&child_wf, 1);
+    child.parent_id = Some(id.clone());
+    let child_id = child.id.clone();
+    let mut first = commit(&c, vec![event(0, 0, "started")], Transition::None);
+    first.new_instances = vec![child];
+    first.cancel_instances = vec![child_id.clone(), id.clone()];
+    let outcome = apply(store, first).await;
+    assert!(
+        matches!(outcome, CommitOutcome::Applied { .. }),
+        "expected Applied, got {outcome:?}"
+    );
+    assert!(
+        get(store, &child_id).await.cancel_requested,
+        "a child created and cancelled by one commit must get the request"
+    );
+    assert!(
+        get(store, &id).await.cancel_requested,
+        "an instance may request its own cancellation"
+    );
+    assert_eq!(
+        apply(store, commit(&c, vec![], Transition::None)).await,
+        applied(true),
+        "the lease holder sees its own cancel request"
+    );
+    let batch = store
+        .claim(&request(&unique("owner"), &[(&child_wf, 1)], 10, LONG))
+        .await
+        .expect("claim");
+    assert_eq!(ids(&batch), vec![child_id.as_str()]);
+    assert!(batch.claimed[0].record.cancel_requested);
+}
+
+/// Signal ids keep increasing even after the newest signal was consumed.
+pub async fn signal_ids_are_never_reused(store: &dyn Store) {
+    let wf = unique("wf");
+    let id = create(store, &wf, 1).await;
+    let c = claim_one(store, &id, &wf, LONG).await;
+    let first = send(store, &id, "s", "first").await;
+    let mut consume = commit(&c, vec![event(0, 0, "got")], Transition::None);
+    consume.consume_signal = Some(first);
+    assert_eq!(apply(store, consume).await, applied(false));
+    let second = send(store, &id, "s", "second").await;
+    assert!(
+        second > first,
+        "signal id {second} after consuming {first}: ids must not be reused"
+    );
+    let (signal, _) = next_signal(store, &id, "s").await;
+    assert_eq!(signal.map(|s| s.signal_id), Some(second));
 }
 
 #[cfg(all(test, feature = "memory"))]

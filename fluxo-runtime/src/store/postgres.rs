@@ -1,1 +1,0 @@
-//! Postgres backend (work in progress).

@@ -1,0 +1,1085 @@
+//! Postgres backend: several worker processes share one database.
+//!
+//! # Schema
+//!
+//! Every object lives in one schema ([`PostgresOptions::schema`], `fluxo` by
+//! default), so several applications, or test runs, can share a database
+//! without seeing each other. The schema is created and migrated when a
+//! store opens; the migrations are embedded in the crate and applied once
+//! even when several processes open the store at the same time.
+//!
+//! # Durability
+//!
+//! Every change is committed before the call returns. With the server's
+//! default `synchronous_commit = on`, a commit has been flushed to the
+//! server's write-ahead log when it returns: a completed step, a start, a
+//! signal or a cancel that returned `Ok` survives a crash of the worker, of
+//! Postgres, or of the machine it runs on (and, with synchronous replication
+//! configured on the server, the loss of that machine). With
+//! `synchronous_commit = off` (on the server, or for the store's own
+//! connections with [`PostgresOptions::synchronous_commit`]) a commit
+//! returns before its flush: a crash of Postgres or of its machine may lose
+//! the changes of the last few hundred milliseconds (at most three times
+//! `wal_writer_delay`), though never corrupts the database and never keeps
+//! half of a commit. Workers then redo the lost steps, as after any lost
+//! lease. It saves a flush per commit.
+//!
+//! # Several processes
+//!
+//! Workers coordinate through the database only. Claims lock the rows they
+//! hand out and skip rows other claims hold (`FOR UPDATE SKIP LOCKED`), so
+//! concurrent workers never wait for each other nor share an instance. Lease
+//! expiry and every other time are taken from the server's clock, so workers
+//! on hosts whose clocks disagree still agree on when a lease ends.
+//!
+//! # Notifications
+//!
+//! Everything that makes work runnable at once (a new instance, a signal, a
+//! cancel request, a released instance, a child finishing, a parked instance
+//! due already) sends a notification on the channel `<schema>_work` when it
+//! commits. [`Store::work_notifications`] listens on it with one connection
+//! of its own, so idle workers in every process start at once instead of
+//! waiting for their next poll.
+
+mod listener;
+mod migrate;
+mod sql;
+#[cfg(test)]
+mod tests;
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::postgres::{PgArguments, PgConnectOptions, PgPool, PgPoolOptions, PgRow};
+use sqlx::query::Query;
+use sqlx::{Connection, PgConnection, Postgres, Row};
+
+use self::listener::Notifier;
+use self::sql::{Kind, Shape, Statements, RECORD_COLUMNS};
+use super::*;
+
+/// The schema used when none is given.
+pub const DEFAULT_SCHEMA: &str = "fluxo";
+
+/// The longest schema name: the notification channel, `<schema>_work`, must
+/// fit in a Postgres identifier (63 bytes).
+const MAX_SCHEMA_LEN: usize = 58;
+
+/// The longest lease handed out (about 100 years); longer ones are cut to it.
+const MAX_LEASE_MS: Millis = 100 * 365 * 24 * 3_600_000;
+
+/// How often a commit or a group of commits is tried again when Postgres
+/// aborted it to break a deadlock (nothing of it was written).
+const DEADLOCK_RETRIES: usize = 3;
+
+/// How to open a [`PostgresStore`].
+#[derive(Debug, Clone)]
+pub struct PostgresOptions {
+    /// Connection URL, e.g. `postgres://user:password@host:5432/database`.
+    /// Ignored by [`PostgresStore::from_pool`].
+    pub url: String,
+    /// Schema holding every object of the store; created when missing.
+    /// Lower-case ASCII letters, digits and `_`, starting with a letter or
+    /// `_`, at most 58 bytes, not starting with `pg_`. Default `fluxo`.
+    pub schema: String,
+    /// Most connections the store's pool opens. Default 10. Ignored by
+    /// [`PostgresStore::from_pool`]. Work notifications use one more
+    /// connection of their own.
+    pub max_connections: u32,
+    /// `application_name` of the store's connections, as shown in
+    /// `pg_stat_activity`. `None`: the one in the URL, or `fluxo`. Ignored
+    /// by [`PostgresStore::from_pool`] (except for the notification
+    /// connection, which copies the pool's settings).
+    pub application_name: Option<String>,
+    /// `false` sets `synchronous_commit = off` on the store's connections
+    /// (see the module docs on durability). Default `true`: the server's
+    /// setting applies. Ignored by [`PostgresStore::from_pool`].
+    pub synchronous_commit: bool,
+    /// How long an operation waits for a connection (opening one included)
+    /// before failing. Default 30 seconds. Ignored by
+    /// [`PostgresStore::from_pool`].
+    pub acquire_timeout: Duration,
+}
+
+impl PostgresOptions {
+    /// Default options for the database at `url`.
+    pub fn new(url: impl Into<String>) -> Self {
+        PostgresOptions {
+            url: url.into(),
+            schema: DEFAULT_SCHEMA.to_owned(),
+            max_connections: 10,
+            application_name: None,
+            synchronous_commit: true,
+            acquire_timeout: Duration::from_secs(30),
+        }
+    }
+
+    /// Sets the schema.
+    pub fn schema(mut self, schema: impl Into<String>) -> Self {
+        self.schema = schema.into();
+        self
+    }
+
+    /// Sets the size of the connection pool.
+    pub fn max_connections(mut self, max: u32) -> Self {
+        self.max_connections = max;
+        self
+    }
+
+    /// Sets the `application_name` of the store's connections.
+    pub fn application_name(mut self, name: impl Into<String>) -> Self {
+        self.application_name = Some(name.into());
+        self
+    }
+
+    /// Sets whether commits wait for their WAL flush (see the module docs).
+    pub fn synchronous_commit(mut self, on: bool) -> Self {
+        self.synchronous_commit = on;
+        self
+    }
+
+    /// Sets how long an operation waits for a connection.
+    pub fn acquire_timeout(mut self, timeout: Duration) -> Self {
+        self.acquire_timeout = timeout;
+        self
+    }
+}
+
+/// A [`Store`] in a Postgres database. Cheap to clone: clones share the
+/// pool and the notification listener, which stops with the last clone.
+#[derive(Clone)]
+pub struct PostgresStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pool: PgPool,
+    schema: String,
+    sql: Statements,
+    /// The notification listener, started by the first
+    /// [`Store::work_notifications`] call.
+    notifier: Mutex<Option<Notifier>>,
+    /// Drops the schema with the last clone (test stores only).
+    _cleanup: Option<DropSchema>,
+}
+
+impl fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PostgresStore")
+            .field("schema", &self.inner.schema)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PostgresStore {
+    /// Connects to the database at `url` with default options, creating and
+    /// migrating the `fluxo` schema as needed.
+    pub async fn connect(url: &str) -> StoreResult<Self> {
+        Self::connect_with(PostgresOptions::new(url)).await
+    }
+
+    /// Connects with the given options, creating and migrating the schema
+    /// as needed.
+    pub async fn connect_with(options: PostgresOptions) -> StoreResult<Self> {
+        validate_schema(&options.schema)?;
+        let pool = open_pool(&options).await?;
+        Self::open(pool, options.schema, None).await
+    }
+
+    /// Uses a pool the service already has, creating and migrating
+    /// `options.schema` as needed. Only the schema is taken from `options`;
+    /// the pool keeps its own settings.
+    pub async fn from_pool(pool: PgPool, options: PostgresOptions) -> StoreResult<Self> {
+        validate_schema(&options.schema)?;
+        Self::open(pool, options.schema, None).await
+    }
+
+    async fn open(pool: PgPool, schema: String, cleanup: Option<DropSchema>) -> StoreResult<Self> {
+        migrate::run(&pool, &schema).await?;
+        Ok(PostgresStore {
+            inner: Arc::new(Inner {
+                sql: Statements::new(&schema),
+                pool,
+                schema,
+                notifier: Mutex::new(None),
+                _cleanup: cleanup,
+            }),
+        })
+    }
+
+    /// The schema holding the store.
+    pub fn schema(&self) -> &str {
+        &self.inner.schema
+    }
+
+    /// The connection pool the store uses.
+    pub fn pool(&self) -> &PgPool {
+        &self.inner.pool
+    }
+
+    /// The notification channel of the store's schema.
+    pub fn channel(&self) -> &str {
+        &self.inner.sql.channel
+    }
+
+    fn sql(&self) -> &Statements {
+        &self.inner.sql
+    }
+
+    /// Turns a failed database call into a store error. A lost connection
+    /// usually means the pool's other idle connections are gone too (the
+    /// server restarted, or an administrator ended them): they are tested
+    /// and replaced now, so that the next operations do not fail on them one
+    /// after the other.
+    async fn fail(&self, e: sqlx::Error) -> StoreError {
+        if connection_lost(&e) {
+            self.drop_dead_connections().await;
+        }
+        db_err(e)
+    }
+
+    async fn drop_dead_connections(&self) {
+        let pool = &self.inner.pool;
+        let mut healthy = Vec::new();
+        for _ in 0..pool.num_idle() {
+            let Some(mut conn) = pool.try_acquire() else {
+                break;
+            };
+            if conn.ping().await.is_err() {
+                conn.close_on_drop();
+            } else {
+                healthy.push(conn);
+            }
+        }
+    }
+
+    /// Applies one commit in its own transaction.
+    async fn commit_one(&self, c: &Commit) -> StoreResult<CommitOutcome> {
+        let mut attempt = 0;
+        loop {
+            let result = async {
+                let mut conn = self.inner.pool.acquire().await?;
+                if needs_own_cancel_statement(c) {
+                    let mut tx = conn.begin().await?;
+                    let outcome = apply(&mut tx, self.sql(), c).await?;
+                    tx.commit().await?;
+                    Ok(outcome)
+                } else {
+                    // One statement: its own transaction.
+                    apply(&mut conn, self.sql(), c).await
+                }
+            }
+            .await;
+            match result {
+                Ok(outcome) => return outcome,
+                Err(e) if must_retry(&e) && attempt < DEADLOCK_RETRIES => {
+                    attempt += 1;
+                    tracing::debug!(error = %e, instance = %c.instance_id, "commit retried");
+                }
+                Err(e) => return Err(self.fail(e).await),
+            }
+        }
+    }
+
+    /// Applies several commits in one transaction (one WAL flush for all).
+    async fn commit_group(&self, commits: &[Commit]) -> Vec<StoreResult<CommitOutcome>> {
+        // Commits whose statement failed: they are left out of the next
+        // attempt, and the failure is their result.
+        let mut settled: Vec<Option<StoreResult<CommitOutcome>>> =
+            commits.iter().map(|_| None).collect();
+        let mut retries = 0;
+        loop {
+            match self.try_group(commits, &settled).await {
+                Group::Done(results) => {
+                    return settled
+                        .into_iter()
+                        .zip(results)
+                        .map(|(settled, result)| {
+                            settled.or(result).unwrap_or_else(|| {
+                                Err(StoreError::Conflict("commit was not applied".to_owned()))
+                            })
+                        })
+                        .collect();
+                }
+                Group::Exclude(i, e) => {
+                    tracing::debug!(error = %e, instance = %commits[i].instance_id,
+                        "a commit of a group failed; writing the others without it");
+                    settled[i] = Some(Err(e));
+                }
+                Group::Retry(e) if retries < DEADLOCK_RETRIES => {
+                    retries += 1;
+                    tracing::debug!(error = %e, "group commit retried");
+                }
+                Group::Retry(e) | Group::Failed(e) => {
+                    let e = self.fail(e).await;
+                    let message = e.to_string();
+                    let mut first = Some(e);
+                    return settled
+                        .into_iter()
+                        .map(|settled| {
+                            settled.unwrap_or_else(|| {
+                                Err(first.take().unwrap_or_else(|| {
+                                    StoreError::backend(std::io::Error::other(message.clone()))
+                                }))
+                            })
+                        })
+                        .collect();
+                }
+            }
+        }
+    }
+
+    /// One attempt at a group: everything not settled yet, in one
+    /// transaction. A commit that is fenced out or refused writes nothing
+    /// by itself (its statement matches no row); a statement that fails
+    /// aborts the transaction, which is then rolled back and the attempt
+    /// reports which commit failed.
+    async fn try_group(
+        &self,
+        commits: &[Commit],
+        settled: &[Option<StoreResult<CommitOutcome>>],
+    ) -> Group {
+        let mut conn = match self.inner.pool.acquire().await {
+            Ok(conn) => conn,
+            Err(e) => return Group::Failed(e),
+        };
+        let mut tx = match conn.begin().await {
+            Ok(tx) => tx,
+            Err(e) => return Group::Failed(e),
+        };
+        let mut results = Vec::with_capacity(commits.len());
+        for (i, c) in commits.iter().enumerate() {
+            if settled[i].is_some() {
+                results.push(None);
+                continue;
+            }
+            match apply(&mut tx, self.sql(), c).await {
+                Ok(result) => results.push(Some(result)),
+                Err(e) => {
+                    let rolled_back = tx.rollback().await;
+                    return if must_retry(&e) {
+                        Group::Retry(e)
+                    } else if connection_lost(&e) {
+                        Group::Failed(e)
+                    } else if let Err(rollback) = rolled_back {
+                        Group::Failed(rollback)
+                    } else {
+                        Group::Exclude(i, db_err(e))
+                    };
+                }
+            }
+        }
+        match tx.commit().await {
+            Ok(()) => Group::Done(results),
+            Err(e) if must_retry(&e) => Group::Retry(e),
+            Err(e) => Group::Failed(e),
+        }
+    }
+}
+
+/// How an attempt at a group commit went.
+enum Group {
+    /// Committed; a result for every commit not settled before.
+    Done(Vec<Option<StoreResult<CommitOutcome>>>),
+    /// The statement of commit `i` failed; nothing was written.
+    Exclude(usize, StoreError),
+    /// Postgres aborted the transaction to break a deadlock (or a
+    /// serialization failure); nothing was written.
+    Retry(sqlx::Error),
+    /// The connection or the transaction failed; the outcome of the commits
+    /// is unknown.
+    Failed(sqlx::Error),
+}
+
+async fn open_pool(options: &PostgresOptions) -> StoreResult<PgPool> {
+    let mut connect = PgConnectOptions::from_str(&options.url).map_err(|e| {
+        invalid(format!(
+            "invalid Postgres URL: {e} (expected postgres://user:password@host:port/database)"
+        ))
+    })?;
+    if let Some(name) = &options.application_name {
+        connect = connect.application_name(name);
+    } else if connect.get_application_name().is_none() {
+        connect = connect.application_name("fluxo");
+    }
+    if !options.synchronous_commit {
+        connect = connect.options([("synchronous_commit", "off")]);
+    }
+    // Room for every commit shape and the other statements.
+    connect = connect.statement_cache_capacity(256);
+    PgPoolOptions::new()
+        .max_connections(options.max_connections.max(1))
+        .acquire_timeout(options.acquire_timeout)
+        // A test per acquire would double the round trips of most
+        // operations; dead connections are found when they fail instead.
+        .test_before_acquire(false)
+        .connect_with(connect)
+        .await
+        .map_err(db_err)
+}
+
+fn validate_schema(schema: &str) -> StoreResult<()> {
+    let valid = !schema.is_empty()
+        && schema.len() <= MAX_SCHEMA_LEN
+        && !schema.starts_with("pg_")
+        && schema
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_lowercase() || b == b'_')
+        && schema
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+    if valid {
+        Ok(())
+    } else {
+        Err(invalid(format!(
+            "invalid schema name {schema:?}: use lower-case ASCII letters, digits and '_', \
+             starting with a letter or '_', at most {MAX_SCHEMA_LEN} bytes, not starting with 'pg_'"
+        )))
+    }
+}
+
+/// An error in how the store was set up.
+fn invalid(message: String) -> StoreError {
+    StoreError::backend(std::io::Error::new(
+        std::io::ErrorKind::InvalidInput,
+        message,
+    ))
+}
+
+// ---------------------------------------------------------------------------
+// Conversions
+
+fn db_err(e: sqlx::Error) -> StoreError {
+    match e {
+        sqlx::Error::ColumnDecode { .. }
+        | sqlx::Error::Decode(_)
+        | sqlx::Error::ColumnNotFound(_)
+        | sqlx::Error::ColumnIndexOutOfBounds { .. }
+        | sqlx::Error::TypeNotFound { .. } => StoreError::Corrupt(e.to_string()),
+        sqlx::Error::Database(d) if d.is_unique_violation() => {
+            StoreError::Conflict(d.message().to_owned())
+        }
+        e => StoreError::backend(e),
+    }
+}
+
+fn sqlstate(e: &sqlx::Error) -> Option<String> {
+    match e {
+        sqlx::Error::Database(d) => d.code().map(|c| c.into_owned()),
+        _ => None,
+    }
+}
+
+/// Whether Postgres aborted the transaction to break a deadlock or a
+/// serialization conflict: nothing was written, and trying again is safe.
+fn must_retry(e: &sqlx::Error) -> bool {
+    matches!(sqlstate(e).as_deref(), Some("40P01" | "40001"))
+}
+
+/// Whether the connection is gone (closed, reset, or ended by the server).
+fn connection_lost(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_) | sqlx::Error::Tls(_) | sqlx::Error::Protocol(_) => true,
+        sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(_) => sqlstate(e).is_some_and(|code| {
+            // 08: connection exception; 57P01-57P03: the server is shutting
+            // down or the backend was terminated.
+            code.starts_with("08") || code.starts_with("57P")
+        }),
+        _ => false,
+    }
+}
+
+/// A u64 as stored. Values beyond `i64::MAX` never occur in the database, so
+/// they become -1, which matches nothing.
+fn sql_int(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(-1)
+}
+
+fn millis(d: Duration) -> Millis {
+    Millis::try_from(d.as_millis())
+        .unwrap_or(Millis::MAX)
+        .min(MAX_LEASE_MS)
+}
+
+fn col<'r, T>(row: &'r PgRow, index: usize) -> StoreResult<T>
+where
+    T: sqlx::Decode<'r, Postgres> + sqlx::Type<Postgres>,
+{
+    row.try_get(index).map_err(db_err)
+}
+
+fn u64_col(row: &PgRow, index: usize, what: &str) -> StoreResult<u64> {
+    let v: i64 = col(row, index)?;
+    u64::try_from(v).map_err(|_| StoreError::Corrupt(format!("{what} is negative: {v}")))
+}
+
+fn u32_col(row: &PgRow, index: usize, what: &str) -> StoreResult<u32> {
+    let v: i64 = col(row, index)?;
+    u32::try_from(v).map_err(|_| StoreError::Corrupt(format!("{what} out of range: {v}")))
+}
+
+fn record_from_row(row: &PgRow) -> StoreResult<InstanceRecord> {
+    let status: String = col(row, 3)?;
+    Ok(InstanceRecord {
+        id: col(row, 0)?,
+        workflow: col(row, 1)?,
+        version: u32_col(row, 2, "workflow version")?,
+        status: InstanceStatus::parse(&status)?,
+        input: col(row, 4)?,
+        output: col(row, 5)?,
+        failure: col(row, 6)?,
+        parent_id: col(row, 7)?,
+        cancel_requested: col(row, 8)?,
+        history_format: u32_col(row, 9, "history format")?,
+        created_at: col(row, 10)?,
+        updated_at: col(row, 11)?,
+    })
+}
+
+fn claimed_from_row(row: &PgRow) -> StoreResult<ClaimedInstance> {
+    Ok(ClaimedInstance {
+        record: record_from_row(row)?,
+        lease_token: u64_col(row, RECORD_COLUMNS, "lease token")?,
+        next_event_id: u64_col(row, RECORD_COLUMNS + 1, "next event id")?,
+        inbox_seq: u64_col(row, RECORD_COLUMNS + 2, "inbox sequence")?,
+    })
+}
+
+// ---------------------------------------------------------------------------
+// Commits
+
+/// Whether the commit cancels an instance its own statement also writes
+/// (itself, or a child it creates): a statement does not see its own
+/// changes, so the cancel requests then go in a second statement.
+fn needs_own_cancel_statement(c: &Commit) -> bool {
+    c.cancel_instances
+        .iter()
+        .any(|id| *id == c.instance_id || c.new_instances.iter().any(|n| n.id == *id))
+}
+
+fn shape_of(c: &Commit) -> Shape {
+    let kind = match c.transition {
+        Transition::None => Kind::None,
+        Transition::Park { .. } => Kind::Park,
+        Transition::Release => Kind::Release,
+        Transition::Complete { .. } | Transition::Fail { .. } | Transition::Cancel { .. } => {
+            Kind::Finish
+        }
+    };
+    Shape {
+        kind,
+        events: !c.events.is_empty(),
+        consume: c.consume_signal.is_some() && kind != Kind::Finish,
+        children: !c.new_instances.is_empty(),
+        cancels: !c.cancel_instances.is_empty() && !needs_own_cancel_statement(c),
+    }
+}
+
+/// The commit statement of `c` with its parameters, in the order
+/// [`Statements::commit`] numbers them.
+fn commit_query<'q>(
+    sql: &'q Statements,
+    c: &'q Commit,
+    shape: Shape,
+) -> Query<'q, Postgres, PgArguments> {
+    let mut q = sqlx::query(sql.commit(shape))
+        .bind(c.instance_id.as_str())
+        .bind(sql_int(c.lease_token));
+    if shape.events {
+        q = q
+            .bind(sql_int(c.events[0].event_id))
+            .bind(
+                c.events
+                    .iter()
+                    .map(|e| sql_int(e.event_id))
+                    .collect::<Vec<_>>(),
+            )
+            .bind(c.events.iter().map(|e| sql_int(e.seq)).collect::<Vec<_>>())
+            .bind(c.events.iter().map(|e| e.kind.as_str()).collect::<Vec<_>>())
+            .bind(c.events.iter().map(|e| e.data.as_slice()).collect::<Vec<_>>());
+    }
+    q = match &c.transition {
+        Transition::None | Transition::Release => q,
+        Transition::Park {
+            wake_at,
+            seen_inbox,
+        } => q.bind(sql_int(*seen_inbox)).bind(*wake_at),
+        Transition::Complete { output } => q
+            .bind(InstanceStatus::Completed.as_str())
+            .bind(Some(output.as_slice()))
+            .bind(None::<&[u8]>),
+        Transition::Fail { failure } => q
+            .bind(InstanceStatus::Failed.as_str())
+            .bind(None::<&[u8]>)
+            .bind(Some(failure.as_slice())),
+        Transition::Cancel { failure } => q
+            .bind(InstanceStatus::Cancelled.as_str())
+            .bind(None::<&[u8]>)
+            .bind(Some(failure.as_slice())),
+    };
+    if shape.consume {
+        q = q.bind(c.consume_signal.map(sql_int));
+    }
+    if shape.children {
+        let n = &c.new_instances;
+        q = q
+            .bind(n.iter().map(|n| n.id.as_str()).collect::<Vec<_>>())
+            .bind(n.iter().map(|n| n.workflow.as_str()).collect::<Vec<_>>())
+            .bind(n.iter().map(|n| i64::from(n.version)).collect::<Vec<_>>())
+            .bind(n.iter().map(|n| n.input.as_slice()).collect::<Vec<_>>())
+            .bind(n.iter().map(|n| n.parent_id.as_deref()).collect::<Vec<_>>());
+    }
+    if shape.cancels {
+        q = q.bind(
+            c.cancel_instances
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>(),
+        );
+    }
+    q
+}
+
+fn consecutive(events: &[StoredEvent]) -> bool {
+    events
+        .iter()
+        .zip(events.first().map_or(0, |e| e.event_id)..)
+        .all(|(e, expected)| e.event_id == expected)
+}
+
+/// Applies one commit on `conn` (in a transaction or not).
+///
+/// `Err` means a statement failed: inside a transaction, the transaction is
+/// aborted. `Ok` carries the commit's result: applied entirely, or (for
+/// `LeaseLost` and errors) nothing of it written.
+async fn apply(
+    conn: &mut PgConnection,
+    sql: &Statements,
+    c: &Commit,
+) -> Result<StoreResult<CommitOutcome>, sqlx::Error> {
+    if !consecutive(&c.events) {
+        return diagnose(conn, sql, c).await;
+    }
+    let shape = shape_of(c);
+    let Some(row) = commit_query(sql, c, shape)
+        .fetch_optional(&mut *conn)
+        .await?
+    else {
+        return diagnose(conn, sql, c).await;
+    };
+    let decoded = u64_col(&row, 0, "inbox sequence")
+        .and_then(|inbox_seq| Ok((inbox_seq, col::<bool>(&row, 1)?)));
+    let (inbox_seq, cancel_requested) = match decoded {
+        Ok(v) => v,
+        Err(e) => return Ok(Err(e)),
+    };
+    if !shape.cancels && !c.cancel_instances.is_empty() {
+        sqlx::query(&sql.cancel_many)
+            .bind(
+                c.cancel_instances
+                    .iter()
+                    .map(String::as_str)
+                    .collect::<Vec<_>>(),
+            )
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(Ok(match c.transition {
+        Transition::Park { seen_inbox, .. } if seen_inbox != inbox_seq => {
+            CommitOutcome::InboxChanged {
+                inbox_seq,
+                cancel_requested,
+            }
+        }
+        _ => CommitOutcome::Applied { cancel_requested },
+    }))
+}
+
+/// Explains, without writing, why a commit cannot be applied.
+async fn diagnose(
+    conn: &mut PgConnection,
+    sql: &Statements,
+    c: &Commit,
+) -> Result<StoreResult<CommitOutcome>, sqlx::Error> {
+    let row = sqlx::query(&sql.diagnose)
+        .bind(c.instance_id.as_str())
+        .fetch_optional(&mut *conn)
+        .await?;
+    Ok(match row {
+        None => Err(StoreError::NotFound(c.instance_id.clone())),
+        Some(row) => explain(&row, c),
+    })
+}
+
+fn explain(row: &PgRow, c: &Commit) -> StoreResult<CommitOutcome> {
+    let token = u64_col(row, 0, "lease token")?;
+    let leased: bool = col(row, 1)?;
+    let status: String = col(row, 2)?;
+    let status = InstanceStatus::parse(&status)?;
+    if token != c.lease_token || !leased || status.is_finished() {
+        return Ok(CommitOutcome::LeaseLost);
+    }
+    let next = u64_col(row, 3, "next event id")?;
+    if let Some((e, expected)) = c
+        .events
+        .iter()
+        .zip(next..)
+        .find(|(e, expected)| e.event_id != *expected)
+    {
+        return Err(StoreError::Conflict(format!(
+            "instance {:?}: journal entry {} written where {} was expected",
+            c.instance_id, e.event_id, expected
+        )));
+    }
+    Err(StoreError::Conflict(format!(
+        "instance {:?}: the journal changed during the commit",
+        c.instance_id
+    )))
+}
+
+#[async_trait]
+impl Store for PostgresStore {
+    fn backend_name(&self) -> &'static str {
+        "postgres"
+    }
+
+    async fn create_instance(&self, new: NewInstance) -> StoreResult<CreateOutcome> {
+        let created = sqlx::query(&self.sql().create)
+            .bind(new.id.as_str())
+            .bind(new.workflow.as_str())
+            .bind(i64::from(new.version))
+            .bind(new.input.as_slice())
+            .bind(new.parent_id.as_deref())
+            .fetch_optional(&self.inner.pool)
+            .await;
+        match created {
+            Ok(Some(_)) => return Ok(CreateOutcome::Created),
+            Ok(None) => {}
+            Err(e) => return Err(self.fail(e).await),
+        }
+        // Instances are never deleted: the one in the way is still there.
+        match self.get_instance(&new.id).await? {
+            Some(existing) => Ok(CreateOutcome::Existing(existing)),
+            None => Err(StoreError::Conflict(format!(
+                "instance {:?} could neither be created nor read",
+                new.id
+            ))),
+        }
+    }
+
+    async fn get_instance(&self, id: &str) -> StoreResult<Option<InstanceRecord>> {
+        let row = match sqlx::query(&self.sql().get)
+            .bind(id)
+            .fetch_optional(&self.inner.pool)
+            .await
+        {
+            Ok(row) => row,
+            Err(e) => return Err(self.fail(e).await),
+        };
+        row.as_ref().map(record_from_row).transpose()
+    }
+
+    async fn list_instances(&self, filter: ListFilter) -> StoreResult<Vec<InstanceRecord>> {
+        let limit = i64::try_from(filter.limit.unwrap_or(100)).unwrap_or(i64::MAX);
+        let status = filter.status.map(InstanceStatus::as_str);
+        let sql = self.sql();
+        let query = match (filter.workflow.as_deref(), status) {
+            (None, None) => sqlx::query(&sql.list_all).bind(limit),
+            (Some(w), None) => sqlx::query(&sql.list_by_workflow).bind(limit).bind(w),
+            (None, Some(s)) => sqlx::query(&sql.list_by_status).bind(limit).bind(s),
+            (Some(w), Some(s)) => sqlx::query(&sql.list_by_both)
+                .bind(limit)
+                .bind(w)
+                .bind(s),
+        };
+        let rows = match query.fetch_all(&self.inner.pool).await {
+            Ok(rows) => rows,
+            Err(e) => return Err(self.fail(e).await),
+        };
+        rows.iter().map(record_from_row).collect()
+    }
+
+    async fn load_history(&self, id: &str) -> StoreResult<Vec<StoredEvent>> {
+        let rows = match sqlx::query(&self.sql().load_history)
+            .bind(id)
+            .fetch_all(&self.inner.pool)
+            .await
+        {
+            Ok(rows) => rows,
+            Err(e) => return Err(self.fail(e).await),
+        };
+        if rows.is_empty() {
+            return Err(StoreError::NotFound(id.to_owned()));
+        }
+        let mut events = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let Some(event_id) = col::<Option<i64>>(row, 0)? else {
+                // The instance exists but has no journal yet.
+                continue;
+            };
+            events.push(StoredEvent {
+                event_id: u64::try_from(event_id).map_err(|_| {
+                    StoreError::Corrupt(format!("journal entry id is negative: {event_id}"))
+                })?,
+                seq: u64_col(row, 1, "operation sequence")?,
+                kind: col(row, 2)?,
+                data: col(row, 3)?,
+            });
+        }
+        Ok(events)
+    }
+
+    async fn claim(&self, req: &ClaimRequest) -> StoreResult<ClaimBatch> {
+        if req.workflows.is_empty() {
+            return Ok(ClaimBatch::default());
+        }
+        let names: Vec<&str> = req.workflows.iter().map(|(w, _)| w.as_str()).collect();
+        let versions: Vec<i64> = req.workflows.iter().map(|(_, v)| i64::from(*v)).collect();
+        let rows = match sqlx::query(&self.sql().claim)
+            .bind(req.owner.as_str())
+            .bind(millis(req.lease))
+            .bind(names)
+            .bind(versions)
+            .bind(i64::try_from(req.limit).unwrap_or(i64::MAX))
+            .fetch_all(&self.inner.pool)
+            .await
+        {
+            Ok(rows) => rows,
+            Err(e) => return Err(self.fail(e).await),
+        };
+        let mut batch = ClaimBatch::default();
+        for row in &rows {
+            batch.next_wake = col(row, RECORD_COLUMNS + 3)?;
+            if col::<Option<String>>(row, 0)?.is_some() {
+                batch.claimed.push(claimed_from_row(row)?);
+            }
+        }
+        batch.claimed.sort_by_key(|c| c.record.created_at);
+        Ok(batch)
+    }
+
+    async fn renew_leases(&self, owner: &str, lease: Duration) -> StoreResult<Vec<String>> {
+        match sqlx::query_scalar(&self.sql().renew)
+            .bind(owner)
+            .bind(millis(lease))
+            .fetch_all(&self.inner.pool)
+            .await
+        {
+            Ok(ids) => Ok(ids),
+            Err(e) => Err(self.fail(e).await),
+        }
+    }
+
+    async fn commit(&self, commit: Commit) -> StoreResult<CommitOutcome> {
+        self.commit_one(&commit).await
+    }
+
+    async fn commit_batch(&self, commits: Vec<Commit>) -> Vec<StoreResult<CommitOutcome>> {
+        if commits.len() <= 1 {
+            let mut out = Vec::with_capacity(commits.len());
+            for c in &commits {
+                out.push(self.commit_one(c).await);
+            }
+            return out;
+        }
+        self.commit_group(&commits).await
+    }
+
+    async fn send_signal(&self, id: &str, name: &str, payload: Vec<u8>) -> StoreResult<u64> {
+        let row = match sqlx::query(&self.sql().send_signal)
+            .bind(id)
+            .bind(name)
+            .bind(payload.as_slice())
+            .fetch_optional(&self.inner.pool)
+            .await
+        {
+            Ok(row) => row,
+            Err(e) => return Err(self.fail(e).await),
+        };
+        match row {
+            Some(row) => u64_col(&row, 0, "signal id"),
+            // Unknown or finished: nothing was written.
+            None => Err(StoreError::Finished {
+                id: id.to_owned(),
+                status: self.status_of(id).await?,
+            }),
+        }
+    }
+
+    async fn next_signal(&self, id: &str, name: &str) -> StoreResult<(Option<InboxSignal>, u64)> {
+        let row = match sqlx::query(&self.sql().next_signal)
+            .bind(id)
+            .bind(name)
+            .fetch_optional(&self.inner.pool)
+            .await
+        {
+            Ok(row) => row,
+            Err(e) => return Err(self.fail(e).await),
+        };
+        let row = row.ok_or_else(|| StoreError::NotFound(id.to_owned()))?;
+        let inbox_seq = u64_col(&row, 0, "inbox sequence")?;
+        let signal = match col::<Option<i64>>(&row, 1)? {
+            Some(sid) => Some(InboxSignal {
+                signal_id: u64::try_from(sid)
+                    .map_err(|_| StoreError::Corrupt(format!("signal id is negative: {sid}")))?,
+                payload: col(&row, 2)?,
+            }),
+            None => None,
+        };
+        Ok((signal, inbox_seq))
+    }
+
+    async fn request_cancel(&self, id: &str) -> StoreResult<InstanceStatus> {
+        let row = match sqlx::query(&self.sql().request_cancel)
+            .bind(id)
+            .fetch_optional(&self.inner.pool)
+            .await
+        {
+            Ok(row) => row,
+            Err(e) => return Err(self.fail(e).await),
+        };
+        match row {
+            Some(_) => Ok(InstanceStatus::Running),
+            // Unknown or finished: nothing was written.
+            None => self.status_of(id).await,
+        }
+    }
+
+    fn work_notifications(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        let mut notifier = self
+            .inner
+            .notifier
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if notifier.is_none() {
+            *notifier = Notifier::start(
+                (*self.inner.pool.connect_options()).clone(),
+                self.inner.sql.channel.clone(),
+            );
+        }
+        notifier.as_ref().map(Notifier::subscribe)
+    }
+
+    fn prefers_batches(&self) -> bool {
+        true
+    }
+}
+
+impl PostgresStore {
+    /// The status of an instance, or `NotFound`.
+    async fn status_of(&self, id: &str) -> StoreResult<InstanceStatus> {
+        let status: Option<String> = match sqlx::query_scalar(&self.sql().status)
+            .bind(id)
+            .fetch_optional(&self.inner.pool)
+            .await
+        {
+            Ok(status) => status,
+            Err(e) => return Err(self.fail(e).await),
+        };
+        match status {
+            Some(s) => InstanceStatus::parse(&s),
+            None => Err(StoreError::NotFound(id.to_owned())),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Test support
+
+/// The server the tests use when `FLUXO_TEST_POSTGRES_URL` is not set.
+const DEFAULT_TEST_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+
+/// A store in a fresh schema of the test server, for tests.
+///
+/// The server is `FLUXO_TEST_POSTGRES_URL` (default
+/// `postgres://postgres@127.0.0.1:5432/postgres`). The schema is
+/// `fluxo_test_<random>`, and the connections' `application_name` is the
+/// same name; the schema is dropped when the last clone of the store is
+/// dropped. When the server cannot be reached, the test is skipped: this
+/// prints a `SKIPPED` line to stderr and returns `None`; but when `CI` is
+/// set it panics instead, so that CI cannot pass without Postgres. It also
+/// panics when the server is reached but the store cannot be opened.
+#[doc(hidden)]
+pub async fn test_store_from_env() -> Option<PostgresStore> {
+    let url =
+        std::env::var("FLUXO_TEST_POSTGRES_URL").unwrap_or_else(|_| DEFAULT_TEST_URL.to_owned());
+    let name = format!("fluxo_test_{}", &uuid::Uuid::new_v4().simple().to_string()[..16]);
+    let options = PostgresOptions::new(url.clone())
+        .schema(name.clone())
+        .application_name(name.clone())
+        .max_connections(4)
+        .acquire_timeout(Duration::from_secs(10));
+    let pool = match open_pool(&options).await {
+        Ok(pool) => pool,
+        Err(e) => {
+            if std::env::var_os("CI").is_some() {
+                panic!(
+                    "the Postgres tests need a server: cannot connect to {url} ({e}); \
+                     set FLUXO_TEST_POSTGRES_URL to a reachable server"
+                );
+            }
+            eprintln!(
+                "SKIPPED: Postgres test: cannot connect to {url} ({e}); \
+                 set FLUXO_TEST_POSTGRES_URL to a reachable server to run it"
+            );
+            return None;
+        }
+    };
+    let cleanup = DropSchema {
+        options: (*pool.connect_options()).clone(),
+        schema: name.clone(),
+    };
+    match PostgresStore::open(pool, name, Some(cleanup)).await {
+        Ok(store) => Some(store),
+        Err(e) => panic!("opening a Postgres store on {url} failed: {e}"),
+    }
+}
+
+/// Drops a schema when dropped, from a thread of its own (dropping happens
+/// outside async code, and the test's runtime may be shutting down).
+struct DropSchema {
+    options: PgConnectOptions,
+    schema: String,
+}
+
+impl Drop for DropSchema {
+    fn drop(&mut self) {
+        let options = self.options.clone();
+        let schema = std::mem::take(&mut self.schema);
+        let dropper = std::thread::spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime,
+                Err(e) => {
+                    tracing::warn!(error = %e, schema, "cannot drop the test schema");
+                    return;
+                }
+            };
+            runtime.block_on(async {
+                let dropped = async {
+                    let mut conn = PgConnection::connect_with(&options).await?;
+                    // A connection of the dropped store still in a
+                    // transaction must not hold this up for long.
+                    sqlx::raw_sql(&format!(
+                        "SET lock_timeout = '5s'; DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"
+                    ))
+                    .execute(&mut conn)
+                    .await?;
+                    conn.close().await
+                };
+                if let Err(e) = dropped.await {
+                    tracing::warn!(error = %e, schema, "cannot drop the test schema");
+                }
+            });
+        });
+        // The thread reports its own failures.
+        let _ = dropper.join();
+    }
+}
