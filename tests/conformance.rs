@@ -55,4 +55,5 @@ backend_tests!(
     long_history,
     call_time_step_options,
     incompatible_history_format,
+    observers_see_lifecycle_events,
 );

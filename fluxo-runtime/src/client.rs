@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use crate::error::{DecodeError, Error, Failure};
 use crate::history::Event;
+use crate::observe::LifecycleEvent;
 use crate::payload;
 use crate::shared::Shared;
 use crate::store::{
@@ -102,6 +103,13 @@ impl Fluxo {
         Ok(self)
     }
 
+    /// Installs an observer of lifecycle events (once per `Fluxo`; use a
+    /// [`CompositeObserver`](crate::observe::CompositeObserver) for several).
+    /// Returns `false` if one was already installed.
+    pub fn observe(&self, observer: impl crate::observe::Observer) -> bool {
+        self.shared.observer.set(Arc::new(observer)).is_ok()
+    }
+
     /// A worker builder: `fluxo.worker().concurrency(32).spawn()`.
     pub fn worker(&self) -> WorkerBuilder {
         WorkerBuilder::new(self.clone())
@@ -148,6 +156,9 @@ impl Fluxo {
         match self.shared.store.create_instance(new).await? {
             CreateOutcome::Created => {
                 tracing::info!(workflow, %id, "workflow started");
+                self.shared.observe(|o| {
+                    o.on_event(&LifecycleEvent::WorkflowStarted { workflow, id: &id })
+                });
                 self.shared.notify_work();
             }
             CreateOutcome::Existing(rec) if rec.workflow != workflow => {

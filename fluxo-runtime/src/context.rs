@@ -16,6 +16,7 @@ use tracing::Instrument;
 use crate::error::{Failure, StepError, WorkflowError};
 use crate::history::{Event, Operation};
 use crate::instance::{retry_transient, Abort, CommitExtra, Instance, OpGuard};
+use crate::observe::LifecycleEvent;
 use crate::payload::{self, Payload};
 use crate::retry::{RetryPolicy, StepOptions};
 use crate::step::StepContext;
@@ -196,6 +197,16 @@ impl WorkflowContext {
                 seq,
                 attempt,
             };
+            let (workflow, id) = (self.inst.workflow.as_str(), self.inst.id.as_str());
+            self.inst.shared.observe(|o| {
+                o.on_event(&LifecycleEvent::StepStarted {
+                    workflow,
+                    id,
+                    step: name,
+                    attempt,
+                })
+            });
+            let attempt_started = std::time::Instant::now();
             let run = step.scope(f());
             let result = match options.timeout {
                 Some(limit) => match tokio::time::timeout(limit, run)
@@ -218,6 +229,15 @@ impl WorkflowContext {
                     if !self.commit_event(seq, event).await {
                         return halt().await;
                     }
+                    self.inst.shared.observe(|o| {
+                        o.on_event(&LifecycleEvent::StepCompleted {
+                            workflow,
+                            id,
+                            step: name,
+                            attempt,
+                            duration: attempt_started.elapsed(),
+                        })
+                    });
                     return Ok(value);
                 }
                 Ok(Err(e)) => StepError::fatal(format!(
@@ -235,6 +255,16 @@ impl WorkflowContext {
                 );
                 let at = now_millis() + delay.as_millis() as Millis;
                 retry_at = Some(at);
+                self.inst.shared.observe(|o| {
+                    o.on_event(&LifecycleEvent::StepRetried {
+                        workflow,
+                        id,
+                        step: name,
+                        attempt,
+                        error: &error.to_string(),
+                        delay,
+                    })
+                });
                 Event::StepAttemptFailed {
                     name: name.to_owned(),
                     attempt,
@@ -246,6 +276,15 @@ impl WorkflowContext {
                     workflow = %self.inst.workflow, id = %self.inst.id, step = name, seq, attempt,
                     %error, "step failed"
                 );
+                self.inst.shared.observe(|o| {
+                    o.on_event(&LifecycleEvent::StepFailed {
+                        workflow,
+                        id,
+                        step: name,
+                        attempt,
+                        error: &error.to_string(),
+                    })
+                });
                 Event::StepFailed {
                     name: name.to_owned(),
                     error: error.clone(),
@@ -317,6 +356,12 @@ impl WorkflowContext {
         };
         self.wait_until(&guard, at).await;
         self.inst.record_lazy(guard.seq, Event::TimerFired);
+        self.inst.shared.observe(|o| {
+            o.on_event(&LifecycleEvent::TimerFired {
+                workflow: &self.inst.workflow,
+                id: &self.inst.id,
+            })
+        });
     }
 
     // ----- signals -----------------------------------------------------------
@@ -405,6 +450,13 @@ impl WorkflowContext {
                     return halt().await;
                 }
                 tracing::debug!(signal = S::NAME, seq, "signal received");
+                self.inst.shared.observe(|o| {
+                    o.on_event(&LifecycleEvent::SignalReceived {
+                        workflow: &self.inst.workflow,
+                        id: &self.inst.id,
+                        signal: S::NAME,
+                    })
+                });
                 return Ok(typed);
             }
             if let Some(d) = deadline {
@@ -551,6 +603,12 @@ impl WorkflowContext {
                     return halt().await;
                 }
                 self.inst.shared.notify_work();
+                self.inst.shared.observe(|o| {
+                    o.on_event(&LifecycleEvent::WorkflowStarted {
+                        workflow: W::NAME,
+                        id: &c,
+                    })
+                });
                 c
             }
         };

@@ -11,10 +11,14 @@ use crate::context::{self, WorkflowContext};
 use crate::error::{Failure, WorkflowError};
 use crate::history::{Event, Replay};
 use crate::instance::{Abort, Instance, InstanceInit};
+use crate::observe::LifecycleEvent;
 use crate::payload;
-use crate::store::{ClaimedInstance, Commit, CommitOutcome, Transition, HISTORY_FORMAT};
+use crate::store::{
+    now_millis, ClaimedInstance, Commit, CommitOutcome, Millis, Transition, HISTORY_FORMAT,
+};
 use crate::worker::WorkerRuntime;
 use crate::workflow::RunOutcome;
+use std::time::Duration;
 
 /// Runs `claimed` on this worker until it finishes, is aborted or evicted.
 pub(crate) async fn run(
@@ -115,7 +119,7 @@ async fn run_inner(
         None if rec.cancel_requested => Err(Abort::Cancelled),
         None => drive(&worker, &inst, &rec.workflow, rec.version, &rec.input).await,
     };
-    finish(&inst, outcome).await;
+    finish(&inst, outcome, rec.created_at).await;
     inst.release_permit();
     worker.detach(&rec.id, run);
     shared.finished.notify_waiters();
@@ -191,7 +195,7 @@ fn shared_def(
 }
 
 /// Commits how the run ended.
-async fn finish(inst: &Instance, outcome: Result<RunOutcome, Abort>) {
+async fn finish(inst: &Instance, outcome: Result<RunOutcome, Abort>, created_at: Millis) {
     let failure = |f: Failure| Transition::Fail {
         failure: payload::encode(&f).unwrap_or_default(),
     };
@@ -239,16 +243,37 @@ async fn finish(inst: &Instance, outcome: Result<RunOutcome, Abort>) {
         Transition::Cancel { .. } => "cancelled",
         _ => "released",
     };
-    if let Transition::Fail { failure } = &transition {
-        let f: Option<Failure> = payload::decode(failure).ok();
-        tracing::error!(
-            workflow = %inst.workflow, id = %inst.id,
-            failure = %f.map(|f| f.describe()).unwrap_or_default(), "workflow failed"
-        );
-    }
+    let error = match &transition {
+        Transition::Fail { failure } => {
+            let f: Option<Failure> = payload::decode(failure).ok();
+            let error = f.map(|f| f.describe()).unwrap_or_default();
+            tracing::error!(workflow = %inst.workflow, id = %inst.id, failure = %error, "workflow failed");
+            Some(error)
+        }
+        _ => None,
+    };
     match inst.commit_final(transition, cancel_children).await {
         Ok(CommitOutcome::LeaseLost) => tracing::warn!("lease lost before the final commit"),
-        Ok(_) => tracing::info!("workflow {what}"),
+        Ok(_) => {
+            tracing::info!("workflow {what}");
+            let (workflow, id) = (inst.workflow.as_str(), inst.id.as_str());
+            let duration = Duration::from_millis((now_millis() - created_at).max(0) as u64);
+            inst.shared.observe(|o| match (what, &error) {
+                ("completed", _) => o.on_event(&LifecycleEvent::WorkflowCompleted {
+                    workflow,
+                    id,
+                    duration,
+                }),
+                ("failed", Some(error)) => o.on_event(&LifecycleEvent::WorkflowFailed {
+                    workflow,
+                    id,
+                    error,
+                    duration,
+                }),
+                ("cancelled", _) => o.on_event(&LifecycleEvent::WorkflowCancelled { workflow, id }),
+                _ => {}
+            });
+        }
         Err(e) => {
             tracing::warn!(error = %e, "cannot record that the workflow {what}; it will run again")
         }

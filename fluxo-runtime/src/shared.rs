@@ -6,6 +6,7 @@ use std::sync::{Arc, OnceLock, RwLock};
 use tokio::sync::{watch, Notify};
 
 use crate::committer::Committer;
+use crate::observe::Observer;
 use crate::store::{Commit, CommitOutcome, Store, StoreResult};
 use crate::workflow::Registry;
 
@@ -20,6 +21,8 @@ pub(crate) struct Shared {
     /// Group-commit writer, started on first use for stores that prefer
     /// batches.
     committer: OnceLock<Committer>,
+    /// The installed observer; unset costs one atomic load per event site.
+    pub observer: OnceLock<Arc<dyn Observer>>,
 }
 
 impl Shared {
@@ -30,7 +33,17 @@ impl Shared {
             work: watch::Sender::new(0),
             finished: Notify::new(),
             committer: OnceLock::new(),
+            observer: OnceLock::new(),
         })
+    }
+
+    /// Calls `f` with the observer, if one is installed (so events are only
+    /// built when someone listens).
+    #[inline]
+    pub(crate) fn observe(&self, f: impl FnOnce(&dyn Observer)) {
+        if let Some(o) = self.observer.get() {
+            f(o.as_ref());
+        }
     }
 
     /// Commits an instance's change, grouped with other instances' commits

@@ -630,3 +630,27 @@ pub async fn incompatible_history_format(store: Arc<dyn Store>) {
     );
     w.shutdown().await;
 }
+
+pub async fn observers_see_lifecycle_events(store: Arc<dyn Store>) {
+    use fluxo::observe::{BasicMetrics, CompositeObserver, LoggingObserver};
+    let fluxo = fluxo_on(&store);
+    let metrics = BasicMetrics::new();
+    assert!(fluxo.observe(CompositeObserver::new().with(metrics.clone()).with(LoggingObserver)));
+    assert!(!fluxo.observe(LoggingObserver), "one observer per Fluxo");
+    let w = worker(&fluxo);
+    let ok = Retrying::start(&fluxo, 1).await.unwrap();
+    ok.result_timeout(WAIT).await.unwrap();
+    let failed = Failing::start(&fluxo, ()).await.unwrap();
+    failed.result_timeout(WAIT).await.unwrap_err();
+    let snap = metrics.snapshot();
+    let retrying = &snap.workflows["retrying"];
+    assert_eq!((retrying.started, retrying.completed), (1, 1));
+    assert_eq!(retrying.latency.count, 1);
+    let flaky = &snap.steps[&("retrying".to_owned(), "flaky".to_owned())];
+    assert_eq!((flaky.started, flaky.retried, flaky.completed), (2, 1, 1));
+    let failing = &snap.workflows["failing"];
+    assert_eq!((failing.started, failing.failed), (1, 1));
+    let boom = &snap.steps[&("failing".to_owned(), "always_fails".to_owned())];
+    assert_eq!((boom.started, boom.retried, boom.failed), (2, 1, 1));
+    w.shutdown().await;
+}
