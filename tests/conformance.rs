@@ -56,4 +56,9 @@ backend_tests!(
     call_time_step_options,
     incompatible_history_format,
     observers_see_lifecycle_events,
+    patched_serves_old_and_new_instances,
+    published_events,
+    saga_compensates_on_failure,
+    saga_compensates_on_cancel,
+    cancel_reaches_a_running_step,
 );

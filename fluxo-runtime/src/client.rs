@@ -369,6 +369,52 @@ impl<W: Workflow> WorkflowHandle<W> {
         }
     }
 
+    /// The last value the workflow published under `key` with
+    /// [`WorkflowContext::set_event`](crate::WorkflowContext::set_event), if
+    /// any.
+    pub async fn event<T: crate::payload::Payload>(&self, key: &str) -> Result<Option<T>, Error> {
+        let history = self.fluxo.history(&self.id).await?;
+        let Some((seq, value)) = history.into_iter().rev().find_map(|e| match e.event {
+            Event::EventPublished { key: k, value } if k == key => Some((e.seq, value)),
+            _ => None,
+        }) else {
+            return Ok(None);
+        };
+        serde_json::from_value(value).map(Some).map_err(|e| {
+            Error::Decode(Box::new(DecodeError {
+                workflow: W::NAME.to_owned(),
+                id: self.id.clone(),
+                seq: Some(seq),
+                what: format!("event `{key}`"),
+                type_name: std::any::type_name::<T>().to_owned(),
+                message: e.to_string(),
+            }))
+        })
+    }
+
+    /// Waits up to `timeout` for the workflow to publish a value under
+    /// `key` (see [`WorkflowHandle::event`]).
+    pub async fn wait_event<T: crate::payload::Payload>(
+        &self,
+        key: &str,
+        timeout: Duration,
+    ) -> Result<T, Error> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut poll = Duration::from_millis(5);
+        loop {
+            if let Some(v) = self.event(key).await? {
+                return Ok(v);
+            }
+            if tokio::time::Instant::now() + poll > deadline {
+                return Err(Error::Timeout {
+                    id: self.id.clone(),
+                });
+            }
+            tokio::time::sleep(poll).await;
+            poll = (poll * 2).min(Duration::from_millis(200));
+        }
+    }
+
     /// The finished instance's output without waiting: `Ok(None)` while it
     /// runs.
     pub async fn try_result(&self) -> Result<Option<W::Output>, Error> {

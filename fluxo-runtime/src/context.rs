@@ -196,6 +196,7 @@ impl WorkflowContext {
                 name: name.to_owned(),
                 seq,
                 attempt,
+                cancel: self.inst.cancel_watch(),
             };
             let (workflow, id) = (self.inst.workflow.as_str(), self.inst.id.as_str());
             self.inst.shared.observe(|o| {
@@ -476,6 +477,64 @@ impl WorkflowContext {
         }
     }
 
+    // ----- versioning, published state, cancellation ----------------------
+
+    /// Lets one code version serve instances started before and after a
+    /// change: `if ctx.patched("new-fraud-check") { new } else { old }`.
+    /// New instances (and instances that reach this point for the first
+    /// time) take the new branch and journal a marker; instances whose
+    /// journal already went past this point without the marker replay the
+    /// old branch. Remove the old branch once no such instance is running.
+    pub fn patched(&self, id: &str) -> bool {
+        self.inst.patched(id)
+    }
+
+    /// Publishes `value` under `key`, readable from outside through
+    /// [`WorkflowHandle::event`](crate::WorkflowHandle::event) (progress,
+    /// intermediate results), without signals. The last value per key wins.
+    pub async fn set_event<T: Payload>(&self, key: &str, value: &T) {
+        let Some((guard, recorded)) = self.inst.begin(Operation::Publish(key.to_owned())) else {
+            return halt().await;
+        };
+        if !recorded.is_empty() {
+            return;
+        }
+        let value = serde_json::to_value(value).unwrap_or_default();
+        let event = Event::EventPublished {
+            key: key.to_owned(),
+            value,
+        };
+        if !self.commit_event(guard.seq, event).await {
+            halt().await
+        }
+    }
+
+    /// Registers `handler` to run if the workflow is cancelled: the body
+    /// stops at its next operation, then handlers run (last registered
+    /// first) with this context, journaled like the body, before the
+    /// instance is marked cancelled.
+    pub fn on_cancel<F, Fut>(&self, handler: F)
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        self.inst.on_cancel(Box::new(move || handler().boxed()));
+    }
+
+    /// A saga: record a compensation after each step that needs undoing;
+    /// [`Saga::compensate`] runs them in reverse on failure, and a
+    /// cancellation runs the ones not yet run. Each compensation is a
+    /// journaled step with its own retries.
+    pub fn saga(&self) -> Saga {
+        let saga = Saga {
+            ctx: self.clone(),
+            pending: Arc::new(std::sync::Mutex::new(Vec::new())),
+        };
+        let on_cancel = saga.clone();
+        self.on_cancel(move || async move { on_cancel.run_compensations().await });
+        saga
+    }
+
     // ----- recorded values ---------------------------------------------------
 
     async fn recorded<T: Payload>(&self, what: &str, make: impl FnOnce() -> T) -> T {
@@ -673,6 +732,91 @@ impl WorkflowContext {
             ))
             .with_kind("ChildFailed")),
         }
+    }
+}
+
+/// Compensations recorded by a workflow; see [`WorkflowContext::saga`].
+#[derive(Clone)]
+pub struct Saga {
+    ctx: WorkflowContext,
+    pending: Arc<std::sync::Mutex<Vec<Compensation>>>,
+}
+
+struct Compensation {
+    name: String,
+    options: StepOptions,
+    run: Box<dyn FnMut() -> BoxFuture<'static, Result<(), StepError>> + Send>,
+}
+
+impl std::fmt::Debug for Saga {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Saga")
+            .field("pending", &self.pending().len())
+            .finish()
+    }
+}
+
+impl Saga {
+    fn pending(&self) -> std::sync::MutexGuard<'_, Vec<Compensation>> {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records a compensation, run as the step `compensate <name>` with the
+    /// default retry policy if the saga is compensated.
+    pub fn add<F, Fut>(&self, name: impl Into<String>, f: F)
+    where
+        F: FnMut() -> Fut + Send + 'static,
+        Fut: Future<Output = Result<(), StepError>> + Send + 'static,
+    {
+        self.add_with(name, StepOptions::default(), f)
+    }
+
+    /// Records a compensation with its own step options.
+    pub fn add_with<F, Fut>(&self, name: impl Into<String>, options: StepOptions, mut f: F)
+    where
+        F: FnMut() -> Fut + Send + 'static,
+        Fut: Future<Output = Result<(), StepError>> + Send + 'static,
+    {
+        self.pending().push(Compensation {
+            name: name.into(),
+            options,
+            run: Box::new(move || f().boxed()),
+        });
+    }
+
+    /// Runs every recorded compensation, newest first, each as a journaled
+    /// step. A compensation that fails after its retries does not stop the
+    /// others; the errors are returned.
+    pub async fn compensate(&self) -> Result<(), Vec<StepError>> {
+        let errors = self.run_compensations_collect().await;
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors)
+        }
+    }
+
+    async fn run_compensations(&self) {
+        for e in self.run_compensations_collect().await {
+            tracing::error!(error = %e, "compensation failed");
+        }
+    }
+
+    async fn run_compensations_collect(&self) -> Vec<StepError> {
+        let mut errors = Vec::new();
+        loop {
+            let next = self.pending().pop();
+            let Some(mut c) = next else { break };
+            let name = format!("compensate {}", c.name);
+            if let Err(e) = self
+                .ctx
+                .run_step(&name, c.options.clone(), &mut c.run)
+                .await
+            {
+                errors.push(e);
+            }
+        }
+        errors
     }
 }
 

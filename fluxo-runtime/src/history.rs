@@ -85,6 +85,23 @@ pub enum Event {
         /// Its output, or why it did not complete.
         outcome: Result<serde_json::Value, Failure>,
     },
+    /// The workflow published a value under a key (`ctx.set_event`).
+    EventPublished {
+        /// The key.
+        key: String,
+        /// The value.
+        value: serde_json::Value,
+    },
+    /// Marker: the code took the new branch of `ctx.patched(id)` here. Does
+    /// not take a sequence number of its own.
+    Patched {
+        /// The patch id.
+        id: String,
+    },
+    /// Marker: a cancel request stopped the workflow body here and its
+    /// cancellation handlers (saga compensations) started. Does not take a
+    /// sequence number of its own.
+    CancelRequested,
 }
 
 impl Event {
@@ -102,6 +119,9 @@ impl Event {
             Event::ValueRecorded { .. } => "value_recorded",
             Event::ChildStarted { .. } => "child_started",
             Event::ChildFinished { .. } => "child_finished",
+            Event::EventPublished { .. } => "event_published",
+            Event::Patched { .. } => "patched",
+            Event::CancelRequested => "cancel_requested",
         }
     }
 
@@ -118,6 +138,9 @@ impl Event {
             Event::ValueRecorded { what, .. } => Operation::Value(what.clone()),
             Event::ChildStarted { workflow, .. } => Operation::Child(workflow.clone()),
             Event::ChildFinished { .. } => Operation::Child(String::new()),
+            Event::EventPublished { key, .. } => Operation::Publish(key.clone()),
+            Event::Patched { id } => Operation::Patch(id.clone()),
+            Event::CancelRequested => Operation::Cancel,
         }
     }
 
@@ -151,6 +174,12 @@ pub enum Operation {
     Value(String),
     /// A child workflow of the named workflow.
     Child(String),
+    /// `ctx.set_event` with the key.
+    Publish(String),
+    /// A `ctx.patched` marker.
+    Patch(String),
+    /// The cancellation marker.
+    Cancel,
 }
 
 impl Operation {
@@ -172,29 +201,58 @@ impl std::fmt::Display for Operation {
             Operation::Signal(n) => write!(f, "a wait for signal `{n}`"),
             Operation::Value(w) => write!(f, "ctx.{w}()"),
             Operation::Child(w) => write!(f, "child workflow `{w}`"),
+            Operation::Publish(k) => write!(f, "ctx.set_event(\"{k}\")"),
+            Operation::Patch(id) => write!(f, "patch marker `{id}`"),
+            Operation::Cancel => f.write_str("the cancellation marker"),
         }
     }
 }
 
 /// The decoded journal of an instance being replayed, grouped by operation.
+/// Markers (patches, cancellation) are kept apart: they do not take
+/// sequence numbers.
 #[derive(Debug, Default)]
 pub(crate) struct Replay {
     by_seq: HashMap<u64, Vec<Event>>,
+    patches: HashMap<u64, Vec<String>>,
+    cancel_at: Option<u64>,
 }
 
 impl Replay {
     /// Groups decoded events by sequence number.
     pub(crate) fn new(events: Vec<(u64, Event)>) -> Self {
-        let mut by_seq: HashMap<u64, Vec<Event>> = HashMap::new();
+        let mut replay = Replay::default();
         for (seq, e) in events {
-            by_seq.entry(seq).or_default().push(e);
+            match e {
+                Event::Patched { id } => replay.patches.entry(seq).or_default().push(id),
+                Event::CancelRequested => replay.cancel_at = Some(seq),
+                e => replay.by_seq.entry(seq).or_default().push(e),
+            }
         }
-        Replay { by_seq }
+        replay
     }
 
     /// Takes the recorded events of operation `seq`.
     pub(crate) fn take(&mut self, seq: u64) -> Vec<Event> {
         self.by_seq.remove(&seq).unwrap_or_default()
+    }
+
+    /// Whether patch `id` was marked before operation `seq`.
+    pub(crate) fn has_patch(&self, seq: u64, id: &str) -> bool {
+        self.patches
+            .get(&seq)
+            .is_some_and(|ids| ids.iter().any(|p| p == id))
+    }
+
+    /// Whether the journal holds operations at or after `seq` (the code is
+    /// still replaying, not at the live edge).
+    pub(crate) fn has_from(&self, seq: u64) -> bool {
+        self.by_seq.keys().any(|s| *s >= seq)
+    }
+
+    /// Where a cancel request stopped the workflow body, if it did.
+    pub(crate) fn cancel_at(&self) -> Option<u64> {
+        self.cancel_at
     }
 
     /// The smallest sequence number still not replayed.

@@ -48,6 +48,8 @@ pub(crate) struct Instance {
     epoch: watch::Sender<u64>,
     resume_tx: mpsc::UnboundedSender<Resume>,
     resume_rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<Resume>>,
+    /// `true` once a cancel was requested; running steps can watch it.
+    cancel_token: watch::Sender<bool>,
 }
 
 struct State {
@@ -66,7 +68,20 @@ struct State {
     children: Vec<String>,
     abort: Option<Abort>,
     permit: Option<OwnedSemaphorePermit>,
+    /// Running cancellation handlers: cancel requests no longer stop
+    /// operations.
+    cancelling: bool,
+    /// Run, last registered first, when a cancel request stops the body.
+    cancel_handlers: Vec<CancelHandler>,
+    /// Patch markers recorded by this run, so a repeated `patched` call at
+    /// the same point does not record twice.
+    patches: Vec<(u64, String)>,
 }
+
+/// Work to do when a cancel request stops the workflow body (e.g. saga
+/// compensations). Runs with the workflow's context, journaled.
+pub(crate) type CancelHandler =
+    Box<dyn FnOnce() -> futures::future::BoxFuture<'static, ()> + Send + 'static>;
 
 /// Settings for a fresh instance.
 pub(crate) struct InstanceInit {
@@ -116,7 +131,11 @@ impl Instance {
                 children: init.children,
                 abort: None,
                 permit: Some(init.permit),
+                cancelling: false,
+                cancel_handlers: Vec::new(),
+                patches: Vec::new(),
             }),
+            cancel_token: watch::Sender::new(init.cancel_requested),
             commit_lock: tokio::sync::Mutex::new(()),
             wake_runner: Notify::new(),
             epoch: watch::Sender::new(0),
@@ -147,9 +166,62 @@ impl Instance {
     }
 
     /// Called by the worker when the store reports a cancel request.
+    /// The workflow body stops at its next operation (or at once if every
+    /// operation waits); running steps see it through their context and
+    /// get a grace period to finish.
     pub(crate) fn request_cancel(&self) {
-        self.state().cancel_requested = true;
-        self.abort(Abort::Cancelled);
+        let newly = !std::mem::replace(&mut self.state().cancel_requested, true);
+        if newly {
+            self.cancel_token.send_replace(true);
+            self.wake_runner.notify_one();
+        }
+    }
+
+    /// A cancel was requested and the body has not been stopped yet.
+    pub(crate) fn cancel_pending(&self) -> bool {
+        let st = self.state();
+        st.cancel_requested && !st.cancelling
+    }
+
+    /// A receiver that turns `true` when a cancel is requested.
+    pub(crate) fn cancel_watch(&self) -> watch::Receiver<bool> {
+        self.cancel_token.subscribe()
+    }
+
+    /// Registers work to run if a cancel request stops the body.
+    pub(crate) fn on_cancel(&self, handler: CancelHandler) {
+        self.state().cancel_handlers.push(handler);
+    }
+
+    /// Takes the cancellation handlers (last registered first) and switches
+    /// to cancelling mode. Returns the sequence number the handlers start at
+    /// and whether the journal already marks it (a replay).
+    pub(crate) fn start_cancelling(&self) -> (Vec<CancelHandler>, u64, bool) {
+        let mut st = self.state();
+        st.cancelling = true;
+        st.abort = None;
+        let mut handlers = std::mem::take(&mut st.cancel_handlers);
+        handlers.reverse();
+        let seq = st.next_seq;
+        let marked = st.replay.cancel_at() == Some(seq);
+        (handlers, seq, marked)
+    }
+
+    /// `ctx.patched(id)`: whether this point of the code runs the new
+    /// branch. New runs record a marker; replays of runs that had the marker
+    /// take the new branch, replays of older runs the old one.
+    pub(crate) fn patched(&self, id: &str) -> bool {
+        let mut st = self.state();
+        let seq = st.next_seq;
+        if st.replay.has_patch(seq, id) || st.patches.iter().any(|(s, p)| *s == seq && p == id) {
+            return true;
+        }
+        if st.replay.has_from(seq) {
+            return false;
+        }
+        st.patches.push((seq, id.to_owned()));
+        st.lazy.push((seq, Event::Patched { id: id.to_owned() }));
+        true
     }
 
     // ----- operations -----------------------------------------------------
@@ -162,12 +234,16 @@ impl Instance {
         if st.abort.is_some() {
             return None;
         }
-        if st.cancel_requested {
+        let seq = st.next_seq;
+        // A cancel stops the body where the journal says it did, or at the
+        // live edge; while replaying older operations it does not.
+        let stop_here =
+            st.replay.cancel_at() == Some(seq) || (st.cancel_requested && !st.replay.has_from(seq));
+        if stop_here && !st.cancelling {
             drop(st);
             self.abort(Abort::Cancelled);
             return None;
         }
-        let seq = st.next_seq;
         st.next_seq += 1;
         let recorded = st.replay.take(seq);
         if let Some(first) = recorded.first() {

@@ -20,7 +20,9 @@ mod worker;
 mod workflow;
 
 pub use client::{Fluxo, HistoryEntry, StartOptions, WorkflowHandle};
-pub use context::{ChildCall, SignalWait, SignalWaitTimeout, StepCall, Timeout, WorkflowContext};
+pub use context::{
+    ChildCall, Saga, SignalWait, SignalWaitTimeout, StepCall, Timeout, WorkflowContext,
+};
 pub use error::{DecodeError, Error, Failure, NonDeterminismError, StepError, WorkflowError};
 pub use retry::{RetryPolicy, StepOptions};
 pub use step::{run_step, StepContext};

@@ -116,7 +116,6 @@ async fn run_inner(
 
     let outcome = match problem {
         Some(f) => Err(Abort::Fail(f)),
-        None if rec.cancel_requested => Err(Abort::Cancelled),
         None => drive(&worker, &inst, &rec.workflow, rec.version, &rec.input).await,
     };
     finish(&inst, outcome, rec.created_at).await;
@@ -125,8 +124,8 @@ async fn run_inner(
     shared.finished.notify_waiters();
 }
 
-/// Polls the workflow until it returns or is aborted, parking it whenever it
-/// is idle.
+/// Runs the workflow body; if a cancel request stops it, runs its
+/// cancellation handlers (saga compensations) and reports the cancellation.
 async fn drive(
     worker: &Arc<WorkerRuntime>,
     inst: &Arc<Instance>,
@@ -136,16 +135,67 @@ async fn drive(
 ) -> Result<RunOutcome, Abort> {
     let def = shared_def(inst, workflow, version)?;
     let ctx = WorkflowContext::new(Arc::clone(inst));
-    let fut = (def.run)(ctx.clone(), input).map_err(Abort::Fail)?;
-    let mut fut = std::pin::pin!(context::scope(ctx, fut));
+    let body = (def.run)(ctx.clone(), input).map_err(Abort::Fail)?;
+    match drive_future(worker, inst, context::scope(ctx.clone(), body)).await {
+        Err(Abort::Cancelled) => {}
+        // A body that gives up with an error after a cancel request (e.g. a
+        // step that stopped because of it) counts as cancelled.
+        Ok(RunOutcome::Failed(_)) if inst.cancel_pending() => {}
+        other => return other,
+    }
+    let (handlers, seq, marked) = inst.start_cancelling();
+    if !handlers.is_empty() {
+        tracing::info!(
+            handlers = handlers.len(),
+            "cancelled; running cancellation handlers"
+        );
+        if !marked
+            && inst
+                .commit(seq, vec![Event::CancelRequested], Default::default())
+                .await
+                .is_none()
+        {
+            return Err(inst.take_abort().unwrap_or(Abort::LeaseLost));
+        }
+        for handler in handlers {
+            drive_future(worker, inst, context::scope(ctx.clone(), handler())).await?;
+        }
+    }
+    Err(Abort::Cancelled)
+}
+
+/// Polls `fut` until it returns or the instance is aborted, parking the
+/// instance whenever every operation waits. A cancel request stops the body
+/// when it is idle, or after the grace period given to running steps.
+async fn drive_future<T>(
+    worker: &Arc<WorkerRuntime>,
+    inst: &Arc<Instance>,
+    fut: impl std::future::Future<Output = T>,
+) -> Result<T, Abort> {
+    let mut fut = std::pin::pin!(fut);
+    let mut grace_ends: Option<tokio::time::Instant> = None;
     loop {
+        let grace = async {
+            match grace_ends {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             biased;
             _ = inst.wake_runner.notified() => {
                 if let Some(abort) = inst.take_abort() {
                     return Err(abort);
                 }
-                let Some(wake_at) = inst.idle_until() else { continue };
+                let idle = inst.idle_until();
+                if inst.cancel_pending() {
+                    if idle.is_some() {
+                        return Err(Abort::Cancelled);
+                    }
+                    grace_ends.get_or_insert_with(|| tokio::time::Instant::now() + worker.cancel_grace);
+                    continue;
+                }
+                let Some(wake_at) = idle else { continue };
                 match inst.park(wake_at).await {
                     Some(true) => {
                         tracing::debug!(?wake_at, "parked");
@@ -162,6 +212,10 @@ async fn drive(
                         }
                     }
                 }
+            }
+            _ = grace => {
+                tracing::info!("cancel grace period over; stopping the running step");
+                return Err(Abort::Cancelled);
             }
             out = &mut fut => {
                 // An abort set while the future completed still wins.

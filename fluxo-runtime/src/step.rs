@@ -34,6 +34,7 @@ pub struct StepContext {
     pub(crate) name: String,
     pub(crate) seq: u64,
     pub(crate) attempt: u32,
+    pub(crate) cancel: tokio::sync::watch::Receiver<bool>,
 }
 
 impl StepContext {
@@ -67,6 +68,22 @@ impl StepContext {
     /// The step's sequence number in the workflow.
     pub fn seq(&self) -> u64 {
         self.seq
+    }
+
+    /// Whether the workflow was asked to cancel. A step that sees it may
+    /// stop early; otherwise it is stopped after the worker's cancel grace
+    /// period.
+    pub fn is_cancelled(&self) -> bool {
+        *self.cancel.borrow()
+    }
+
+    /// Resolves when the workflow is asked to cancel: `select!` on it in a
+    /// long step to stop cleanly.
+    pub async fn cancelled(&self) {
+        let mut rx = self.cancel.clone();
+        // The sender lives as long as the instance; if it is gone, so is
+        // the workflow.
+        let _ = rx.wait_for(|c| *c).await;
     }
 
     pub(crate) async fn scope<F: Future>(self, fut: F) -> F::Output {

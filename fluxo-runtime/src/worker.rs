@@ -24,6 +24,7 @@ pub struct WorkerBuilder {
     poll_interval: Option<Duration>,
     max_cached: usize,
     shutdown_grace: Duration,
+    cancel_grace: Duration,
     renew: bool,
 }
 
@@ -37,8 +38,17 @@ impl WorkerBuilder {
             poll_interval: None,
             max_cached: 10_000,
             shutdown_grace: Duration::from_secs(10),
+            cancel_grace: Duration::from_secs(10),
             renew: true,
         }
+    }
+
+    /// How long a step that is running when its workflow is cancelled may
+    /// go on (it sees the request through [`StepContext`](crate::StepContext))
+    /// before it is stopped (default 10 s).
+    pub fn cancel_grace(mut self, d: Duration) -> Self {
+        self.cancel_grace = d;
+        self
     }
 
     /// Turns lease renewal off, so the worker behaves like one that stalls
@@ -109,6 +119,7 @@ impl WorkerBuilder {
             live: Mutex::new(HashMap::new()),
             stopping: AtomicBool::new(false),
             max_cached: self.max_cached,
+            cancel_grace: self.cancel_grace,
             next_run: AtomicU64::new(0),
         });
         let task = tokio::spawn(Arc::clone(&rt).run(self.clone(), stop_rx));
@@ -219,6 +230,7 @@ pub(crate) struct WorkerRuntime {
     live: Mutex<HashMap<String, LiveEntry>>,
     stopping: AtomicBool,
     max_cached: usize,
+    pub(crate) cancel_grace: Duration,
     next_run: AtomicU64,
 }
 

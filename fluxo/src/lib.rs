@@ -44,7 +44,7 @@ pub use fluxo_macros::{signal, step, workflow};
 pub use fluxo_runtime::payload::Payload;
 pub use fluxo_runtime::{
     error, history, observe, store, time, ChildCall, DecodeError, Error, Failure, Fluxo, HasSignal,
-    HistoryEntry, NonDeterminismError, RetryPolicy, Signal, SignalWait, SignalWaitTimeout,
+    HistoryEntry, NonDeterminismError, RetryPolicy, Saga, Signal, SignalWait, SignalWaitTimeout,
     StartOptions, StepCall, StepContext, StepError, StepOptions, Timeout, Worker, WorkerBuilder,
     Workflow, WorkflowContext, WorkflowError, WorkflowHandle, WorkflowStatus,
 };

@@ -91,3 +91,21 @@ pub fn spawn_test_process(test_name: &str, env: &[(&str, String)]) -> std::proce
     }
     cmd.spawn().expect("spawn a worker process")
 }
+
+fn logs() -> std::sync::MutexGuard<'static, HashMap<String, Vec<String>>> {
+    static LOGS: OnceLock<Mutex<HashMap<String, Vec<String>>>> = OnceLock::new();
+    LOGS.get_or_init(Default::default).lock().unwrap()
+}
+
+/// Appends `what` to the ordered log of `key`.
+pub fn push_log(key: &str, what: &str) {
+    logs()
+        .entry(key.to_owned())
+        .or_default()
+        .push(what.to_owned());
+}
+
+/// The ordered log of `key`.
+pub fn log_of(key: &str) -> Vec<String> {
+    logs().get(key).cloned().unwrap_or_default()
+}

@@ -635,7 +635,11 @@ pub async fn observers_see_lifecycle_events(store: Arc<dyn Store>) {
     use fluxo::observe::{BasicMetrics, CompositeObserver, LoggingObserver};
     let fluxo = fluxo_on(&store);
     let metrics = BasicMetrics::new();
-    assert!(fluxo.observe(CompositeObserver::new().with(metrics.clone()).with(LoggingObserver)));
+    assert!(fluxo.observe(
+        CompositeObserver::new()
+            .with(metrics.clone())
+            .with(LoggingObserver)
+    ));
     assert!(!fluxo.observe(LoggingObserver), "one observer per Fluxo");
     let w = worker(&fluxo);
     let ok = Retrying::start(&fluxo, 1).await.unwrap();
@@ -652,5 +656,140 @@ pub async fn observers_see_lifecycle_events(store: Arc<dyn Store>) {
     assert_eq!((failing.started, failing.failed), (1, 1));
     let boom = &snap.steps[&("failing".to_owned(), "always_fails".to_owned())];
     assert_eq!((boom.started, boom.retried, boom.failed), (2, 1, 1));
+    w.shutdown().await;
+}
+
+pub async fn patched_serves_old_and_new_instances(store: Arc<dyn Store>) {
+    let v1 = Fluxo::from_store(Arc::clone(&store));
+    v1.register(PatchyV1).unwrap();
+    let w1 = worker(&v1);
+    let old = PatchyV1::start(&v1, ()).await.unwrap();
+    for _ in 0..500 {
+        if !step_events(&v1, old.id()).await.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    w1.shutdown().await;
+
+    let v2 = Fluxo::from_store(Arc::clone(&store));
+    v2.register(PatchyV1Patched).unwrap();
+    let w2 = worker(&v2);
+    let new = PatchyV1Patched::start(&v2, ()).await.unwrap();
+    let old = PatchyV1Patched::handle(&v2, old.id());
+    old.signal(Go).await.unwrap();
+    new.signal(Go).await.unwrap();
+    assert_eq!(
+        old.result_timeout(WAIT).await.unwrap(),
+        "old",
+        "the old instance replays the old branch"
+    );
+    assert_eq!(new.result_timeout(WAIT).await.unwrap(), "new");
+    let names: Vec<String> = step_events(&v2, new.id())
+        .await
+        .into_iter()
+        .map(|(_, n)| n)
+        .collect();
+    assert_eq!(names, ["greet_step", "count_step"]);
+    w2.shutdown().await;
+}
+
+pub async fn published_events(store: Arc<dyn Store>) {
+    let (fluxo, w) = setup(&store);
+    let h = Publisher::start(&fluxo, ()).await.unwrap();
+    assert_eq!(h.wait_event::<u32>("progress", WAIT).await.unwrap(), 1);
+    assert_eq!(h.event::<u32>("missing").await.unwrap(), None);
+    h.signal(Go).await.unwrap();
+    h.result_timeout(WAIT).await.unwrap();
+    assert_eq!(h.event::<u32>("progress").await.unwrap(), Some(2));
+    assert!(matches!(
+        h.event::<String>("progress").await,
+        Err(Error::Decode(_))
+    ));
+    w.shutdown().await;
+}
+
+pub async fn saga_compensates_on_failure(store: Arc<dyn Store>) {
+    let (fluxo, w) = setup(&store);
+    let h = Trip::start(&fluxo, true).await.unwrap();
+    match h.result_timeout(WAIT).await {
+        Err(Error::WorkflowFailed { error, .. }) => {
+            assert_eq!(error.step_error().unwrap().kind(), "Declined")
+        }
+        other => panic!("expected WorkflowFailed, got {other:?}"),
+    }
+    assert_eq!(
+        crate::common::log_of(h.id()),
+        ["undo flight", "undo hotel"],
+        "reverse order"
+    );
+    let names: Vec<String> = step_events(&fluxo, h.id())
+        .await
+        .into_iter()
+        .map(|(_, n)| n)
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "count_step",
+            "count_step",
+            "compensate flight",
+            "compensate hotel"
+        ]
+    );
+    w.shutdown().await;
+}
+
+pub async fn saga_compensates_on_cancel(store: Arc<dyn Store>) {
+    let (fluxo, w) = setup(&store);
+    let h = Trip::start(&fluxo, false).await.unwrap();
+    for _ in 0..500 {
+        if step_events(&fluxo, h.id()).await.len() >= 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    h.cancel().await.unwrap();
+    assert!(matches!(
+        h.result_timeout(WAIT).await,
+        Err(Error::Cancelled { .. })
+    ));
+    assert_eq!(crate::common::log_of(h.id()), ["undo flight", "undo hotel"]);
+    let history = fluxo.history(h.id()).await.unwrap();
+    assert!(history
+        .iter()
+        .any(|e| matches!(e.event, Event::CancelRequested)));
+    w.shutdown().await;
+}
+
+pub async fn cancel_reaches_a_running_step(store: Arc<dyn Store>) {
+    let (fluxo, w) = setup(&store);
+    let h = LongRunning::start(&fluxo, ()).await.unwrap();
+    for _ in 0..500 {
+        if count(&format!("{}/long_started", h.id())) > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let asked = std::time::Instant::now();
+    h.cancel().await.unwrap();
+    assert!(matches!(
+        h.result_timeout(WAIT).await,
+        Err(Error::Cancelled { .. })
+    ));
+    assert!(
+        asked.elapsed() < Duration::from_secs(8),
+        "well within the grace period"
+    );
+    assert_eq!(
+        count(&format!("{}/saw_cancel", h.id())),
+        1,
+        "the step saw the request"
+    );
+    assert_eq!(
+        crate::common::log_of(h.id()),
+        ["cleanup"],
+        "the on_cancel handler ran"
+    );
     w.shutdown().await;
 }

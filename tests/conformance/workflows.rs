@@ -273,6 +273,9 @@ pub fn register_all(fluxo: &Fluxo) {
     fluxo.register(Gated).unwrap();
     fluxo.register(ManySteps).unwrap();
     fluxo.register(CallTimeOptions).unwrap();
+    fluxo.register(Publisher).unwrap();
+    fluxo.register(Trip).unwrap();
+    fluxo.register(LongRunning).unwrap();
 }
 
 /// Overrides the step's attribute options at call time.
@@ -286,4 +289,100 @@ pub async fn call_time_options(
         Ok(attempt) => Ok(format!("succeeded on attempt {attempt}")),
         Err(e) => Ok(format!("gave up: {}", e.message())),
     }
+}
+
+// ----- versioning, published state, sagas, cancellation -------------------------
+
+/// Before a change.
+#[fluxo::workflow(name = "patchy", signals(Go))]
+pub async fn patchy_v1(ctx: WorkflowContext) -> Result<String, WorkflowError> {
+    count_step("a").await?;
+    ctx.wait::<Go>().await;
+    Ok("old".into())
+}
+
+/// After a change guarded by `ctx.patched`: one code version for both.
+#[fluxo::workflow(name = "patchy", signals(Go))]
+pub async fn patchy_v1_patched(ctx: WorkflowContext) -> Result<String, WorkflowError> {
+    let new = ctx.patched("greet-first");
+    if new {
+        greet_step("patched").await?;
+    }
+    count_step("a").await?;
+    ctx.wait::<Go>().await;
+    Ok(if new { "new" } else { "old" }.into())
+}
+
+#[fluxo::workflow(signals(Go))]
+pub async fn publisher(ctx: WorkflowContext) -> Result<u32, WorkflowError> {
+    ctx.set_event("progress", &1u32).await;
+    ctx.wait::<Go>().await;
+    ctx.set_event("progress", &2u32).await;
+    Ok(2)
+}
+
+fn record_compensation(id: &str, what: &str) {
+    crate::common::bump(format!("{id}/{what}"));
+    crate::common::push_log(id, what);
+}
+
+#[fluxo::step(retry(max_attempts = 1))]
+pub async fn pay(fail: bool) -> Result<u32, StepError> {
+    if fail {
+        return Err(StepError::fatal("card declined").with_kind("Declined"));
+    }
+    Ok(1)
+}
+
+#[fluxo::workflow(signals(Go))]
+pub async fn trip(ctx: WorkflowContext, fail_payment: bool) -> Result<String, WorkflowError> {
+    let saga = ctx.saga();
+    let id = ctx.id().to_owned();
+    count_step("hotel").await?;
+    let i = id.clone();
+    saga.add("hotel", move || {
+        let i = i.clone();
+        async move {
+            record_compensation(&i, "undo hotel");
+            Ok(())
+        }
+    });
+    count_step("flight").await?;
+    let i = id.clone();
+    saga.add("flight", move || {
+        let i = i.clone();
+        async move {
+            record_compensation(&i, "undo flight");
+            Ok(())
+        }
+    });
+    if let Err(e) = pay(fail_payment).await {
+        saga.compensate()
+            .await
+            .map_err(|_| WorkflowError::new("compensation failed"))?;
+        return Err(e.into());
+    }
+    // Wait for a go-ahead; a cancel here compensates too.
+    ctx.wait::<Go>().await;
+    Ok("booked".into())
+}
+
+#[fluxo::step(retry(max_attempts = 1))]
+pub async fn long_step() -> Result<u32, StepError> {
+    let step = StepContext::current().unwrap();
+    crate::common::bump(format!("{}/long_started", step.workflow_id()));
+    tokio::select! {
+        _ = tokio::time::sleep(Duration::from_secs(60)) => Ok(1),
+        _ = step.cancelled() => {
+            crate::common::bump(format!("{}/saw_cancel", step.workflow_id()));
+            Err(StepError::fatal("stopped: the workflow was cancelled"))
+        }
+    }
+}
+
+#[fluxo::workflow]
+pub async fn long_running(ctx: WorkflowContext) -> Result<u32, WorkflowError> {
+    let id = ctx.id().to_owned();
+    ctx.on_cancel(move || async move { record_compensation(&id, "cleanup") });
+    Ok(long_step().await?)
 }
