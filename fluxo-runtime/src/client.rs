@@ -103,6 +103,60 @@ impl Fluxo {
         Ok(self)
     }
 
+    /// Registers a workflow defined at run time, with JSON input and output
+    /// (the builder and DAG APIs use this). Start it with
+    /// [`Fluxo::start_by_name`] and read its output with
+    /// [`Fluxo::result_value`].
+    pub fn register_dynamic<F>(
+        &self,
+        name: impl Into<String>,
+        version: u32,
+        run: F,
+    ) -> Result<&Self, Error>
+    where
+        F: Fn(
+                crate::WorkflowContext,
+                serde_json::Value,
+            ) -> futures::future::BoxFuture<
+                'static,
+                Result<serde_json::Value, crate::WorkflowError>,
+            > + Send
+            + Sync
+            + 'static,
+    {
+        self.shared
+            .registry_mut()
+            .insert(Definition::dynamic(name.into(), version, run));
+        self.shared.notify_work();
+        Ok(self)
+    }
+
+    /// Waits for instance `id` to finish and returns its output as JSON, or
+    /// the typed error it ended with.
+    pub async fn result_value(&self, id: &str) -> Result<serde_json::Value, Error> {
+        let rec = self.wait_finished(id).await?;
+        match rec.status {
+            InstanceStatus::Completed => {
+                payload::decode(&rec.output.unwrap_or_default()).map_err(|message| {
+                    Error::Decode(Box::new(DecodeError {
+                        workflow: rec.workflow.clone(),
+                        id: rec.id.clone(),
+                        seq: None,
+                        what: "output".into(),
+                        type_name: "serde_json::Value".into(),
+                        message,
+                    }))
+                })
+            }
+            _ => Err(rec
+                .failure
+                .as_deref()
+                .and_then(|f| payload::decode::<Failure>(f).ok())
+                .unwrap_or(Failure::Cancelled)
+                .into_error(&rec.workflow, &rec.id)),
+        }
+    }
+
     /// Installs an observer of lifecycle events (once per `Fluxo`; use a
     /// [`CompositeObserver`](crate::observe::CompositeObserver) for several).
     /// Returns `false` if one was already installed.

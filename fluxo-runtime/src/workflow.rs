@@ -110,6 +110,46 @@ impl Definition {
     }
 }
 
+impl Definition {
+    /// A workflow defined at run time (builder flows, DAGs): JSON in, JSON
+    /// out.
+    #[allow(clippy::result_large_err)] // once per run start
+    pub(crate) fn dynamic<F>(name: String, version: u32, run: F) -> Self
+    where
+        F: Fn(
+                WorkflowContext,
+                serde_json::Value,
+            ) -> BoxFuture<'static, Result<serde_json::Value, WorkflowError>>
+            + Send
+            + Sync
+            + 'static,
+    {
+        let run = Arc::new(run);
+        Definition {
+            name,
+            version,
+            run: Arc::new(move |ctx, input| {
+                let input: serde_json::Value =
+                    payload::decode(input).map_err(|message| Failure::Decode {
+                        seq: None,
+                        what: "input".into(),
+                        type_name: "serde_json::Value".into(),
+                        message,
+                    })?;
+                Ok(run(ctx, input)
+                    .map(|r| match r {
+                        Ok(out) => match payload::encode(&out) {
+                            Ok(bytes) => RunOutcome::Output(bytes),
+                            Err(e) => RunOutcome::Encode(e.to_string()),
+                        },
+                        Err(e) => RunOutcome::Failed(e),
+                    })
+                    .boxed())
+            }),
+        }
+    }
+}
+
 /// The workflows one process can run, by name and version.
 #[derive(Default, Clone)]
 pub(crate) struct Registry {

@@ -47,6 +47,7 @@ mod sql;
 #[cfg(test)]
 mod tests;
 
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
@@ -162,6 +163,9 @@ struct Inner {
     /// The notification listener, started by the first
     /// [`Store::work_notifications`] call.
     notifier: Mutex<Option<Notifier>>,
+    /// Groups the one group statement could not write.
+    #[cfg(test)]
+    group_fallbacks: std::sync::atomic::AtomicUsize,
     /// Drops the schema with the last clone (test stores only).
     _cleanup: Option<DropSchema>,
 }
@@ -205,6 +209,8 @@ impl PostgresStore {
                 pool,
                 schema,
                 notifier: Mutex::new(None),
+                #[cfg(test)]
+                group_fallbacks: Default::default(),
                 _cleanup: cleanup,
             }),
         })
@@ -286,6 +292,11 @@ impl PostgresStore {
 
     /// Applies several commits in one transaction (one WAL flush for all).
     async fn commit_group(&self, commits: &[Commit]) -> Vec<StoreResult<CommitOutcome>> {
+        if fits_one_statement(commits) {
+            if let Some(results) = self.try_one_statement(commits).await {
+                return results;
+            }
+        }
         // Commits whose statement failed: they are left out of the next
         // attempt, and the failure is their result.
         let mut settled: Vec<Option<StoreResult<CommitOutcome>>> =
@@ -314,21 +325,86 @@ impl PostgresStore {
                     tracing::debug!(error = %e, "group commit retried");
                 }
                 Group::Retry(e) | Group::Failed(e) => {
-                    let e = self.fail(e).await;
-                    let message = e.to_string();
-                    let mut first = Some(e);
+                    let mut failed = all_failed(self.fail(e).await, commits.len()).into_iter();
                     return settled
                         .into_iter()
                         .map(|settled| {
-                            settled.unwrap_or_else(|| {
-                                Err(first.take().unwrap_or_else(|| {
-                                    StoreError::backend(std::io::Error::other(message.clone()))
-                                }))
+                            let failed = failed.next();
+                            settled.or(failed).unwrap_or_else(|| {
+                                Err(StoreError::Conflict("commit was not applied".to_owned()))
                             })
                         })
                         .collect();
                 }
             }
+        }
+    }
+
+    /// Writes a group with the one `batch` statement (plus a wake-up of
+    /// parents in the group, and a look at the commits it did not apply).
+    /// `None` when it failed before committing: nothing was written, and
+    /// the commits are worth applying one statement each, which tells which
+    /// one fails.
+    async fn try_one_statement(
+        &self,
+        commits: &[Commit],
+    ) -> Option<Vec<StoreResult<CommitOutcome>>> {
+        let sql = self.sql();
+        let mut conn = self.inner.pool.acquire().await.ok()?;
+        let mut tx = conn.begin().await.ok()?;
+        let written = async {
+            let rows = batch_query(sql, commits).fetch_all(&mut *tx).await?;
+            let in_group: HashSet<&str> = commits.iter().map(|c| c.instance_id.as_str()).collect();
+            let mut applied = HashMap::with_capacity(rows.len());
+            let mut parents = Vec::new();
+            for row in &rows {
+                let id: String = row.try_get(0)?;
+                let inbox_seq: i64 = row.try_get(1)?;
+                let cancel_requested: bool = row.try_get(2)?;
+                let parent: Option<String> = row.try_get(3)?;
+                let kind: i32 = row.try_get(4)?;
+                let inbox_seq = u64::try_from(inbox_seq).map_err(|_| {
+                    sqlx::Error::Decode(format!("inbox sequence is negative: {inbox_seq}").into())
+                })?;
+                if kind == Kind::Finish as i32 {
+                    parents.extend(parent.filter(|p| in_group.contains(p.as_str())));
+                }
+                applied.insert(id, (inbox_seq, cancel_requested));
+            }
+            if !parents.is_empty() {
+                sqlx::query(&sql.wake_many)
+                    .bind(parents)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            let mut results = Vec::with_capacity(commits.len());
+            for c in commits {
+                results.push(match applied.get(c.instance_id.as_str()) {
+                    Some(&(inbox_seq, cancel_requested)) => {
+                        Ok(outcome(c, inbox_seq, cancel_requested))
+                    }
+                    None => diagnose(&mut tx, sql, c).await?,
+                });
+            }
+            Ok::<_, sqlx::Error>(results)
+        }
+        .await;
+        let results = match written {
+            Ok(results) => results,
+            Err(e) => {
+                tracing::debug!(error = %e, "group statement failed; writing the commits one by one");
+                // Dropping an unfinished transaction rolls it back as well.
+                let _ = tx.rollback().await;
+                #[cfg(test)]
+                self.inner
+                    .group_fallbacks
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                return None;
+            }
+        };
+        match tx.commit().await {
+            Ok(()) => Some(results),
+            Err(e) => Some(all_failed(self.fail(e).await, commits.len())),
         }
     }
 
@@ -601,7 +677,12 @@ fn commit_query<'q>(
             )
             .bind(c.events.iter().map(|e| sql_int(e.seq)).collect::<Vec<_>>())
             .bind(c.events.iter().map(|e| e.kind.as_str()).collect::<Vec<_>>())
-            .bind(c.events.iter().map(|e| e.data.as_slice()).collect::<Vec<_>>());
+            .bind(
+                c.events
+                    .iter()
+                    .map(|e| e.data.as_slice())
+                    .collect::<Vec<_>>(),
+            );
     }
     q = match &c.transition {
         Transition::None | Transition::Release => q,
@@ -689,7 +770,12 @@ async fn apply(
             .execute(&mut *conn)
             .await?;
     }
-    Ok(Ok(match c.transition {
+    Ok(Ok(outcome(c, inbox_seq, cancel_requested)))
+}
+
+/// The outcome of an applied commit: a park is refused when the inbox moved.
+fn outcome(c: &Commit, inbox_seq: u64, cancel_requested: bool) -> CommitOutcome {
+    match c.transition {
         Transition::Park { seen_inbox, .. } if seen_inbox != inbox_seq => {
             CommitOutcome::InboxChanged {
                 inbox_seq,
@@ -697,7 +783,112 @@ async fn apply(
             }
         }
         _ => CommitOutcome::Applied { cancel_requested },
-    }))
+    }
+}
+
+/// One error per commit of a group whose outcome is unknown.
+fn all_failed(e: StoreError, n: usize) -> Vec<StoreResult<CommitOutcome>> {
+    let message = e.to_string();
+    let mut out = Vec::with_capacity(n);
+    out.push(Err(e));
+    out.extend((1..n).map(|_| Err(StoreError::backend(std::io::Error::other(message.clone())))));
+    out
+}
+
+/// Whether a group can be written by the one `batch` statement: commits to
+/// distinct instances, without children or cancel requests, with
+/// consecutive journal entries.
+fn fits_one_statement(commits: &[Commit]) -> bool {
+    let mut ids = HashSet::with_capacity(commits.len());
+    commits.iter().all(|c| {
+        c.new_instances.is_empty()
+            && c.cancel_instances.is_empty()
+            && consecutive(&c.events)
+            && ids.insert(c.instance_id.as_str())
+    })
+}
+
+/// The `batch` statement for a group, with one row of parameters per commit
+/// and the journal entries of all of them.
+fn batch_query<'q>(sql: &'q Statements, commits: &'q [Commit]) -> Query<'q, Postgres, PgArguments> {
+    let n = commits.len();
+    let mut ids = Vec::with_capacity(n);
+    let mut tokens = Vec::with_capacity(n);
+    let mut firsts = Vec::with_capacity(n);
+    let mut counts = Vec::with_capacity(n);
+    let mut kinds = Vec::with_capacity(n);
+    let mut seen = Vec::with_capacity(n);
+    let mut wakes = Vec::with_capacity(n);
+    let mut statuses = Vec::with_capacity(n);
+    let mut outputs = Vec::with_capacity(n);
+    let mut failures = Vec::with_capacity(n);
+    let mut consumes = Vec::with_capacity(n);
+    let events = commits.iter().map(|c| c.events.len()).sum();
+    let mut event_instances = Vec::with_capacity(events);
+    let mut event_ids = Vec::with_capacity(events);
+    let mut event_seqs = Vec::with_capacity(events);
+    let mut event_kinds = Vec::with_capacity(events);
+    let mut event_data = Vec::with_capacity(events);
+    for c in commits {
+        ids.push(c.instance_id.as_str());
+        tokens.push(sql_int(c.lease_token));
+        firsts.push(c.events.first().map(|e| sql_int(e.event_id)));
+        counts.push(c.events.len() as i64);
+        let (kind, park, finish) = match &c.transition {
+            Transition::None => (Kind::None, None, None),
+            Transition::Park {
+                wake_at,
+                seen_inbox,
+            } => (Kind::Park, Some((sql_int(*seen_inbox), *wake_at)), None),
+            Transition::Release => (Kind::Release, None, None),
+            Transition::Complete { output } => (
+                Kind::Finish,
+                None,
+                Some((InstanceStatus::Completed, Some(output.as_slice()), None)),
+            ),
+            Transition::Fail { failure } => (
+                Kind::Finish,
+                None,
+                Some((InstanceStatus::Failed, None, Some(failure.as_slice()))),
+            ),
+            Transition::Cancel { failure } => (
+                Kind::Finish,
+                None,
+                Some((InstanceStatus::Cancelled, None, Some(failure.as_slice()))),
+            ),
+        };
+        kinds.push(kind as i32);
+        seen.push(park.map(|(seen, _)| seen));
+        wakes.push(park.and_then(|(_, wake)| wake));
+        statuses.push(finish.map(|(status, _, _)| status.as_str()));
+        outputs.push(finish.and_then(|(_, output, _)| output));
+        failures.push(finish.and_then(|(_, _, failure)| failure));
+        consumes.push(c.consume_signal.map(sql_int));
+        for e in &c.events {
+            event_instances.push(c.instance_id.as_str());
+            event_ids.push(sql_int(e.event_id));
+            event_seqs.push(sql_int(e.seq));
+            event_kinds.push(e.kind.as_str());
+            event_data.push(e.data.as_slice());
+        }
+    }
+    sqlx::query(&sql.batch)
+        .bind(ids)
+        .bind(tokens)
+        .bind(firsts)
+        .bind(counts)
+        .bind(kinds)
+        .bind(seen)
+        .bind(wakes)
+        .bind(statuses)
+        .bind(outputs)
+        .bind(failures)
+        .bind(consumes)
+        .bind(event_instances)
+        .bind(event_ids)
+        .bind(event_seqs)
+        .bind(event_kinds)
+        .bind(event_data)
 }
 
 /// Explains, without writing, why a commit cannot be applied.
@@ -792,10 +983,7 @@ impl Store for PostgresStore {
             (None, None) => sqlx::query(&sql.list_all).bind(limit),
             (Some(w), None) => sqlx::query(&sql.list_by_workflow).bind(limit).bind(w),
             (None, Some(s)) => sqlx::query(&sql.list_by_status).bind(limit).bind(s),
-            (Some(w), Some(s)) => sqlx::query(&sql.list_by_both)
-                .bind(limit)
-                .bind(w)
-                .bind(s),
+            (Some(w), Some(s)) => sqlx::query(&sql.list_by_both).bind(limit).bind(w).bind(s),
         };
         let rows = match query.fetch_all(&self.inner.pool).await {
             Ok(rows) => rows,
@@ -1008,7 +1196,10 @@ const DEFAULT_TEST_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 pub async fn test_store_from_env() -> Option<PostgresStore> {
     let url =
         std::env::var("FLUXO_TEST_POSTGRES_URL").unwrap_or_else(|_| DEFAULT_TEST_URL.to_owned());
-    let name = format!("fluxo_test_{}", &uuid::Uuid::new_v4().simple().to_string()[..16]);
+    let name = format!(
+        "fluxo_test_{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..16]
+    );
     let options = PostgresOptions::new(url.clone())
         .schema(name.clone())
         .application_name(name.clone())

@@ -111,6 +111,8 @@ pub(super) struct Statements {
     pub status: String,
     pub diagnose: String,
     pub cancel_many: String,
+    pub wake_many: String,
+    pub batch: String,
     commits: Vec<String>,
 }
 
@@ -225,6 +227,17 @@ impl Statements {
                    WHERE o.id = x.id AND o.status = 'running' RETURNING 1) \
                  SELECT CASE WHEN EXISTS (SELECT 1 FROM w) THEN {notify} ELSE false END"
             ),
+            // Parents woken by children finishing in a group written by
+            // `batch`, when the parent is in the group too.
+            wake_many: format!(
+                "WITH w AS (UPDATE {s}.instances AS o \
+                   SET inbox_seq = o.inbox_seq + x.bumps, ready_at = {NOW}, updated_at = {NOW} \
+                   FROM (SELECT t.id, count(*) AS bumps FROM unnest($1::text[]) AS t(id) \
+                         GROUP BY t.id) AS x \
+                   WHERE o.id = x.id AND o.status = 'running' RETURNING 1) \
+                 SELECT CASE WHEN EXISTS (SELECT 1 FROM w) THEN {notify} ELSE false END"
+            ),
+            batch: batch_sql(&s, &notify),
             channel,
             commits,
         }
@@ -329,7 +342,9 @@ fn commit_sql(s: &str, notify: &str, shape: Shape) -> String {
     let mut targets: Vec<String> = Vec::new();
     if shape.cancels {
         let ids = param();
-        targets.push(format!("SELECT t.id, true FROM unnest({ids}::text[]) AS t(id)"));
+        targets.push(format!(
+            "SELECT t.id, true FROM unnest({ids}::text[]) AS t(id)"
+        ));
     }
     if shape.kind == Kind::Finish {
         targets.push("SELECT f.parent_id, false FROM f WHERE f.parent_id IS NOT NULL".to_owned());
@@ -366,6 +381,64 @@ fn commit_sql(s: &str, notify: &str, shape: Shape) -> String {
     }
     sql.push_str(" FROM f");
     sql
+}
+
+/// Builds the statement that applies a group of commits to distinct
+/// instances, without children or cancel requests, at once: one row of
+/// parameters per commit (`$1`..`$11`), the journal entries of all of them
+/// flattened (`$12`..`$16`). Each commit is fenced on its own: the update
+/// only touches the rows whose fence matches, and only their entries,
+/// signals and parents are written. It returns one row per applied commit:
+/// `id, inbox_seq, cancel_requested, parent_id, kind`. A parent that is
+/// itself in the group is not woken here (a statement updates a row once):
+/// `wake_many` does that after it.
+fn batch_sql(s: &str, notify: &str) -> String {
+    let (none, park, release, finish) = (
+        Kind::None as i32,
+        Kind::Park as i32,
+        Kind::Release as i32,
+        Kind::Finish as i32,
+    );
+    format!(
+        "WITH c AS (SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[], \
+           $5::int[], $6::bigint[], $7::bigint[], $8::text[], $9::bytea[], $10::bytea[], \
+           $11::bigint[]) \
+           AS c(id, token, first, n, kind, seen, wake, status, output, failure, consume)), \
+         f AS (UPDATE {s}.instances AS i SET \
+             next_event_id = i.next_event_id + c.n, \
+             updated_at = {NOW}, \
+             lease_owner = CASE c.kind WHEN {none} THEN i.lease_owner \
+               WHEN {park} THEN (CASE WHEN i.inbox_seq = c.seen THEN NULL ELSE i.lease_owner END) \
+               ELSE NULL END, \
+             ready_at = CASE c.kind WHEN {none} THEN i.ready_at \
+               WHEN {park} THEN (CASE WHEN i.inbox_seq = c.seen THEN c.wake ELSE i.ready_at END) \
+               WHEN {release} THEN {NOW} ELSE NULL END, \
+             status = CASE WHEN c.kind = {finish} THEN c.status ELSE i.status END, \
+             output = CASE WHEN c.kind = {finish} THEN c.output ELSE i.output END, \
+             failure = CASE WHEN c.kind = {finish} THEN c.failure ELSE i.failure END \
+           FROM c \
+           WHERE i.id = c.id AND i.lease_token = c.token AND i.lease_owner IS NOT NULL \
+             AND i.status = 'running' AND (c.first IS NULL OR i.next_event_id = c.first) \
+           RETURNING i.id, i.inbox_seq, i.cancel_requested, i.parent_id, c.kind, c.consume, \
+             c.wake, i.lease_owner IS NULL AS released), \
+         h AS (INSERT INTO {s}.history (instance_id, event_id, seq, kind, data, created_at) \
+           SELECT e.instance_id, e.event_id, e.seq, e.kind, e.data, {NOW} \
+           FROM unnest($12::text[], $13::bigint[], $14::bigint[], $15::text[], $16::bytea[]) \
+             AS e(instance_id, event_id, seq, kind, data) \
+           WHERE e.instance_id IN (SELECT f.id FROM f)), \
+         d AS (DELETE FROM {s}.signals AS g USING f \
+           WHERE g.instance_id = f.id AND (f.kind = {finish} OR g.signal_id = f.consume)), \
+         w AS (UPDATE {s}.instances AS o \
+             SET inbox_seq = o.inbox_seq + x.bumps, ready_at = {NOW}, updated_at = {NOW} \
+           FROM (SELECT f.parent_id AS id, count(*) AS bumps FROM f \
+                 WHERE f.kind = {finish} AND f.parent_id IS NOT NULL GROUP BY f.parent_id) AS x \
+           WHERE o.id = x.id AND o.status = 'running' AND o.id <> ALL($1::text[]) RETURNING 1) \
+         SELECT f.id, f.inbox_seq, f.cancel_requested, f.parent_id, f.kind, \
+           (SELECT CASE WHEN EXISTS (SELECT 1 FROM w) OR EXISTS (SELECT 1 FROM f \
+               WHERE f.kind = {release} OR (f.kind = {park} AND f.released AND f.wake <= {NOW})) \
+             THEN {notify} ELSE false END) \
+         FROM f"
+    )
 }
 
 #[cfg(test)]

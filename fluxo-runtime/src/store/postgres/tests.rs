@@ -1,4 +1,5 @@
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use super::*;
@@ -187,7 +188,11 @@ async fn two_stores_on_one_schema_never_share_an_instance() {
             if token == newest {
                 assert!(matches!(outcome, CommitOutcome::Applied { .. }));
             } else {
-                assert_eq!(outcome, CommitOutcome::LeaseLost, "old token {token} of {id}");
+                assert_eq!(
+                    outcome,
+                    CommitOutcome::LeaseLost,
+                    "old token {token} of {id}"
+                );
             }
         }
     }
@@ -253,7 +258,9 @@ async fn work_notifications_come_from_other_stores() {
         notified(&mut rx, Duration::from_secs(10)).await,
         "the listener reports that it is connected"
     );
-    let mut again = a.work_notifications().expect("one listener, many receivers");
+    let mut again = a
+        .work_notifications()
+        .expect("one listener, many receivers");
 
     let wf = "notified";
     match b.create_instance(new_instance(wf)).await.expect("create") {
@@ -345,7 +352,10 @@ async fn recovers_from_terminated_connections() {
     .fetch_all(&mut admin)
     .await
     .expect("terminate");
-    assert!(killed.len() >= 2, "the pool and the listener were connected");
+    assert!(
+        killed.len() >= 2,
+        "the pool and the listener were connected"
+    );
     tokio::time::sleep(Duration::from_millis(100)).await;
 
     let mut errors = 0;
@@ -364,9 +374,16 @@ async fn recovers_from_terminated_connections() {
             Err(e) => panic!("unexpected error {e}"),
         }
     }
-    assert!(errors <= 1, "{errors} failures: dead connections were reused");
+    assert!(
+        errors <= 1,
+        "{errors} failures: dead connections were reused"
+    );
     assert_eq!(
-        store.load_history(&c.record.id).await.expect("history").len() as u64,
+        store
+            .load_history(&c.record.id)
+            .await
+            .expect("history")
+            .len() as u64,
         events
     );
     // The listener reconnected and says so, then hears the others again.
@@ -423,7 +440,10 @@ async fn schemas_are_isolated() {
         b.create_instance(same).await,
         Ok(CreateOutcome::Created)
     ));
-    assert_eq!(a.get_instance(&id).await.expect("get").expect("a").workflow, wf);
+    assert_eq!(
+        a.get_instance(&id).await.expect("get").expect("a").workflow,
+        wf
+    );
 }
 
 #[tokio::test]
@@ -436,6 +456,7 @@ async fn commit_batch_isolates_failing_commits() {
     let b = started(&db, wf).await;
     let c = started(&db, wf).await;
     let d = started(&db, wf).await;
+    let e = started(&db, wf).await;
     // A journal row the instance's counter does not know about: the insert
     // of b's commit fails with a unique violation.
     raw(
@@ -448,12 +469,11 @@ async fn commit_batch_isolates_failing_commits() {
     )
     .await;
     let stale = ClaimedInstance {
-        lease_token: d.lease_token - 1,
-        ..d.clone()
+        lease_token: e.lease_token - 1,
+        ..e.clone()
     };
-    let complete = |c: &ClaimedInstance, events| {
-        commit(c, events, Transition::Complete { output: vec![1] })
-    };
+    let complete =
+        |c: &ClaimedInstance, events| commit(c, events, Transition::Complete { output: vec![1] });
     // A kind Postgres text cannot hold: that statement fails.
     let mut nul = event(0);
     nul.kind = "bad\0kind".to_owned();
@@ -496,12 +516,18 @@ async fn commit_batch_isolates_failing_commits() {
         (&b, InstanceStatus::Running, 1),
         (&c, InstanceStatus::Running, 0),
         (&d, InstanceStatus::Completed, 1),
+        (&e, InstanceStatus::Running, 0),
     ] {
         let id = &claimed.record.id;
         let r = db.get_instance(id).await.expect("get").expect("exists");
         assert_eq!(r.status, status, "{id}");
         assert_eq!(db.load_history(id).await.expect("history").len(), journal);
     }
+    assert_eq!(
+        db.inner.group_fallbacks.load(Ordering::Relaxed),
+        1,
+        "the group statement failed, then the commits were written one by one"
+    );
     // The failed commits kept their leases.
     let again = db
         .commit(commit(&c, vec![event(0)], Transition::None))
@@ -572,7 +598,16 @@ async fn a_newer_schema_is_refused() {
 #[tokio::test]
 async fn invalid_options_are_refused() {
     let long = "x".repeat(59);
-    for schema in ["", "Upper", "1abc", "a-b", "a b", "pg_mine", "a\"b", long.as_str()] {
+    for schema in [
+        "",
+        "Upper",
+        "1abc",
+        "a-b",
+        "a b",
+        "pg_mine",
+        "a\"b",
+        long.as_str(),
+    ] {
         let options = PostgresOptions::new(test_url()).schema(schema);
         match PostgresStore::connect_with(options).await {
             Err(StoreError::Backend(e)) => assert!(e.to_string().contains("schema"), "{e}"),
@@ -711,5 +746,236 @@ async fn measure_commit_latency() {
             (rounds * 64) as f64 / elapsed.as_secs_f64(),
             elapsed / rounds as u32,
         );
+    }
+}
+
+/// A group of commits of every kind, each to its own instance (so that the
+/// group fits one statement), described by what it did: the result of each
+/// commit and the state of each instance after.
+async fn mixed_group(store: &dyn Store) -> Vec<String> {
+    let prefix = uuid::Uuid::new_v4().simple().to_string();
+    let wf = |name: &str| format!("{prefix}-{name}");
+    let lease = Duration::from_secs(600);
+    let claim = |name: &'static str| {
+        let workflow = wf(name);
+        async move {
+            let mut batch = store
+                .claim(&claim_request(&workflow, 10, lease))
+                .await
+                .expect("claim");
+            assert_eq!(batch.claimed.len(), 1, "{name}");
+            batch.claimed.remove(0)
+        }
+    };
+    let mut ids = Vec::new();
+    for name in [
+        "parent", "steps", "park", "moved", "release", "child", "fail", "consume", "stale", "gap",
+        "due",
+    ] {
+        let mut new = new_instance(&wf(name));
+        new.id = format!("{prefix}-{name}-id");
+        if name == "child" {
+            new.parent_id = Some(format!("{prefix}-parent-id"));
+        }
+        store.create_instance(new).await.expect("create");
+        ids.push((name, format!("{prefix}-{name}-id")));
+    }
+    let parent = claim("parent").await;
+    let park_parent = commit(
+        &parent,
+        vec![event(0)],
+        Transition::Park {
+            wake_at: None,
+            seen_inbox: parent.inbox_seq,
+        },
+    );
+    store.commit(park_parent).await.expect("park parent");
+    let steps = claim("steps").await;
+    let park = claim("park").await;
+    let moved = claim("moved").await;
+    store
+        .send_signal(&moved.record.id, "late", vec![1])
+        .await
+        .expect("signal");
+    let release = claim("release").await;
+    let child = claim("child").await;
+    let fail = claim("fail").await;
+    store
+        .send_signal(&fail.record.id, "pending", vec![2])
+        .await
+        .expect("signal");
+    store
+        .send_signal(&fail.record.id, "pending", vec![3])
+        .await
+        .expect("signal");
+    let consume = claim("consume").await;
+    let first = store
+        .send_signal(&consume.record.id, "go", b"first".to_vec())
+        .await
+        .expect("signal");
+    store
+        .send_signal(&consume.record.id, "go", b"second".to_vec())
+        .await
+        .expect("signal");
+    let stale = claim("stale").await;
+    let gap = claim("gap").await;
+    let due = claim("due").await;
+    let stale = ClaimedInstance {
+        lease_token: stale.lease_token + 7,
+        ..stale
+    };
+    let mut consuming = commit(&consume, vec![event(0)], Transition::None);
+    consuming.consume_signal = Some(first);
+    let results = store
+        .commit_batch(vec![
+            commit(&steps, vec![event(0), event(1), event(2)], Transition::None),
+            commit(
+                &park,
+                vec![event(0)],
+                Transition::Park {
+                    wake_at: Some(now_millis() + 3_600_000),
+                    seen_inbox: park.inbox_seq,
+                },
+            ),
+            commit(
+                &moved,
+                vec![],
+                Transition::Park {
+                    wake_at: None,
+                    seen_inbox: moved.inbox_seq,
+                },
+            ),
+            commit(&release, vec![event(0)], Transition::Release),
+            commit(
+                &child,
+                vec![event(0)],
+                Transition::Complete {
+                    output: b"out".to_vec(),
+                },
+            ),
+            commit(
+                &fail,
+                vec![],
+                Transition::Fail {
+                    failure: b"bad".to_vec(),
+                },
+            ),
+            consuming,
+            commit(&stale, vec![event(0)], Transition::None),
+            commit(&gap, vec![event(3)], Transition::None),
+            Commit {
+                instance_id: format!("{prefix}-missing-id"),
+                lease_token: 1,
+                ..Commit::default()
+            },
+            commit(
+                &due,
+                vec![],
+                Transition::Park {
+                    wake_at: Some(now_millis() - 1_000),
+                    seen_inbox: due.inbox_seq,
+                },
+            ),
+        ])
+        .await;
+    let mut report: Vec<String> = results
+        .iter()
+        .map(|r| match r {
+            Ok(outcome) => format!("{outcome:?}"),
+            Err(StoreError::NotFound(_)) => "NotFound".to_owned(),
+            Err(StoreError::Conflict(_)) => "Conflict".to_owned(),
+            Err(e) => format!("unexpected error {e}"),
+        })
+        .collect();
+    for (name, id) in &ids {
+        let r = store.get_instance(id).await.expect("get").expect("exists");
+        let history = store.load_history(id).await.expect("history");
+        let (signal, inbox_seq) = store.next_signal(id, "go").await.expect("next");
+        let (pending, _) = store.next_signal(id, "pending").await.expect("next");
+        let runnable = store
+            .claim(&claim_request(&wf(name), 10, lease))
+            .await
+            .expect("claim")
+            .claimed
+            .len();
+        report.push(format!(
+            "{name}: {} output={:?} failure={:?} journal={} inbox_seq={inbox_seq} go={:?} \
+             pending={} runnable={runnable}",
+            r.status,
+            r.output,
+            r.failure,
+            history.len(),
+            signal.map(|s| s.payload),
+            pending.is_some(),
+        ));
+    }
+    report
+}
+
+#[tokio::test]
+async fn group_statement_matches_the_memory_store() {
+    let Some(db) = test_store_from_env().await else {
+        return;
+    };
+    let memory = crate::store::memory::MemoryStore::new();
+    let expected = mixed_group(&memory).await;
+    let got = mixed_group(&db).await;
+    assert_eq!(got, expected);
+    assert_eq!(
+        db.inner.group_fallbacks.load(Ordering::Relaxed),
+        0,
+        "the group was written by the one statement"
+    );
+}
+
+#[tokio::test]
+async fn a_parent_in_the_group_of_its_finishing_child_is_woken() {
+    let Some(db) = test_store_from_env().await else {
+        return;
+    };
+    let wf = uuid::Uuid::new_v4().to_string();
+    let child_wf = format!("{wf}-child");
+    let parent = started(&db, &wf).await;
+    let mut child = new_instance(&child_wf);
+    child.parent_id = Some(parent.record.id.clone());
+    let mut spawn = commit(&parent, vec![event(0)], Transition::None);
+    spawn.new_instances = vec![child];
+    db.commit(spawn).await.expect("spawn");
+    let child = db
+        .claim(&claim_request(&child_wf, 10, Duration::from_secs(600)))
+        .await
+        .expect("claim")
+        .claimed
+        .remove(0);
+    let (_, seen) = db.next_signal(&parent.record.id, "x").await.expect("next");
+    let results = db
+        .commit_batch(vec![
+            commit(
+                &parent,
+                vec![event(1)],
+                Transition::Park {
+                    wake_at: None,
+                    seen_inbox: seen,
+                },
+            ),
+            commit(
+                &child,
+                vec![event(0)],
+                Transition::Complete { output: vec![] },
+            ),
+        ])
+        .await;
+    assert!(matches!(results[1], Ok(CommitOutcome::Applied { .. })));
+    let batch = db
+        .claim(&claim_request(&wf, 10, Duration::from_secs(600)))
+        .await
+        .expect("claim");
+    match results[0] {
+        Ok(CommitOutcome::Applied { .. }) => {
+            assert_eq!(batch.claimed.len(), 1, "the parked parent was woken");
+            assert!(batch.claimed[0].inbox_seq > seen);
+        }
+        Ok(CommitOutcome::InboxChanged { inbox_seq, .. }) => assert!(inbox_seq > seen),
+        ref other => panic!("{other:?}"),
     }
 }
