@@ -61,4 +61,5 @@ backend_tests!(
     saga_compensates_on_failure,
     saga_compensates_on_cancel,
     cancel_reaches_a_running_step,
+    middleware_wraps_steps,
 );

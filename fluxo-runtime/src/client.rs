@@ -164,6 +164,13 @@ impl Fluxo {
         self.shared.observer.set(Arc::new(observer)).is_ok()
     }
 
+    /// Installs middleware around every step attempt of this `Fluxo`'s
+    /// workers (once; build the whole stack first). Returns `false` if a
+    /// stack was already installed.
+    pub fn use_middleware(&self, stack: crate::middleware::MiddlewareStack) -> bool {
+        self.shared.middleware.set(stack).is_ok()
+    }
+
     /// A worker builder: `fluxo.worker().concurrency(32).spawn()`.
     pub fn worker(&self) -> WorkerBuilder {
         WorkerBuilder::new(self.clone())

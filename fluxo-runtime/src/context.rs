@@ -16,6 +16,7 @@ use tracing::Instrument;
 use crate::error::{Failure, StepError, WorkflowError};
 use crate::history::{Event, Operation};
 use crate::instance::{retry_transient, Abort, CommitExtra, Instance, OpGuard};
+use crate::middleware::{Next, StepInfo};
 use crate::observe::LifecycleEvent;
 use crate::payload::{self, Payload};
 use crate::retry::{RetryPolicy, StepOptions};
@@ -157,8 +158,8 @@ impl WorkflowContext {
     ) -> Result<T, StepError>
     where
         T: Payload,
-        F: FnMut() -> Fut,
-        Fut: Future<Output = Result<T, StepError>>,
+        F: FnMut() -> Fut + Send,
+        Fut: Future<Output = Result<T, StepError>> + Send,
     {
         let Some((guard, recorded)) = self.inst.begin(Operation::Step(name.to_owned())) else {
             return halt().await;
@@ -208,7 +209,15 @@ impl WorkflowContext {
                 })
             });
             let attempt_started = std::time::Instant::now();
-            let run = step.scope(f());
+            let info = StepInfo {
+                workflow,
+                id,
+                step: name,
+                seq,
+                attempt,
+                input: None,
+            };
+            let run = step.scope(self.attempt(&mut f, &info));
             let result = match options.timeout {
                 Some(limit) => match tokio::time::timeout(limit, run)
                     .instrument(span.clone())
@@ -300,6 +309,37 @@ impl WorkflowContext {
             }
             attempt += 1;
         }
+    }
+
+    /// One attempt of a step, through the installed middleware if any.
+    async fn attempt<T, F, Fut>(&self, f: &mut F, info: &StepInfo<'_>) -> Result<T, StepError>
+    where
+        T: Payload,
+        F: FnMut() -> Fut + Send,
+        Fut: Future<Output = Result<T, StepError>> + Send,
+    {
+        let Some(stack) = self.inst.shared.middleware.get().filter(|s| !s.is_empty()) else {
+            return f().await;
+        };
+        let f = std::sync::Mutex::new(f);
+        let body = || {
+            let fut = (f.lock().unwrap_or_else(|e| e.into_inner()))();
+            async move {
+                let value = fut.await?;
+                serde_json::to_value(&value).map_err(|e| {
+                    StepError::fatal(format!("cannot encode the output: {e}")).with_kind("Encode")
+                })
+            }
+            .boxed()
+        };
+        let out = Next::new(stack.layers(), &body).run(info).await?;
+        serde_json::from_value(out).map_err(|e| {
+            StepError::fatal(format!(
+                "middleware returned a value that is not a `{}`: {e}",
+                std::any::type_name::<T>()
+            ))
+            .with_kind("Decode")
+        })
     }
 
     /// Waits until `at`: in memory for short waits, parked otherwise.

@@ -8,6 +8,7 @@ mod context;
 pub mod error;
 pub mod history;
 mod instance;
+pub mod middleware;
 pub mod observe;
 pub mod payload;
 mod retry;

@@ -6,6 +6,7 @@ use std::sync::{Arc, OnceLock, RwLock};
 use tokio::sync::{watch, Notify};
 
 use crate::committer::Committer;
+use crate::middleware::MiddlewareStack;
 use crate::observe::Observer;
 use crate::store::{Commit, CommitOutcome, Store, StoreResult};
 use crate::workflow::Registry;
@@ -23,6 +24,8 @@ pub(crate) struct Shared {
     committer: OnceLock<Committer>,
     /// The installed observer; unset costs one atomic load per event site.
     pub observer: OnceLock<Arc<dyn Observer>>,
+    /// Middleware around every step attempt.
+    pub middleware: OnceLock<MiddlewareStack>,
 }
 
 impl Shared {
@@ -34,6 +37,7 @@ impl Shared {
             finished: Notify::new(),
             committer: OnceLock::new(),
             observer: OnceLock::new(),
+            middleware: OnceLock::new(),
         })
     }
 

@@ -100,8 +100,8 @@ pub async fn run_step<T, F, Fut>(
 ) -> Result<T, StepError>
 where
     T: Payload,
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, StepError>>,
+    F: FnMut() -> Fut + Send,
+    Fut: Future<Output = Result<T, StepError>> + Send,
 {
     match current_workflow() {
         Some(ctx) => {

@@ -43,10 +43,11 @@
 pub use fluxo_macros::{signal, step, workflow};
 pub use fluxo_runtime::payload::Payload;
 pub use fluxo_runtime::{
-    error, history, observe, store, time, ChildCall, DecodeError, Error, Failure, Fluxo, HasSignal,
-    HistoryEntry, NonDeterminismError, RetryPolicy, Saga, Signal, SignalWait, SignalWaitTimeout,
-    StartOptions, StepCall, StepContext, StepError, StepOptions, Timeout, Worker, WorkerBuilder,
-    Workflow, WorkflowContext, WorkflowError, WorkflowHandle, WorkflowStatus,
+    error, history, middleware, observe, store, time, ChildCall, DecodeError, Error, Failure,
+    Fluxo, HasSignal, HistoryEntry, NonDeterminismError, RetryPolicy, Saga, Signal, SignalWait,
+    SignalWaitTimeout, StartOptions, StepCall, StepContext, StepError, StepOptions, Timeout,
+    Worker, WorkerBuilder, Workflow, WorkflowContext, WorkflowError, WorkflowHandle,
+    WorkflowStatus,
 };
 
 /// serde, re-exported for the derives in the prelude.

@@ -793,3 +793,43 @@ pub async fn cancel_reaches_a_running_step(store: Arc<dyn Store>) {
     );
     w.shutdown().await;
 }
+
+/// Counts attempts and rewrites the output of `greet_step`.
+struct Shout(Arc<std::sync::atomic::AtomicU32>);
+
+impl fluxo::middleware::Middleware for Shout {
+    fn handle<'a>(
+        &'a self,
+        info: &'a fluxo::middleware::StepInfo<'a>,
+        next: fluxo::middleware::Next<'a>,
+    ) -> fluxo::middleware::BoxFuture<'a, Result<serde_json::Value, StepError>> {
+        Box::pin(async move {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let out = next.run(info).await?;
+            Ok(match (info.step, out) {
+                ("greet_step", serde_json::Value::String(s)) => {
+                    serde_json::Value::String(s.to_uppercase())
+                }
+                (_, other) => other,
+            })
+        })
+    }
+}
+
+pub async fn middleware_wraps_steps(store: Arc<dyn Store>) {
+    use fluxo::middleware::MiddlewareStack;
+    let fluxo = fluxo_on(&store);
+    let attempts = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    assert!(fluxo.use_middleware(MiddlewareStack::new().with(Shout(Arc::clone(&attempts)))));
+    let w = worker(&fluxo);
+    let h = Greet::start(&fluxo, "mid".into()).await.unwrap();
+    assert_eq!(h.result_timeout(WAIT).await.unwrap(), "HELLO MID");
+    let r = Retrying::start(&fluxo, 1).await.unwrap();
+    assert_eq!(r.result_timeout(WAIT).await.unwrap(), 2);
+    assert_eq!(
+        attempts.load(std::sync::atomic::Ordering::SeqCst),
+        3,
+        "every attempt is wrapped"
+    );
+    w.shutdown().await;
+}
