@@ -417,24 +417,52 @@ impl WorkflowContext {
     }
 
     async fn wait_signal<S: Signal>(&self, timeout: Option<Duration>) -> Result<S, Timeout> {
-        let Some((guard, recorded)) = self.inst.begin(Operation::Signal(S::NAME.to_owned())) else {
+        let (seq, _, value) = self.wait_signals(&[S::NAME], timeout).await?;
+        match self.decode(seq, format!("signal `{}`", S::NAME), value) {
+            Some(v) => Ok(v),
+            None => halt().await,
+        }
+    }
+
+    /// Waits for the next signal named `name`, as JSON (for workflows
+    /// defined at run time; typed workflows use [`WorkflowContext::wait`]).
+    pub async fn wait_raw(
+        &self,
+        name: &str,
+        timeout: Option<Duration>,
+    ) -> Result<serde_json::Value, Timeout> {
+        self.wait_signals(&[name], timeout).await.map(|(_, _, v)| v)
+    }
+
+    /// Waits for the first signal to arrive among `names` (by arrival order
+    /// if several are waiting) and returns its name and JSON payload.
+    pub async fn wait_any_raw(
+        &self,
+        names: &[&str],
+        timeout: Option<Duration>,
+    ) -> Result<(String, serde_json::Value), Timeout> {
+        self.wait_signals(names, timeout)
+            .await
+            .map(|(_, n, v)| (n, v))
+    }
+
+    /// The signal wait operation: journaled under the names waited for; the
+    /// received event names the signal that came.
+    async fn wait_signals(
+        &self,
+        names: &[&str],
+        timeout: Option<Duration>,
+    ) -> Result<(u64, String, serde_json::Value), Timeout> {
+        let label = names.join("|");
+        let Some((guard, recorded)) = self.inst.begin(Operation::Signal(label.clone())) else {
             return halt().await;
         };
         let seq = guard.seq;
         let mut deadline = None;
         for event in recorded {
             match event {
-                Event::SignalReceived { payload, .. } => {
-                    return match self.decode(seq, format!("signal `{}`", S::NAME), payload) {
-                        Some(v) => Ok(v),
-                        None => halt().await,
-                    };
-                }
-                Event::SignalTimedOut { .. } => {
-                    return Err(Timeout {
-                        signal: S::NAME.to_owned(),
-                    })
-                }
+                Event::SignalReceived { name, payload } => return Ok((seq, name, payload)),
+                Event::SignalTimedOut { .. } => return Err(Timeout { signal: label }),
                 Event::SignalWaitStarted { deadline: d, .. } => deadline = Some(d),
                 _ => {}
             }
@@ -442,46 +470,50 @@ impl WorkflowContext {
         if deadline.is_none() {
             if let Some(t) = timeout {
                 let d = now_millis().saturating_add(t.as_millis().min(i64::MAX as u128) as Millis);
-                self.inst.record_lazy(
-                    seq,
-                    Event::SignalWaitStarted {
-                        name: S::NAME.to_owned(),
-                        deadline: d,
-                    },
-                );
+                let event = Event::SignalWaitStarted {
+                    name: label.clone(),
+                    deadline: d,
+                };
+                self.inst.record_lazy(seq, event);
                 deadline = Some(d);
             }
         }
         loop {
             let store = &self.inst.shared.store;
-            let found = match retry_transient(|| store.next_signal(&self.inst.id, S::NAME)).await {
-                Ok((found, _)) => found,
-                Err(e) => {
-                    self.inst.abort(Abort::Store(e));
-                    return halt().await;
+            let mut first: Option<(&str, crate::store::InboxSignal)> = None;
+            for name in names {
+                match retry_transient(|| store.next_signal(&self.inst.id, name)).await {
+                    Ok((Some(signal), _)) => {
+                        if first
+                            .as_ref()
+                            .is_none_or(|(_, f)| signal.signal_id < f.signal_id)
+                        {
+                            first = Some((name, signal));
+                        }
+                    }
+                    Ok((None, _)) => {}
+                    Err(e) => {
+                        self.inst.abort(Abort::Store(e));
+                        return halt().await;
+                    }
                 }
-            };
-            if let Some(signal) = found {
+            }
+            if let Some((name, signal)) = first {
                 let value: serde_json::Value = match serde_json::from_slice(&signal.payload) {
                     Ok(v) => v,
                     Err(e) => {
                         self.fail(Failure::Decode {
                             seq: Some(seq),
-                            what: format!("signal `{}`", S::NAME),
-                            type_name: std::any::type_name::<S>().to_owned(),
+                            what: format!("signal `{name}`"),
+                            type_name: "serde_json::Value".into(),
                             message: e.to_string(),
                         });
                         return halt().await;
                     }
                 };
-                let Some(typed) =
-                    self.decode::<S>(seq, format!("signal `{}`", S::NAME), value.clone())
-                else {
-                    return halt().await;
-                };
                 let event = Event::SignalReceived {
-                    name: S::NAME.to_owned(),
-                    payload: value,
+                    name: name.to_owned(),
+                    payload: value.clone(),
                 };
                 let extra = CommitExtra {
                     consume_signal: Some(signal.signal_id),
@@ -490,27 +522,23 @@ impl WorkflowContext {
                 if self.inst.commit(seq, vec![event], extra).await.is_none() {
                     return halt().await;
                 }
-                tracing::debug!(signal = S::NAME, seq, "signal received");
+                tracing::debug!(signal = name, seq, "signal received");
                 self.inst.shared.observe(|o| {
                     o.on_event(&LifecycleEvent::SignalReceived {
                         workflow: &self.inst.workflow,
                         id: &self.inst.id,
-                        signal: S::NAME,
+                        signal: name,
                     })
                 });
-                return Ok(typed);
+                return Ok((seq, name.to_owned(), value));
             }
             if let Some(d) = deadline {
                 if now_millis() >= d {
-                    self.inst.record_lazy(
-                        seq,
-                        Event::SignalTimedOut {
-                            name: S::NAME.to_owned(),
-                        },
-                    );
-                    return Err(Timeout {
-                        signal: S::NAME.to_owned(),
-                    });
+                    let event = Event::SignalTimedOut {
+                        name: label.clone(),
+                    };
+                    self.inst.record_lazy(seq, event);
+                    return Err(Timeout { signal: label });
                 }
             }
             guard.instance().block(seq, deadline).await;

@@ -188,6 +188,10 @@ impl Operation {
         match (self, issued) {
             // A `ChildFinished` alone does not name the workflow.
             (Operation::Child(a), Operation::Child(b)) => a.is_empty() || a == b,
+            // A wait for any of `a|b|c` records the name that came.
+            (Operation::Signal(got), Operation::Signal(waited)) => {
+                got == waited || waited.split('|').any(|n| n == got)
+            }
             (a, b) => a == b,
         }
     }
