@@ -515,8 +515,12 @@ impl Drop for OpGuard {
         let mut st = self.inst.state();
         st.in_flight = st.in_flight.saturating_sub(1);
         st.blocked.remove(&self.seq);
+        // Only operations still waiting can make the instance idle now.
+        let others_wait = !st.blocked.is_empty();
         drop(st);
-        self.inst.wake_runner.notify_one();
+        if others_wait {
+            self.inst.wake_runner.notify_one();
+        }
     }
 }
 

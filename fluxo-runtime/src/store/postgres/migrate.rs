@@ -36,79 +36,93 @@ const LOCK_CLASS: i32 = 0x666c_7578;
 pub(super) async fn run(pool: &PgPool, schema: &str) -> StoreResult<()> {
     let quoted = format!("\"{schema}\"");
     let mut tx = pool.begin().await.map_err(db_err)?;
-    sqlx::query("SELECT pg_advisory_xact_lock($1, hashtext($2))")
-        .bind(LOCK_CLASS)
-        .bind(schema)
-        .execute(&mut *tx)
-        .await
-        .map_err(db_err)?;
-    // Creating a schema needs the CREATE privilege on the database even when
-    // it exists; a schema made beforehand by an administrator is used as is.
-    let exists: bool =
-        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)")
+    let migrated = async {
+        sqlx::query("SELECT pg_advisory_xact_lock($1, hashtext($2))")
+            .bind(LOCK_CLASS)
             .bind(schema)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        // Creating a schema needs the CREATE privilege on the database even when
+        // it exists; a schema made beforehand by an administrator is used as is.
+        let exists: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)")
+                .bind(schema)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(db_err)?;
+        if !exists {
+            sqlx::raw_sql(&format!("CREATE SCHEMA {quoted}"))
+                .execute(&mut *tx)
+                .await
+                .map_err(db_err)?;
+        }
+        let table: Option<String> = sqlx::query_scalar("SELECT to_regclass($1)::text")
+            .bind(format!("{quoted}.fluxo_migrations"))
             .fetch_one(&mut *tx)
             .await
             .map_err(db_err)?;
-    if !exists {
-        sqlx::raw_sql(&format!("CREATE SCHEMA {quoted}"))
+        if table.is_none() {
+            sqlx::raw_sql(&format!(
+                "CREATE TABLE {quoted}.fluxo_migrations (\
+                   version BIGINT PRIMARY KEY, \
+                   description TEXT NOT NULL, \
+                   applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
+            ))
             .execute(&mut *tx)
             .await
             .map_err(db_err)?;
-    }
-    let table: Option<String> = sqlx::query_scalar("SELECT to_regclass($1)::text")
-        .bind(format!("{quoted}.fluxo_migrations"))
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(db_err)?;
-    if table.is_none() {
-        sqlx::raw_sql(&format!(
-            "CREATE TABLE {quoted}.fluxo_migrations (\
-               version BIGINT PRIMARY KEY, \
-               description TEXT NOT NULL, \
-               applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
+        }
+        let applied: Vec<i64> = sqlx::query_scalar(&format!(
+            "SELECT version FROM {quoted}.fluxo_migrations ORDER BY version"
         ))
-        .execute(&mut *tx)
+        .fetch_all(&mut *tx)
         .await
         .map_err(db_err)?;
-    }
-    let applied: Vec<i64> = sqlx::query_scalar(&format!(
-        "SELECT version FROM {quoted}.fluxo_migrations ORDER BY version"
-    ))
-    .fetch_all(&mut *tx)
-    .await
-    .map_err(db_err)?;
-    let newest = MIGRATIONS.last().map_or(0, |m| m.version);
-    if let Some(&latest) = applied.last() {
-        if latest > newest {
-            return Err(StoreError::Corrupt(format!(
-                "schema {schema:?} is at migration {latest}, newer than this build of fluxo \
-                 knows ({newest}); upgrade fluxo to use it"
-            )));
+        let newest = MIGRATIONS.last().map_or(0, |m| m.version);
+        if let Some(&latest) = applied.last() {
+            if latest > newest {
+                return Err(StoreError::Corrupt(format!(
+                    "schema {schema:?} is at migration {latest}, newer than this build of fluxo \
+                     knows ({newest}); upgrade fluxo to use it"
+                )));
+            }
         }
-    }
-    for m in MIGRATIONS {
-        if applied.contains(&m.version) {
-            continue;
-        }
-        tracing::info!(
-            schema,
-            version = m.version,
-            description = m.description,
-            "applying migration"
-        );
-        sqlx::raw_sql(&m.sql.replace("{schema}", &quoted))
+        for m in MIGRATIONS {
+            if applied.contains(&m.version) {
+                continue;
+            }
+            tracing::info!(
+                schema,
+                version = m.version,
+                description = m.description,
+                "applying migration"
+            );
+            sqlx::raw_sql(&m.sql.replace("{schema}", &quoted))
+                .execute(&mut *tx)
+                .await
+                .map_err(db_err)?;
+            sqlx::query(&format!(
+                "INSERT INTO {quoted}.fluxo_migrations (version, description) VALUES ($1, $2)"
+            ))
+            .bind(m.version)
+            .bind(m.description)
             .execute(&mut *tx)
             .await
             .map_err(db_err)?;
-        sqlx::query(&format!(
-            "INSERT INTO {quoted}.fluxo_migrations (version, description) VALUES ($1, $2)"
-        ))
-        .bind(m.version)
-        .bind(m.description)
-        .execute(&mut *tx)
-        .await
-        .map_err(db_err)?;
+        }
+        Ok(())
     }
-    tx.commit().await.map_err(db_err)
+    .await;
+    match migrated {
+        Ok(()) => tx.commit().await.map_err(db_err),
+        Err(e) => {
+            // At once, not when the connection is next used: the
+            // transaction holds the migration lock.
+            if let Err(rollback) = tx.rollback().await {
+                tracing::debug!(error = %rollback, "rolling back a failed migration failed");
+            }
+            Err(e)
+        }
+    }
 }

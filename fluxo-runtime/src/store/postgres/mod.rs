@@ -32,6 +32,12 @@
 //! expiry and every other time are taken from the server's clock, so workers
 //! on hosts whose clocks disagree still agree on when a lease ends.
 //!
+//! Most operations are one statement, so one round trip and one WAL flush;
+//! [`Store::commit_batch`] writes a whole group of commits in one
+//! transaction, usually with one statement. Statements are prepared once per
+//! connection: behind PgBouncer, use session pooling (or a PgBouncer that
+//! tracks prepared statements in transaction pooling).
+//!
 //! # Notifications
 //!
 //! Everything that makes work runnable at once (a new instance, a signal, a
@@ -49,6 +55,7 @@ mod tests;
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
+use std::io::Write as _;
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -270,9 +277,17 @@ impl PostgresStore {
                 let mut conn = self.inner.pool.acquire().await?;
                 if needs_own_cancel_statement(c) {
                     let mut tx = conn.begin().await?;
-                    let outcome = apply(&mut tx, self.sql(), c).await?;
-                    tx.commit().await?;
-                    Ok(outcome)
+                    match apply(&mut tx, self.sql(), c).await {
+                        Ok(outcome) => {
+                            tx.commit().await?;
+                            Ok(outcome)
+                        }
+                        Err(e) => {
+                            // Best effort: the error at hand is the one to report.
+                            let _ = tx.rollback().await;
+                            Err(e)
+                        }
+                    }
                 } else {
                     // One statement: its own transaction.
                     apply(&mut conn, self.sql(), c).await
@@ -395,6 +410,12 @@ impl PostgresStore {
                 tracing::debug!(error = %e, "group statement failed; writing the commits one by one");
                 // Dropping an unfinished transaction rolls it back as well.
                 let _ = tx.rollback().await;
+                drop(conn);
+                if connection_lost(&e) {
+                    // Nothing was committed; the commits go on other
+                    // connections, which must not be dead ones.
+                    self.drop_dead_connections().await;
+                }
                 #[cfg(test)]
                 self.inner
                     .group_fallbacks
@@ -470,7 +491,8 @@ enum Group {
     Failed(sqlx::Error),
 }
 
-async fn open_pool(options: &PostgresOptions) -> StoreResult<PgPool> {
+/// The connection settings of the store's own pool.
+fn connect_options(options: &PostgresOptions) -> StoreResult<PgConnectOptions> {
     let mut connect = PgConnectOptions::from_str(&options.url).map_err(|e| {
         invalid(format!(
             "invalid Postgres URL: {e} (expected postgres://user:password@host:port/database)"
@@ -485,14 +507,17 @@ async fn open_pool(options: &PostgresOptions) -> StoreResult<PgPool> {
         connect = connect.options([("synchronous_commit", "off")]);
     }
     // Room for every commit shape and the other statements.
-    connect = connect.statement_cache_capacity(256);
+    Ok(connect.statement_cache_capacity(256))
+}
+
+async fn open_pool(options: &PostgresOptions) -> StoreResult<PgPool> {
     PgPoolOptions::new()
         .max_connections(options.max_connections.max(1))
         .acquire_timeout(options.acquire_timeout)
         // A test per acquire would double the round trips of most
         // operations; dead connections are found when they fail instead.
         .test_before_acquire(false)
-        .connect_with(connect)
+        .connect_with(connect_options(options)?)
         .await
         .map_err(db_err)
 }
@@ -1205,21 +1230,25 @@ pub async fn test_store_from_env() -> Option<PostgresStore> {
         .application_name(name.clone())
         .max_connections(4)
         .acquire_timeout(Duration::from_secs(10));
+    if let Err(reason) = test_server_reachable(&options).await {
+        if std::env::var_os("CI").is_some() {
+            panic!(
+                "the Postgres tests need a server: cannot connect to {url} ({reason}); \
+                 set FLUXO_TEST_POSTGRES_URL to a reachable server"
+            );
+        }
+        // Written to the process's stderr directly, past the test
+        // harness's capture, so that a skip is seen in every run.
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED: Postgres test: cannot connect to {url} ({reason}); \
+             set FLUXO_TEST_POSTGRES_URL to a reachable server to run it"
+        );
+        return None;
+    }
     let pool = match open_pool(&options).await {
         Ok(pool) => pool,
-        Err(e) => {
-            if std::env::var_os("CI").is_some() {
-                panic!(
-                    "the Postgres tests need a server: cannot connect to {url} ({e}); \
-                     set FLUXO_TEST_POSTGRES_URL to a reachable server"
-                );
-            }
-            eprintln!(
-                "SKIPPED: Postgres test: cannot connect to {url} ({e}); \
-                 set FLUXO_TEST_POSTGRES_URL to a reachable server to run it"
-            );
-            return None;
-        }
+        Err(e) => panic!("connecting to the Postgres test server {url} failed: {e}"),
     };
     let cleanup = DropSchema {
         options: (*pool.connect_options()).clone(),
@@ -1229,6 +1258,32 @@ pub async fn test_store_from_env() -> Option<PostgresStore> {
         Ok(store) => Some(store),
         Err(e) => panic!("opening a Postgres store on {url} failed: {e}"),
     }
+}
+
+/// Whether the test server answers, tried once per process: when it does
+/// not, every test would otherwise wait for the pool's connect timeout.
+async fn test_server_reachable(options: &PostgresOptions) -> Result<(), String> {
+    static UNREACHABLE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    if let Some(reason) = UNREACHABLE.get() {
+        return Err(reason.clone());
+    }
+    let reason = match connect_options(options) {
+        Err(e) => e.to_string(),
+        Ok(connect) => {
+            match tokio::time::timeout(Duration::from_secs(5), PgConnection::connect_with(&connect))
+                .await
+            {
+                Ok(Ok(conn)) => {
+                    // Only the answer mattered.
+                    let _ = conn.close().await;
+                    return Ok(());
+                }
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => "no answer within 5 s".to_owned(),
+            }
+        }
+    };
+    Err(UNREACHABLE.get_or_init(|| reason).clone())
 }
 
 /// Drops a schema when dropped, from a thread of its own (dropping happens

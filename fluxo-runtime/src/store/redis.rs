@@ -1,1 +1,0 @@
-//! Redis backend (work in progress).
