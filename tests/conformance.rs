@@ -15,6 +15,8 @@ macro_rules! backend_tests {
         backend_tests!(@backend memory, crate::common::memory_store; $($name),*);
         #[cfg(feature = "sqlite")]
         backend_tests!(@backend sqlite, crate::common::sqlite_store; $($name),*);
+        #[cfg(feature = "postgres")]
+        backend_tests!(@backend postgres, crate::common::postgres_store; $($name),*);
     };
     (@backend $backend:ident, $make:path; $($name:ident),*) => {
         mod $backend {

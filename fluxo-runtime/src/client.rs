@@ -90,6 +90,25 @@ impl Fluxo {
         ))
     }
 
+    /// A Fluxo on Postgres at `url`, in the schema `fluxo` (created and
+    /// migrated as needed). See
+    /// [`PostgresStore`](crate::store::postgres::PostgresStore) for options.
+    #[cfg(feature = "postgres")]
+    pub async fn postgres(url: &str) -> Result<Self, Error> {
+        Ok(Self::with_store(
+            crate::store::postgres::PostgresStore::connect(url).await?,
+        ))
+    }
+
+    /// A Fluxo on the Postgres pool your service already has, in the schema
+    /// `fluxo`.
+    #[cfg(feature = "postgres")]
+    pub async fn postgres_pool(pool: &sqlx::PgPool) -> Result<Self, Error> {
+        let options = crate::store::postgres::PostgresOptions::new("");
+        let store = crate::store::postgres::PostgresStore::from_pool(pool.clone(), options).await?;
+        Ok(Self::with_store(store))
+    }
+
     /// The store.
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.shared.store

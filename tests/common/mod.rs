@@ -38,6 +38,15 @@ pub async fn sqlite_store() -> Option<Arc<dyn Store>> {
     Some(Arc::new(store.expect("open sqlite")))
 }
 
+/// A store in a fresh schema of the Postgres test server
+/// (`FLUXO_TEST_POSTGRES_URL`); `None` (with a loud message) when the server
+/// is unreachable outside CI.
+#[cfg(feature = "postgres")]
+pub async fn postgres_store() -> Option<Arc<dyn Store>> {
+    let store = fluxo::store::postgres::test_store_from_env().await?;
+    Some(Arc::new(store))
+}
+
 /// A unique path for a temporary SQLite file.
 pub fn temp_db_path() -> std::path::PathBuf {
     let dir = std::env::temp_dir().join("fluxo-tests");
