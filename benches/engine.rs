@@ -1,6 +1,8 @@
 //! Engine overhead per step: one workflow of 100 sequential no-op steps
 //! (latency), and 100 such workflows at once (throughput), on the in-memory
-//! backend and on SQLite (`synchronous=FULL` and `NORMAL`).
+//! backend, on SQLite (`synchronous=FULL` and `NORMAL`) and, with
+//! `--features postgres`, on Postgres (`synchronous_commit=on`,
+//! `FLUXO_TEST_POSTGRES_URL`).
 //!
 //! `cargo bench --bench engine`
 
@@ -65,6 +67,10 @@ fn backends(
         let opts = SqliteOptions::new(path).synchronous(sync);
         let store = rt.block_on(SqliteStore::open_with(opts)).unwrap();
         backends.push((name, Arc::new(store)));
+    }
+    #[cfg(feature = "postgres")]
+    if let Some(store) = rt.block_on(fluxo::store::postgres::test_store_from_env()) {
+        backends.push(("postgres", Arc::new(store)));
     }
     backends
 }
