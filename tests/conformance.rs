@@ -64,4 +64,5 @@ backend_tests!(
     saga_compensates_on_cancel,
     cancel_reaches_a_running_step,
     middleware_wraps_steps,
+    continue_as_new_keeps_the_id_and_empties_the_journal,
 );

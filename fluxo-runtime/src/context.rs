@@ -603,6 +603,23 @@ impl WorkflowContext {
         saga
     }
 
+    /// Restarts this workflow with `input` and an empty journal, keeping its
+    /// id, its inbox and any cancel request: for workflows that run forever
+    /// (polling loops, subscriptions) so their journal stays short.
+    /// `return ctx.continue_as_new(next_input).await;` — it never returns.
+    pub async fn continue_as_new<T, I: serde::Serialize>(
+        &self,
+        input: I,
+    ) -> Result<T, WorkflowError> {
+        match payload::encode(&input) {
+            Ok(bytes) => {
+                self.inst.abort(Abort::ContinueAsNew(bytes));
+                halt().await
+            }
+            Err(e) => Err(WorkflowError::new(e.to_string()).with_kind("Encode")),
+        }
+    }
+
     // ----- recorded values ---------------------------------------------------
 
     async fn recorded<T: Payload>(&self, what: &str, make: impl FnOnce() -> T) -> T {

@@ -24,6 +24,8 @@ pub(crate) enum Abort {
     Cancelled,
     /// The store failed; the instance is released and retried later.
     Store(StoreError),
+    /// The workflow continues as new with this encoded input.
+    ContinueAsNew(Vec<u8>),
 }
 
 /// Sent by the worker to a parked instance it claimed again.
@@ -400,6 +402,17 @@ impl Instance {
             }
         };
         retry_transient(|| self.shared.commit(commit.clone())).await
+    }
+
+    /// Restarts the instance with `input` and an empty journal.
+    pub(crate) async fn continue_as_new(
+        &self,
+        input: Vec<u8>,
+    ) -> Result<CommitOutcome, StoreError> {
+        let _serial = self.commit_lock.lock().await;
+        let token = self.state().lease_token;
+        let store = &self.shared.store;
+        retry_transient(|| store.continue_as_new(&self.id, token, input.clone())).await
     }
 
     // ----- waiting and parking ---------------------------------------------

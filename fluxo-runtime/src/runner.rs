@@ -286,6 +286,21 @@ async fn finish(inst: &Instance, outcome: Result<RunOutcome, Abort>, created_at:
             tracing::warn!("lease lost to another worker; stopped running here");
             return;
         }
+        Err(Abort::ContinueAsNew(input)) => {
+            match inst.continue_as_new(input).await {
+                Ok(CommitOutcome::LeaseLost) => {
+                    tracing::warn!("lease lost before continuing as new")
+                }
+                Ok(_) => {
+                    tracing::info!("workflow continued as new");
+                    inst.shared.notify_work();
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot continue as new; the run will be retried")
+                }
+            }
+            return;
+        }
         Err(Abort::Store(e)) => {
             tracing::warn!(error = %e, "storage error; releasing the instance to be retried");
             (Transition::Release, Vec::new())

@@ -833,3 +833,23 @@ pub async fn middleware_wraps_steps(store: Arc<dyn Store>) {
     );
     w.shutdown().await;
 }
+
+pub async fn continue_as_new_keeps_the_id_and_empties_the_journal(store: Arc<dyn Store>) {
+    let (fluxo, w) = setup(&store);
+    let h = Countdown::start(&fluxo, 3).await.unwrap();
+    assert_eq!(h.result_timeout(WAIT).await.unwrap(), "liftoff");
+    assert_eq!(
+        count(&format!("{}/tick", h.id())),
+        4,
+        "one run per input 3, 2, 1, 0"
+    );
+    let history = fluxo.history(h.id()).await.unwrap();
+    assert_eq!(
+        history.len(),
+        1,
+        "only the last run's journal is kept: {history:#?}"
+    );
+    let input: u32 = serde_json::from_slice(&fluxo.instance(h.id()).await.unwrap().input).unwrap();
+    assert_eq!(input, 0);
+    w.shutdown().await;
+}

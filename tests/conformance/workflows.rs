@@ -276,6 +276,7 @@ pub fn register_all(fluxo: &Fluxo) {
     fluxo.register(Publisher).unwrap();
     fluxo.register(Trip).unwrap();
     fluxo.register(LongRunning).unwrap();
+    fluxo.register(Countdown).unwrap();
 }
 
 /// Overrides the step's attribute options at call time.
@@ -385,4 +386,14 @@ pub async fn long_running(ctx: WorkflowContext) -> Result<u32, WorkflowError> {
     let id = ctx.id().to_owned();
     ctx.on_cancel(move || async move { record_compensation(&id, "cleanup") });
     Ok(long_step().await?)
+}
+
+/// Restarts itself with a smaller counter until it reaches zero.
+#[fluxo::workflow]
+pub async fn countdown(ctx: WorkflowContext, n: u32) -> Result<String, WorkflowError> {
+    count_step("tick").await?;
+    if n > 0 {
+        return ctx.continue_as_new(n - 1).await;
+    }
+    Ok("liftoff".into())
 }

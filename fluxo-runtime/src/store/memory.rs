@@ -332,4 +332,32 @@ impl Store for MemoryStore {
     async fn request_cancel(&self, id: &str) -> StoreResult<InstanceStatus> {
         self.lock().request_cancel(id, now_millis())
     }
+
+    async fn continue_as_new(
+        &self,
+        id: &str,
+        lease_token: u64,
+        input: Vec<u8>,
+    ) -> StoreResult<CommitOutcome> {
+        let now = now_millis();
+        let mut state = self.lock();
+        let inst = state
+            .instances
+            .get_mut(id)
+            .ok_or_else(|| StoreError::NotFound(id.to_owned()))?;
+        if inst.lease_token != lease_token
+            || inst.lease_owner.is_none()
+            || inst.record.status.is_finished()
+        {
+            return Ok(CommitOutcome::LeaseLost);
+        }
+        inst.history.clear();
+        inst.record.input = input;
+        inst.record.updated_at = now;
+        inst.lease_owner = None;
+        inst.ready_at = Some(now);
+        Ok(CommitOutcome::Applied {
+            cancel_requested: inst.record.cancel_requested,
+        })
+    }
 }

@@ -320,6 +320,9 @@ pub enum StoreError {
     /// A write conflicted with another (e.g. a duplicate journal position).
     #[error("conflicting write: {0}")]
     Conflict(String),
+    /// The backend does not offer this operation.
+    #[error("{0}")]
+    Unsupported(String),
     /// The backend failed (connection, I/O, ...). Usually transient.
     #[error("storage backend error: {0}")]
     Backend(#[source] Box<dyn std::error::Error + Send + Sync>),
@@ -387,6 +390,24 @@ pub trait Store: Send + Sync + 'static {
     /// Records a cancel request and wakes the instance. Returns the
     /// instance's status (a finished instance is left as it is).
     async fn request_cancel(&self, id: &str) -> StoreResult<InstanceStatus>;
+
+    /// Restarts a running instance with a new input and an empty journal,
+    /// keeping its id, inbox and cancel request (continue-as-new). Fenced
+    /// like a commit: with a stale `lease_token` nothing is written and the
+    /// answer is [`CommitOutcome::LeaseLost`]. The lease is released and the
+    /// instance is runnable at once.
+    async fn continue_as_new(
+        &self,
+        id: &str,
+        lease_token: u64,
+        input: Vec<u8>,
+    ) -> StoreResult<CommitOutcome> {
+        let _ = (id, lease_token, input);
+        Err(StoreError::Unsupported(format!(
+            "continue-as-new is not supported by the {} backend",
+            self.backend_name()
+        )))
+    }
 
     /// Notices pushed when any process may have made work runnable (an
     /// instance created, a signal sent, a cancel requested, an instance

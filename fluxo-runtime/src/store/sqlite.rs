@@ -1012,6 +1012,54 @@ impl Store for SqliteStore {
         w.done(&result);
         result
     }
+
+    async fn continue_as_new(
+        &self,
+        id: &str,
+        lease_token: u64,
+        input: Vec<u8>,
+    ) -> StoreResult<CommitOutcome> {
+        let mut w = self.writer().await?;
+        let result = continue_as_new_tx(w.conn()?, id, lease_token, &input).await;
+        w.done(&result);
+        result
+    }
+}
+
+async fn continue_as_new_tx(
+    conn: &mut SqliteConnection,
+    id: &str,
+    lease_token: u64,
+    input: &[u8],
+) -> StoreResult<CommitOutcome> {
+    let mut tx = begin(conn).await?;
+    let row: Option<(i64,)> = sqlx::query_as(
+        "UPDATE instances SET input = ?1, next_event_id = 0, lease_owner = NULL, ready_at = ?2, \
+         updated_at = ?2 WHERE id = ?3 AND lease_token = ?4 AND lease_owner IS NOT NULL \
+         AND status = 'running' RETURNING cancel_requested",
+    )
+    .bind(input)
+    .bind(now_millis())
+    .bind(id)
+    .bind(sql_int(lease_token))
+    .fetch_optional(&mut *tx)
+    .await
+    .map_err(db_err)?;
+    let Some((cancel_requested,)) = row else {
+        return match status_of(&mut tx, id).await {
+            Err(e) => Err(e),
+            Ok(_) => Ok(CommitOutcome::LeaseLost),
+        };
+    };
+    sqlx::query("DELETE FROM history WHERE instance_id = ?1")
+        .bind(id)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err)?;
+    tx.commit().await.map_err(db_err)?;
+    Ok(CommitOutcome::Applied {
+        cancel_requested: cancel_requested != 0,
+    })
 }
 
 async fn claim_tx(conn: &mut SqliteConnection, req: &ClaimRequest) -> StoreResult<ClaimBatch> {

@@ -1163,6 +1163,29 @@ impl Store for PostgresStore {
         }
     }
 
+    async fn continue_as_new(
+        &self,
+        id: &str,
+        lease_token: u64,
+        input: Vec<u8>,
+    ) -> StoreResult<CommitOutcome> {
+        let token = i64::try_from(lease_token).unwrap_or(i64::MAX);
+        let row: Option<(bool, bool)> = match sqlx::query_as(&self.sql().continue_as_new)
+            .bind(input)
+            .bind(id)
+            .bind(token)
+            .fetch_optional(&self.inner.pool)
+            .await
+        {
+            Ok(row) => row,
+            Err(e) => return Err(self.fail(e).await),
+        };
+        match row {
+            Some((cancel_requested, _)) => Ok(CommitOutcome::Applied { cancel_requested }),
+            None => self.status_of(id).await.map(|_| CommitOutcome::LeaseLost),
+        }
+    }
+
     fn work_notifications(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
         let mut notifier = self
             .inner

@@ -113,6 +113,7 @@ pub(super) struct Statements {
     pub cancel_many: String,
     pub wake_many: String,
     pub batch: String,
+    pub continue_as_new: String,
     commits: Vec<String>,
 }
 
@@ -136,6 +137,14 @@ impl Statements {
             commits[shape.index()] = commit_sql(&s, &notify, shape);
         }
         Statements {
+            continue_as_new: format!(
+                "WITH upd AS (UPDATE {s}.instances SET input = $1, next_event_id = 0, \
+                 lease_owner = NULL, ready_at = {NOW}, updated_at = {NOW} \
+                 WHERE id = $2 AND lease_token = $3 AND lease_owner IS NOT NULL \
+                 AND status = 'running' RETURNING id, cancel_requested), \
+                 del AS (DELETE FROM {s}.history WHERE instance_id IN (SELECT id FROM upd)) \
+                 SELECT cancel_requested, {notify} FROM upd"
+            ),
             create: format!(
                 "WITH ins AS (INSERT INTO {s}.instances (id, workflow, version, status, input, \
                    parent_id, history_format, ready_at, created_at, updated_at) \
