@@ -17,6 +17,8 @@ macro_rules! backend_tests {
         backend_tests!(@backend sqlite, crate::common::sqlite_store; $($name),*);
         #[cfg(feature = "postgres")]
         backend_tests!(@backend postgres, crate::common::postgres_store; $($name),*);
+        #[cfg(feature = "redis")]
+        backend_tests!(@backend redis, crate::common::redis_store; $($name),*);
     };
     (@backend $backend:ident, $make:path; $($name:ident),*) => {
         mod $backend {

@@ -38,6 +38,9 @@ enum Target {
     /// URL and schema.
     #[cfg(feature = "postgres")]
     Postgres(String, String),
+    /// URL and key prefix.
+    #[cfg(feature = "redis")]
+    Redis(String, String),
 }
 
 impl Target {
@@ -46,6 +49,8 @@ impl Target {
             Target::Sqlite(p) => ("sqlite".into(), p.display().to_string()),
             #[cfg(feature = "postgres")]
             Target::Postgres(url, schema) => ("postgres".into(), format!("{schema} {url}")),
+            #[cfg(feature = "redis")]
+            Target::Redis(url, prefix) => ("redis".into(), format!("{prefix} {url}")),
         }
     }
 
@@ -58,6 +63,11 @@ impl Target {
             "postgres" => {
                 let (schema, url) = at.split_once(' ')?;
                 Some(Target::Postgres(url.into(), schema.into()))
+            }
+            #[cfg(feature = "redis")]
+            "redis" => {
+                let (prefix, url) = at.split_once(' ')?;
+                Some(Target::Redis(url.into(), prefix.into()))
             }
             _ => None,
         }
@@ -73,6 +83,12 @@ impl Target {
                 use fluxo::store::postgres::{PostgresOptions, PostgresStore};
                 let options = PostgresOptions::new(url.clone()).schema(schema.clone());
                 Arc::new(PostgresStore::connect_with(options).await.unwrap())
+            }
+            #[cfg(feature = "redis")]
+            Target::Redis(url, prefix) => {
+                use fluxo::store::redis::{RedisOptions, RedisStore};
+                let options = RedisOptions::new(url.clone()).prefix(prefix.clone());
+                Arc::new(RedisStore::connect_with(options).await.unwrap())
             }
         }
     }
@@ -214,5 +230,17 @@ async fn three_processes_on_one_postgres() {
     let url = std::env::var("FLUXO_TEST_POSTGRES_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
     let target = Target::Postgres(url, store.schema().to_owned());
+    run_scale_out(target, Arc::new(store), 3, 1_000).await;
+}
+
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_processes_on_one_redis() {
+    let Some(store) = fluxo::store::redis::test_store_from_env().await else {
+        return;
+    };
+    let url =
+        std::env::var("FLUXO_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let target = Target::Redis(url, store.prefix().to_owned());
     run_scale_out(target, Arc::new(store), 3, 1_000).await;
 }

@@ -190,6 +190,14 @@ impl Instance {
         self.cancel_token.subscribe()
     }
 
+    /// Drops the cancellation handlers. They may hold the instance's own
+    /// context (a saga does), so the runner drops them when it ends to break
+    /// that cycle.
+    pub(crate) fn clear_cancel_handlers(&self) {
+        let handlers = std::mem::take(&mut self.state().cancel_handlers);
+        drop(handlers);
+    }
+
     /// Registers work to run if a cancel request stops the body.
     pub(crate) fn on_cancel(&self, handler: CancelHandler) {
         self.state().cancel_handlers.push(handler);

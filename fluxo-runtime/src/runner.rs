@@ -110,6 +110,9 @@ async fn run_inner(
         },
     );
     worker.attach(&rec.id, run, Arc::clone(&inst));
+    // However this run ends (even aborted by an eviction), drop what could
+    // keep the instance alive through a reference cycle.
+    let _handlers = ClearHandlersOnDrop(Arc::clone(&inst));
     if replaying {
         tracing::debug!(events = claimed.next_event_id, "replaying from the journal");
     }
@@ -346,5 +349,14 @@ async fn finish(inst: &Instance, outcome: Result<RunOutcome, Abort>, created_at:
         Err(e) => {
             tracing::warn!(error = %e, "cannot record that the workflow {what}; it will run again")
         }
+    }
+}
+
+/// Clears an instance's cancellation handlers when dropped.
+struct ClearHandlersOnDrop(Arc<Instance>);
+
+impl Drop for ClearHandlersOnDrop {
+    fn drop(&mut self) {
+        self.0.clear_cancel_handlers();
     }
 }

@@ -47,6 +47,15 @@ pub async fn postgres_store() -> Option<Arc<dyn Store>> {
     Some(Arc::new(store))
 }
 
+/// A store under a fresh key prefix of the Redis test server
+/// (`FLUXO_TEST_REDIS_URL`); `None` (with a loud message) when the server
+/// is unreachable outside CI.
+#[cfg(feature = "redis")]
+pub async fn redis_store() -> Option<Arc<dyn Store>> {
+    let store = fluxo::store::redis::test_store_from_env().await?;
+    Some(Arc::new(store))
+}
+
 /// A unique path for a temporary SQLite file.
 pub fn temp_db_path() -> std::path::PathBuf {
     let dir = std::env::temp_dir().join("fluxo-tests");

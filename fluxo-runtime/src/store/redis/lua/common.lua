@@ -27,6 +27,65 @@ local function readykey(wk) return B .. 'ready:' .. wk end
 local function leasekey(wk) return B .. 'lease:' .. wk end
 local function ownerkey(owner) return B .. 'owner:' .. owner end
 
+-- Checks, before a script's first write, that the keys it will write hold
+-- what the store keeps there (or nothing): a script that failed half-way
+-- would leave half a change behind. The first problem is kept in `bad`.
+local bad = false
+
+local function need(key, want)
+  if bad then
+    return
+  end
+  local t = redis.call('TYPE', key)['ok']
+  if t ~= 'none' and t ~= want then
+    bad = 'key ' .. key .. ' holds a ' .. t .. ' where the store keeps a ' .. want
+  end
+end
+
+-- A counter: nothing yet, or a whole number.
+local function need_counter(key)
+  need(key, 'string')
+  if not bad then
+    local v = redis.call('GET', key)
+    if v and not tonumber(v) then
+      bad = 'key ' .. key .. ' holds ' .. v .. ' where the store keeps a counter'
+    end
+  end
+end
+
+-- An instance another one may wake or cancel: its hash and its index.
+local function need_instance(id)
+  local key = ikey(id)
+  need(key, 'hash')
+  if not bad then
+    local cur = redis.call('HMGET', key, 'wf', 'ver', 'ibx')
+    if cur[1] and cur[2] then
+      need(readykey(wfkey(cur[1], cur[2])), 'zset')
+    end
+    if cur[3] and not tonumber(cur[3]) and not bad then
+      bad = 'instance ' .. id .. ' has no valid inbox sequence'
+    end
+  end
+end
+
+-- The keys `create` writes, unless the instance exists already.
+local function need_new(id, wf, ver)
+  if redis.call('EXISTS', ikey(id)) == 0 then
+    need(readykey(wfkey(wf, ver)), 'zset')
+    need(B .. 'all', 'zset')
+    need(B .. 'wf:' .. wf, 'zset')
+    need(B .. 'st:running', 'zset')
+    need(B .. 'wfst:running:' .. wf, 'zset')
+    need_counter(B .. 'created')
+  end
+end
+
+-- The keys `unlease` writes.
+local function need_lease(wk, owner)
+  need(leasekey(wk), 'zset')
+  need(ownerkey(owner), 'set')
+end
+
 -- Publishes one notice for everything the script made runnable.
 local function flush()
   if notify then
