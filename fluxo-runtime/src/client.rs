@@ -109,6 +109,14 @@ impl Fluxo {
         Ok(Self::with_store(store))
     }
 
+    /// A Fluxo on Redis at `url`, keys under the prefix `fluxo`. See
+    /// [`RedisStore`](crate::store::redis::RedisStore) for options and the
+    /// durability you get.
+    #[cfg(feature = "redis")]
+    pub async fn redis(url: &str) -> Result<Self, Error> {
+        Ok(Self::with_store(crate::store::redis::RedisStore::connect(url).await?))
+    }
+
     /// The store.
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.shared.store
