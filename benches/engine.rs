@@ -2,7 +2,9 @@
 //! (latency), and 100 such workflows at once (throughput), on the in-memory
 //! backend, on SQLite (`synchronous=FULL` and `NORMAL`) and, with
 //! `--features postgres`, on Postgres (`synchronous_commit=on`,
-//! `FLUXO_TEST_POSTGRES_URL`).
+//! `FLUXO_TEST_POSTGRES_URL`), with `--features redis` on Redis
+//! (`FLUXO_TEST_REDIS_URL`), with `--features mongodb` on MongoDB
+//! (`FLUXO_TEST_MONGODB_URL`).
 //!
 //! `cargo bench --bench engine`
 
@@ -71,6 +73,10 @@ fn backends(
     #[cfg(feature = "postgres")]
     if let Some(store) = rt.block_on(fluxo::store::postgres::test_store_from_env()) {
         backends.push(("postgres", Arc::new(store)));
+    }
+    #[cfg(feature = "redis")]
+    if let Some(store) = rt.block_on(fluxo::store::redis::test_store_from_env()) {
+        backends.push(("redis", Arc::new(store)));
     }
     backends
 }
