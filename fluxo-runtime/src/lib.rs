@@ -5,10 +5,13 @@
 mod client;
 mod committer;
 mod context;
+pub mod dag;
 pub mod error;
+pub mod flow;
 pub mod history;
 mod instance;
 pub mod middleware;
+pub mod middleware_builtin;
 pub mod observe;
 pub mod payload;
 mod retry;

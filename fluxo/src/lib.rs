@@ -43,11 +43,11 @@
 pub use fluxo_macros::{signal, step, workflow};
 pub use fluxo_runtime::payload::Payload;
 pub use fluxo_runtime::{
-    error, history, middleware, observe, store, time, ChildCall, DecodeError, Error, Failure,
-    Fluxo, HasSignal, HistoryEntry, NonDeterminismError, RetryPolicy, Saga, Signal, SignalWait,
-    SignalWaitTimeout, StartOptions, StepCall, StepContext, StepError, StepOptions, Timeout,
-    Worker, WorkerBuilder, Workflow, WorkflowContext, WorkflowError, WorkflowHandle,
-    WorkflowStatus,
+    dag, error, flow, history, middleware, middleware_builtin, observe, store, time, ChildCall,
+    DecodeError, Error, Failure, Fluxo, HasSignal, HistoryEntry, NonDeterminismError, RetryPolicy,
+    Saga, Signal, SignalWait, SignalWaitTimeout, StartOptions, StepCall, StepContext, StepError,
+    StepOptions, Timeout, Worker, WorkerBuilder, Workflow, WorkflowContext, WorkflowError,
+    WorkflowHandle, WorkflowStatus,
 };
 
 /// serde, re-exported for the derives in the prelude.
@@ -74,3 +74,8 @@ pub use fluxo_runtime::__private;
 #[cfg(doctest)]
 #[doc = include_str!("../../README.md")]
 pub struct ReadmeDoctests;
+
+/// The flows guide's examples, compiled as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../../docs/flows.md")]
+pub struct FlowsGuideDoctests;
