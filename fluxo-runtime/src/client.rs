@@ -114,7 +114,9 @@ impl Fluxo {
     /// durability you get.
     #[cfg(feature = "redis")]
     pub async fn redis(url: &str) -> Result<Self, Error> {
-        Ok(Self::with_store(crate::store::redis::RedisStore::connect(url).await?))
+        Ok(Self::with_store(
+            crate::store::redis::RedisStore::connect(url).await?,
+        ))
     }
 
     /// The store.
@@ -338,6 +340,7 @@ impl Fluxo {
     pub async fn cancel(&self, id: &str) -> Result<(), Error> {
         match self.shared.store.request_cancel(id).await {
             Ok(_) => {
+                self.shared.cancel_local(id);
                 self.shared.notify_work();
                 Ok(())
             }

@@ -26,6 +26,8 @@ pub(crate) struct Shared {
     pub observer: OnceLock<Arc<dyn Observer>>,
     /// Middleware around every step attempt.
     pub middleware: OnceLock<MiddlewareStack>,
+    /// This process's workers, so a cancel reaches a running instance at once.
+    pub workers: std::sync::Mutex<Vec<std::sync::Weak<crate::worker::WorkerRuntime>>>,
 }
 
 impl Shared {
@@ -38,7 +40,18 @@ impl Shared {
             committer: OnceLock::new(),
             observer: OnceLock::new(),
             middleware: OnceLock::new(),
+            workers: std::sync::Mutex::new(Vec::new()),
         })
+    }
+
+    /// Tells a local worker running instance `id` that a cancel was
+    /// requested (other processes learn it from the store).
+    pub(crate) fn cancel_local(&self, id: &str) {
+        let mut workers = self.workers.lock().unwrap_or_else(|e| e.into_inner());
+        workers.retain(|w| w.strong_count() > 0);
+        for w in workers.iter().filter_map(std::sync::Weak::upgrade) {
+            w.cancel_live(id);
+        }
     }
 
     /// Calls `f` with the observer, if one is installed (so events are only

@@ -122,6 +122,12 @@ impl WorkerBuilder {
             cancel_grace: self.cancel_grace,
             next_run: AtomicU64::new(0),
         });
+        self.fluxo
+            .shared
+            .workers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Arc::downgrade(&rt));
         let task = tokio::spawn(Arc::clone(&rt).run(self.clone(), stop_rx));
         Worker {
             id,
@@ -359,6 +365,14 @@ impl WorkerRuntime {
                 parked_at: Instant::now(),
             },
         );
+    }
+
+    /// Passes a cancel request to instance `id` if it runs here.
+    pub(crate) fn cancel_live(&self, id: &str) {
+        let inst = self.live().get(id).and_then(|e| e.instance.clone());
+        if let Some(inst) = inst {
+            inst.request_cancel();
+        }
     }
 
     /// Called by a runner once it has rebuilt its instance.
