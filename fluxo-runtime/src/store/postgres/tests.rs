@@ -255,7 +255,7 @@ async fn work_notifications_come_from_other_stores() {
     let b = second_store(&a, &format!("{}_b", a.schema())).await;
     let mut rx = a.work_notifications().expect("notifications");
     assert!(
-        notified(&mut rx, Duration::from_secs(10)).await,
+        notified(&mut rx, Duration::from_secs(30)).await,
         "the listener reports that it is connected"
     );
     let mut again = a
@@ -336,7 +336,7 @@ async fn recovers_from_terminated_connections() {
     };
     let other = second_store(&store, &format!("{}_other", store.schema())).await;
     let mut rx = store.work_notifications().expect("notifications");
-    assert!(notified(&mut rx, Duration::from_secs(10)).await);
+    assert!(notified(&mut rx, Duration::from_secs(30)).await);
     let wf = "terminated";
     let c = started(&store, wf).await;
     // Fill the pool with idle connections.
