@@ -10,7 +10,12 @@
 fn ui() {
     let t = trybuild::TestCases::new();
     t.pass("tests/ui/pass/*.rs");
-    if cfg!(all(feature = "sqlite", feature = "postgres", feature = "redis", feature = "mongodb")) {
+    if cfg!(all(
+        feature = "sqlite",
+        feature = "postgres",
+        feature = "redis",
+        feature = "mongodb"
+    )) {
         t.compile_fail("tests/ui/fail/*.rs");
     } else {
         eprintln!(
