@@ -356,7 +356,11 @@ impl Fluxo {
             let notified = self.shared.finished.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let rec = self.instance(id).await?;
+            // A lost connection while waiting is retried, not returned.
+            let store = &self.shared.store;
+            let rec = crate::instance::retry_transient(|| store.get_instance(id))
+                .await?
+                .ok_or_else(|| Error::NotFound { id: id.to_owned() })?;
             if rec.status.is_finished() {
                 return Ok(rec);
             }
