@@ -1,0 +1,452 @@
+//! What every engine's workloads share: the step probe (which records when
+//! each step body ran), process memory, the storage target of a run, and the
+//! result a child process reports.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+// ----- step probe --------------------------------------------------------------
+
+static T0: OnceLock<Instant> = OnceLock::new();
+static TIMES: OnceLock<Vec<AtomicU64>> = OnceLock::new();
+static RECORD: AtomicBool = AtomicBool::new(false);
+static STEPS_RUN: AtomicU64 = AtomicU64::new(0);
+static KILL_AT: AtomicU64 = AtomicU64::new(0);
+static GATE_CLOSED: AtomicBool = AtomicBool::new(false);
+static GATE: tokio::sync::Notify = tokio::sync::Notify::const_new();
+
+/// Holds step bodies back while closed (a recovery "load" child closes it
+/// until every workflow has been started); free when open.
+pub async fn gate() {
+    while GATE_CLOSED.load(Ordering::Acquire) {
+        let notified = GATE.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if !GATE_CLOSED.load(Ordering::Acquire) {
+            break;
+        }
+        notified.await;
+    }
+}
+
+pub fn close_gate() {
+    GATE_CLOSED.store(true, Ordering::Release);
+}
+
+pub fn open_gate() {
+    GATE_CLOSED.store(false, Ordering::Release);
+    GATE.notify_waiters();
+}
+
+fn t0() -> Instant {
+    *T0.get_or_init(Instant::now)
+}
+
+/// Nanoseconds since the probe's epoch (never 0 once the probe is set up).
+pub fn now_ns() -> u64 {
+    t0().elapsed().as_nanos() as u64 + 1
+}
+
+/// Prepares the probe to record the time of steps `0..capacity` by index.
+pub fn probe_record(capacity: usize) {
+    let _ = t0();
+    let times = TIMES.get_or_init(|| (0..capacity).map(|_| AtomicU64::new(0)).collect());
+    assert!(times.len() >= capacity, "probe already set up smaller");
+    for t in times.iter() {
+        t.store(0, Ordering::Relaxed);
+    }
+    RECORD.store(true, Ordering::SeqCst);
+}
+
+/// Stops recording step times (counting goes on).
+pub fn probe_stop_recording() {
+    RECORD.store(false, Ordering::SeqCst);
+}
+
+/// The body of every no-op step: counts it and, when recording, notes when
+/// step `index` first ran.
+#[inline]
+pub fn step_body(index: u32) {
+    let n = STEPS_RUN.fetch_add(1, Ordering::Relaxed) + 1;
+    if n == KILL_AT.load(Ordering::Relaxed) {
+        kill_self(n);
+    }
+    if RECORD.load(Ordering::Relaxed) {
+        if let Some(slot) = TIMES.get().and_then(|t| t.get(index as usize)) {
+            let _ = slot.compare_exchange(0, now_ns(), Ordering::Relaxed, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Makes the step body that brings the count of steps run to `n` (or the
+/// next one, if `n` has passed) SIGKILL this process.
+pub fn kill_at(n: u64) {
+    let n = n.max(STEPS_RUN.load(Ordering::SeqCst) + 1);
+    KILL_AT.store(n, Ordering::SeqCst);
+    if STEPS_RUN.load(Ordering::SeqCst) >= n {
+        kill_self(STEPS_RUN.load(Ordering::SeqCst));
+    }
+}
+
+/// Tells the parent how many steps ran, then SIGKILLs this process: no
+/// destructor, no flush, no graceful shutdown of anything.
+fn kill_self(steps: u64) -> ! {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "KILLED {steps}");
+    let _ = out.flush();
+    unsafe {
+        libc::kill(libc::getpid(), libc::SIGKILL);
+    }
+    loop {
+        std::thread::park();
+    }
+}
+
+/// Step bodies run so far in this process.
+pub fn steps_run() -> u64 {
+    STEPS_RUN.load(Ordering::Relaxed)
+}
+
+/// When step `index` first ran (ns since the probe epoch), if it did.
+pub fn step_time(index: usize) -> Option<u64> {
+    TIMES
+        .get()
+        .and_then(|t| t.get(index))
+        .map(|t| t.load(Ordering::Relaxed))
+        .filter(|&t| t != 0)
+}
+
+/// Mean gap between consecutive step starts over steps `from..=to`, in µs.
+pub fn mean_step_gap_us(from: usize, to: usize) -> Option<f64> {
+    let a = step_time(from)?;
+    let b = step_time(to)?;
+    if to <= from || b < a {
+        return None;
+    }
+    Some((b - a) as f64 / 1e3 / (to - from) as f64)
+}
+
+/// Median gap between consecutive step starts over steps `from..=to`, µs.
+pub fn median_gap_us(from: usize, to: usize) -> Option<f64> {
+    let mut gaps = Vec::new();
+    for i in from..to {
+        let (a, b) = (step_time(i)?, step_time(i + 1)?);
+        gaps.push(b.saturating_sub(a) as f64 / 1e3);
+    }
+    gaps.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    gaps.get(gaps.len() / 2).copied()
+}
+
+/// The highest step index recorded.
+pub fn last_recorded_step() -> Option<usize> {
+    let times = TIMES.get()?;
+    times.iter().rposition(|t| t.load(Ordering::Relaxed) != 0)
+}
+
+// ----- process memory ------------------------------------------------------------
+
+/// Resident set size of this process, in KiB (from /proc/self/status).
+pub fn rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Waits until the RSS stops growing (two readings 500 ms apart within 1 %),
+/// at most `max`.
+pub async fn settle_rss(max: Duration) -> u64 {
+    let deadline = Instant::now() + max;
+    let mut last = rss_kib();
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = rss_kib();
+        if (now as f64 - last as f64).abs() <= last as f64 * 0.01 || Instant::now() >= deadline {
+            return now;
+        }
+        last = now;
+    }
+}
+
+// ----- engines, backends, workloads --------------------------------------------------
+
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum Engine {
+    Fluxo,
+    Durare,
+    Duroxide,
+}
+
+impl Engine {
+    pub fn name(self) -> &'static str {
+        match self {
+            Engine::Fluxo => "fluxo",
+            Engine::Durare => "durare",
+            Engine::Duroxide => "duroxide",
+        }
+    }
+}
+
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum Backend {
+    /// No durability: each engine's in-memory store.
+    Memory,
+    /// SQLite, WAL, synchronous=FULL.
+    SqliteFull,
+    /// SQLite, WAL, synchronous=NORMAL.
+    SqliteNormal,
+    /// Postgres with the server's synchronous_commit (on by default).
+    Postgres,
+    /// Fluxo only, when built with the `redis` feature.
+    Redis,
+    /// Fluxo only, when built with the `mongodb` feature.
+    Mongodb,
+}
+
+impl Backend {
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Memory => "memory",
+            Backend::SqliteFull => "sqlite-full",
+            Backend::SqliteNormal => "sqlite-normal",
+            Backend::Postgres => "postgres",
+            Backend::Redis => "redis",
+            Backend::Mongodb => "mongodb",
+        }
+    }
+
+    pub fn is_sqlite(self) -> bool {
+        matches!(self, Backend::SqliteFull | Backend::SqliteNormal)
+    }
+
+    /// The durability a run on this backend asks of every engine.
+    pub fn durability(self) -> &'static str {
+        match self {
+            Backend::Memory => "none (in-process)",
+            Backend::SqliteFull => "SQLite WAL, synchronous=FULL (fsync per commit)",
+            Backend::SqliteNormal => "SQLite WAL, synchronous=NORMAL (survives a process crash)",
+            Backend::Postgres => "Postgres, synchronous_commit=on (server default)",
+            Backend::Redis => "Redis as configured on the server",
+            Backend::Mongodb => "MongoDB as configured on the server",
+        }
+    }
+}
+
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum Workload {
+    /// One workflow of 100 sequential no-op steps.
+    Sequential,
+    /// 1,000 workflows of 10 steps, 100 in flight.
+    Throughput,
+    /// Per-step cost early and late in one long workflow.
+    History,
+    /// Memory per workflow parked on a signal.
+    Parked,
+    /// Resuming in-flight workflows in a fresh process after kill -9.
+    Recovery,
+}
+
+impl Workload {
+    pub fn name(self) -> &'static str {
+        match self {
+            Workload::Sequential => "sequential",
+            Workload::Throughput => "throughput",
+            Workload::History => "history",
+            Workload::Parked => "parked",
+            Workload::Recovery => "recovery",
+        }
+    }
+}
+
+/// Where a run keeps its state.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Target {
+    pub backend: Backend,
+    /// SQLite database file.
+    pub path: Option<PathBuf>,
+    /// Postgres (or Redis, MongoDB) URL of a database of this run's own.
+    pub url: Option<String>,
+    /// A name unique to this run (schemas, key prefixes).
+    pub tag: String,
+}
+
+impl Target {
+    pub fn path(&self) -> &std::path::Path {
+        self.path.as_deref().expect("a SQLite target has a path")
+    }
+    pub fn url(&self) -> &str {
+        self.url.as_deref().expect("a server target has a URL")
+    }
+    pub fn synchronous_full(&self) -> bool {
+        self.backend == Backend::SqliteFull
+    }
+}
+
+/// What a child is asked to do.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Spec {
+    pub engine: Engine,
+    pub workload: Workload,
+    pub target: Target,
+    /// `run`, or for recovery `load` / `resume`.
+    pub mode: String,
+    pub params: Params,
+    /// The variant of the engine's setup (e.g. Fluxo's cache size).
+    pub variant: Option<String>,
+}
+
+/// Sizes of the workloads.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Params {
+    pub seq_steps: u32,
+    pub tp_workflows: u32,
+    pub tp_steps: u32,
+    pub tp_in_flight: u32,
+    pub hist_steps: u32,
+    pub hist_window: u32,
+    pub parked: u32,
+    pub rec_workflows: u32,
+    pub rec_steps: u32,
+    /// Seconds a child may spend on its workload before it reports what it
+    /// reached.
+    pub budget_s: f64,
+    /// duroxide's dispatcher_min_poll_interval, ms.
+    pub duroxide_poll_ms: u64,
+    /// duroxide's orchestration and worker concurrency for the workloads
+    /// with many workflows at once.
+    pub duroxide_concurrency: usize,
+}
+
+/// What a child reports.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct CellResult {
+    pub metrics: BTreeMap<String, f64>,
+    /// Facts about the run (durability actually in force, limits hit).
+    pub notes: Vec<String>,
+    /// Set when the workload could not be done at all.
+    pub error: Option<String>,
+}
+
+impl CellResult {
+    pub fn set(&mut self, k: &str, v: f64) {
+        self.metrics.insert(k.to_owned(), v);
+    }
+    pub fn note(&mut self, s: impl Into<String>) {
+        self.notes.push(s.into());
+    }
+}
+
+/// Percentile of sorted values (nearest rank).
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// Per-step timings of a sequential run from the probe: the mean gap between
+/// step starts over the whole run (engine latency per step).
+pub fn sequential_metrics(r: &mut CellResult, steps: u32, e2e: Duration) {
+    if let Some(gap) = mean_step_gap_us(0, steps as usize - 1) {
+        r.set("step_us", gap);
+    }
+    r.set("e2e_step_us", e2e.as_secs_f64() * 1e6 / steps as f64);
+}
+
+/// History metrics from the probe: the per-step cost over the first window
+/// and over the last window reached.
+pub fn history_metrics(r: &mut CellResult, steps: u32, window: u32) {
+    let w = window as usize;
+    if let Some(early) = mean_step_gap_us(1, w) {
+        r.set("early_us", early);
+    }
+    let last = last_recorded_step().unwrap_or(0);
+    r.set("reached_step", last as f64 + 1.0);
+    let end = last.min(steps as usize - 1);
+    if end >= 3 * w {
+        if let Some(late) = mean_step_gap_us(end - w, end) {
+            r.set("late_us", late);
+            r.set("late_at", (end - w) as f64 + 1.0);
+        }
+    }
+    if let (Some(e), Some(l)) = (r.metrics.get("early_us"), r.metrics.get("late_us")) {
+        r.set("late_over_early", l / e);
+    }
+    // The same with the median step gap of each window, which one slow
+    // commit (a WAL checkpoint, a busy disk) does not move.
+    if end >= 3 * w {
+        if let (Some(e), Some(l)) = (median_gap_us(1, w), median_gap_us(end - w, end)) {
+            r.set("late_over_early_median", l / e);
+        }
+    }
+}
+
+/// The instant `budget_s` seconds from now.
+pub fn deadline(budget_s: f64) -> Instant {
+    Instant::now() + Duration::from_secs_f64(budget_s)
+}
+
+/// Runs `f(0..n)` with up to `concurrency` calls in flight, until `end`.
+/// Returns the outputs of the calls that succeeded and the first error.
+pub async fn start_concurrently<T, E, Fut>(
+    n: u32,
+    concurrency: usize,
+    end: Instant,
+    f: impl Fn(u32) -> Fut,
+) -> (Vec<T>, Option<String>)
+where
+    Fut: std::future::Future<Output = Result<T, E>> + Send + 'static,
+    T: Send + 'static,
+    E: std::fmt::Display + Send + 'static,
+{
+    let mut set = tokio::task::JoinSet::new();
+    let mut out = Vec::with_capacity(n as usize);
+    let mut err: Option<String> = None;
+    let mut take =
+        |res: Result<Result<T, E>, tokio::task::JoinError>, err: &mut Option<String>| match res {
+            Ok(Ok(t)) => out.push(t),
+            Ok(Err(e)) => {
+                err.get_or_insert(e.to_string());
+            }
+            Err(e) => {
+                err.get_or_insert(e.to_string());
+            }
+        };
+    for i in 0..n {
+        if Instant::now() >= end || err.is_some() {
+            break;
+        }
+        while set.len() >= concurrency {
+            match set.join_next().await {
+                Some(res) => take(res, &mut err),
+                None => break,
+            }
+        }
+        set.spawn(f(i));
+    }
+    while let Some(res) = set.join_next().await {
+        take(res, &mut err);
+    }
+    (out, err)
+}
+
+/// Workflows started at once by the parked workload's starter.
+pub const STARTERS: usize = 64;
