@@ -1,38 +1,12 @@
 //! The behavioural conformance suite: the same workflow tests against every
 //! backend. Adding a backend means adding one module in `backend_tests!`.
 
+#[macro_use]
 mod common;
 #[path = "conformance/suite.rs"]
 mod suite;
 #[path = "conformance/workflows.rs"]
 mod workflows;
-
-/// One module per backend; each test gets a fresh store from `$make`
-/// (`None`: the backend's server is unreachable outside CI, so the test is
-/// skipped with a loud message).
-macro_rules! backend_tests {
-    ($($name:ident),* $(,)?) => {
-        backend_tests!(@backend memory, crate::common::memory_store; $($name),*);
-        #[cfg(feature = "sqlite")]
-        backend_tests!(@backend sqlite, crate::common::sqlite_store; $($name),*);
-        #[cfg(feature = "postgres")]
-        backend_tests!(@backend postgres, crate::common::postgres_store; $($name),*);
-        #[cfg(feature = "redis")]
-        backend_tests!(@backend redis, crate::common::redis_store; $($name),*);
-    };
-    (@backend $backend:ident, $make:path; $($name:ident),*) => {
-        mod $backend {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    if let Some(store) = $make().await {
-                        crate::suite::$name(store).await
-                    }
-                }
-            )*
-        }
-    };
-}
 
 backend_tests!(
     typed_result,

@@ -2,6 +2,7 @@
 //! property tests over random DAGs (in-memory backend). Adding a backend
 //! means adding one line to `backend_tests!`.
 
+#[macro_use]
 mod common;
 #[path = "flow/helpers.rs"]
 mod helpers;
@@ -17,33 +18,6 @@ use fluxo::prelude::*;
 use fluxo::Error;
 use proptest::prelude::*;
 use serde_json::{json, Value};
-
-/// One module per backend; each test gets a fresh store from `$make`
-/// (`None`: the backend's server is unreachable outside CI, so the test is
-/// skipped).
-macro_rules! backend_tests {
-    ($($name:ident),* $(,)?) => {
-        backend_tests!(@backend memory, crate::common::memory_store; $($name),*);
-        #[cfg(feature = "sqlite")]
-        backend_tests!(@backend sqlite, crate::common::sqlite_store; $($name),*);
-        #[cfg(feature = "postgres")]
-        backend_tests!(@backend postgres, crate::common::postgres_store; $($name),*);
-        #[cfg(feature = "redis")]
-        backend_tests!(@backend redis, crate::common::redis_store; $($name),*);
-    };
-    (@backend $backend:ident, $make:path; $($name:ident),*) => {
-        mod $backend {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    if let Some(store) = $make().await {
-                        crate::suite::$name(store).await
-                    }
-                }
-            )*
-        }
-    };
-}
 
 backend_tests!(
     dependency_order_and_outputs,

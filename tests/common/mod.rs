@@ -127,3 +127,32 @@ pub fn push_log(key: &str, what: &str) {
 pub fn log_of(key: &str) -> Vec<String> {
     logs().get(key).cloned().unwrap_or_default()
 }
+
+/// Instantiates the tests of `crate::suite` once per backend: a module per
+/// backend, a `#[tokio::test]` per name, each with a fresh store from that
+/// backend (`None`: its server is unreachable outside CI, so the test is
+/// skipped with a loud message). Adding a backend is one line here.
+#[allow(unused_macros)] // test binaries without a per-backend suite
+macro_rules! backend_tests {
+    ($($name:ident),* $(,)?) => {
+        backend_tests!(@backend memory, crate::common::memory_store; $($name),*);
+        #[cfg(feature = "sqlite")]
+        backend_tests!(@backend sqlite, crate::common::sqlite_store; $($name),*);
+        #[cfg(feature = "postgres")]
+        backend_tests!(@backend postgres, crate::common::postgres_store; $($name),*);
+        #[cfg(feature = "redis")]
+        backend_tests!(@backend redis, crate::common::redis_store; $($name),*);
+    };
+    (@backend $backend:ident, $make:path; $($name:ident),*) => {
+        mod $backend {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    if let Some(store) = $make().await {
+                        crate::suite::$name(store).await
+                    }
+                }
+            )*
+        }
+    };
+}
