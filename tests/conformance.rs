@@ -1,5 +1,5 @@
 //! The behavioural conformance suite: the same workflow tests against every
-//! backend. Adding a backend means adding one module in `backend_tests!`.
+//! backend. Adding a backend means adding one line to `backend_tests!` in `tests/common/mod.rs`.
 
 #[macro_use]
 mod common;

@@ -1,6 +1,6 @@
 //! The DAG API (`fluxo::dag`) on every backend, build-time checks, and
 //! property tests over random DAGs (in-memory backend). Adding a backend
-//! means adding one line to `backend_tests!`.
+//! means adding one line to `backend_tests!` in `tests/common/mod.rs`.
 
 #[macro_use]
 mod common;

@@ -1,6 +1,6 @@
 //! The builder API (`fluxo::flow`) on every backend: each primitive, and
 //! crash/replay in the middle of loops and parallel blocks. Adding a backend
-//! means adding one line to `backend_tests!`.
+//! means adding one line to `backend_tests!` in `tests/common/mod.rs`.
 
 #[macro_use]
 mod common;
