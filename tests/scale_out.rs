@@ -41,6 +41,9 @@ enum Target {
     /// URL and key prefix.
     #[cfg(feature = "redis")]
     Redis(String, String),
+    /// URL and database.
+    #[cfg(feature = "mongodb")]
+    Mongodb(String, String),
 }
 
 impl Target {
@@ -51,6 +54,8 @@ impl Target {
             Target::Postgres(url, schema) => ("postgres".into(), format!("{schema} {url}")),
             #[cfg(feature = "redis")]
             Target::Redis(url, prefix) => ("redis".into(), format!("{prefix} {url}")),
+            #[cfg(feature = "mongodb")]
+            Target::Mongodb(url, database) => ("mongodb".into(), format!("{database} {url}")),
         }
     }
 
@@ -68,6 +73,11 @@ impl Target {
             "redis" => {
                 let (prefix, url) = at.split_once(' ')?;
                 Some(Target::Redis(url.into(), prefix.into()))
+            }
+            #[cfg(feature = "mongodb")]
+            "mongodb" => {
+                let (database, url) = at.split_once(' ')?;
+                Some(Target::Mongodb(url.into(), database.into()))
             }
             _ => None,
         }
@@ -89,6 +99,12 @@ impl Target {
                 use fluxo::store::redis::{RedisOptions, RedisStore};
                 let options = RedisOptions::new(url.clone()).prefix(prefix.clone());
                 Arc::new(RedisStore::connect_with(options).await.unwrap())
+            }
+            #[cfg(feature = "mongodb")]
+            Target::Mongodb(url, database) => {
+                use fluxo::store::mongodb::{MongoOptions, MongoStore};
+                let options = MongoOptions::new(url.clone()).database(database.clone());
+                Arc::new(MongoStore::connect_with(options).await.unwrap())
             }
         }
     }
@@ -135,6 +151,30 @@ impl Drop for Workers {
     }
 }
 
+/// Whether a running instance has a step journaled by worker process `pid`.
+async fn has_partial_work(fluxo: &Fluxo, pid: u32) -> bool {
+    let running = fluxo
+        .list(fluxo::store::ListFilter {
+            status: Some(WorkflowStatus::Running),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    for instance in running {
+        let Ok(history) = fluxo.history(&instance.id).await else {
+            continue; // finished and changed meanwhile
+        };
+        let by_pid = history.iter().any(|e| match &e.event {
+            Event::StepCompleted { output, .. } => output[1] == pid,
+            _ => false,
+        });
+        if by_pid {
+            return true;
+        }
+    }
+    false
+}
+
 async fn run_scale_out(target: Target, store: Arc<dyn Store>, processes: usize, workflows: usize) {
     let fluxo = Fluxo::from_store(Arc::clone(&store));
     let mut handles = Vec::with_capacity(workflows);
@@ -156,14 +196,20 @@ async fn run_scale_out(target: Target, store: Arc<dyn Store>, processes: usize, 
             .unwrap()
             .len()
     };
+    let victim = workers.0[0].id();
     while completed().await < workflows / 4 {
         assert!(started.elapsed() < Duration::from_secs(120), "no progress");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    // Completions come in bursts; kill mid-way between two, when the
-    // victim's instances have some steps journaled and some not.
-    tokio::time::sleep(Duration::from_millis(45)).await;
-    let victim = workers.0[0].id();
+    // Kill when the victim has instances with some steps journaled and
+    // some not.
+    while !has_partial_work(&fluxo, victim).await {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "the victim never had unfinished work"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     workers.0[0].kill().unwrap();
     workers.0[0].wait().unwrap();
     let at_kill = completed().await;
@@ -205,7 +251,8 @@ async fn run_scale_out(target: Target, store: Arc<dyn Store>, processes: usize, 
     }
     assert!(
         taken_over > 0,
-        "some instances the killed worker had started were finished by another"
+        "some instances the killed worker had started were finished by another \
+         (killed at {at_kill} done; {by_victim} touched by it, none taken over)"
     );
     eprintln!(
         "scale-out: {workflows} workflows x {STEPS} steps on {processes} processes, killed one at {at_kill} done, \
@@ -243,4 +290,18 @@ async fn three_processes_on_one_redis() {
         std::env::var("FLUXO_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
     let target = Target::Redis(url, store.prefix().to_owned());
     run_scale_out(target, Arc::new(store), 3, 1_000).await;
+}
+
+#[cfg(feature = "mongodb")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_processes_on_one_mongodb() {
+    let Some(store) = fluxo::store::mongodb::test_store_from_env().await else {
+        return;
+    };
+    let url = std::env::var("FLUXO_TEST_MONGODB_URL")
+        .unwrap_or_else(|_| "mongodb://127.0.0.1:27017/?directConnection=true".into());
+    let target = Target::Mongodb(url, store.database_name().to_owned());
+    // The MongoDB-compatible test server takes a few hundred writes per
+    // second, so fewer workflows than on the other servers.
+    run_scale_out(target, Arc::new(store), 3, 150).await;
 }

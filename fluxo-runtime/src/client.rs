@@ -119,6 +119,18 @@ impl Fluxo {
         ))
     }
 
+    /// A Fluxo on MongoDB at `url` (a replica set or sharded cluster of
+    /// MongoDB 6 or later; a standalone server works without transactions),
+    /// in database `fluxo`. See
+    /// [`MongoStore`](crate::store::mongodb::MongoStore) for options and the
+    /// durability you get.
+    #[cfg(feature = "mongodb")]
+    pub async fn mongodb(url: &str) -> Result<Self, Error> {
+        Ok(Self::with_store(
+            crate::store::mongodb::MongoStore::connect(url).await?,
+        ))
+    }
+
     /// The store.
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.shared.store

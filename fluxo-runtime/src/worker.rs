@@ -274,7 +274,7 @@ impl WorkerRuntime {
                     match self.shared.store.claim(&req).await {
                         Ok(batch) => {
                             backoff = Duration::from_millis(50);
-                            full_batch = batch.claimed.len() == req.limit;
+                            full_batch = batch.more || batch.claimed.len() == req.limit;
                             next_wake = batch.next_wake;
                             for c in batch.claimed {
                                 self.dispatch(c, &mut tasks);

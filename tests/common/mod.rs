@@ -56,6 +56,15 @@ pub async fn redis_store() -> Option<Arc<dyn Store>> {
     Some(Arc::new(store))
 }
 
+/// A store on a fresh database of the MongoDB test server
+/// (`FLUXO_TEST_MONGODB_URL`); `None` (with a loud message) when the server
+/// is unreachable outside CI.
+#[cfg(feature = "mongodb")]
+pub async fn mongodb_store() -> Option<Arc<dyn Store>> {
+    let store = fluxo::store::mongodb::test_store_from_env().await?;
+    Some(Arc::new(store))
+}
+
 /// A unique path for a temporary SQLite file.
 pub fn temp_db_path() -> std::path::PathBuf {
     let dir = std::env::temp_dir().join("fluxo-tests");
@@ -142,6 +151,8 @@ macro_rules! backend_tests {
         backend_tests!(@backend postgres, crate::common::postgres_store; $($name),*);
         #[cfg(feature = "redis")]
         backend_tests!(@backend redis, crate::common::redis_store; $($name),*);
+        #[cfg(feature = "mongodb")]
+        backend_tests!(@backend mongodb, crate::common::mongodb_store; $($name),*);
     };
     (@backend $backend:ident, $make:path; $($name:ident),*) => {
         mod $backend {

@@ -57,6 +57,7 @@ pub async fn run_all(store: &dyn Store) {
     concurrent_claims_never_share_an_instance(store).await;
     cancel_instances_written_by_the_same_commit(store).await;
     signal_ids_are_never_reused(store).await;
+    continue_as_new_restarts_with_an_empty_journal(store).await;
 }
 
 /// Generates one `#[tokio::test]` per check of the store conformance suite.
@@ -130,6 +131,7 @@ macro_rules! store_conformance_tests {
             concurrent_claims_never_share_an_instance,
             cancel_instances_written_by_the_same_commit,
             signal_ids_are_never_reused,
+            continue_as_new_restarts_with_an_empty_journal,
         );
     };
     (optional: $(#[$meta:meta])* $make:expr $(,)?) => {
@@ -1731,6 +1733,93 @@ pub async fn signal_ids_are_never_reused(store: &dyn Store) {
     );
     let (signal, _) = next_signal(store, &id, "s").await;
     assert_eq!(signal.map(|s| s.signal_id), Some(second));
+}
+
+/// Continue-as-new is fenced like a commit, empties the journal, keeps the
+/// id, inbox and cancel request, and makes the instance runnable at once;
+/// the next run's journal starts at 0 under a newer lease.
+pub async fn continue_as_new_restarts_with_an_empty_journal(store: &dyn Store) {
+    let wf = unique("wf");
+    let id = create(store, &wf, 1).await;
+    let c = claim_one(store, &id, &wf, LONG).await;
+    let events: Vec<_> = (0..3).map(|i| event(i, i, "old")).collect();
+    assert_eq!(
+        apply(store, commit(&c, events, Transition::None)).await,
+        applied(false)
+    );
+    let kept = send(store, &id, "s", "kept").await;
+
+    // A stale lease writes nothing.
+    assert_eq!(
+        store
+            .continue_as_new(&id, c.lease_token + 1, b"stale".to_vec())
+            .await
+            .expect("continue-as-new"),
+        CommitOutcome::LeaseLost
+    );
+    assert_eq!(history(store, &id).await.len(), 3);
+
+    assert_eq!(
+        store
+            .continue_as_new(&id, c.lease_token, b"next".to_vec())
+            .await
+            .expect("continue-as-new"),
+        applied(false)
+    );
+    let record = get(store, &id).await;
+    assert_eq!(record.status, InstanceStatus::Running);
+    assert_eq!(record.input, b"next".to_vec());
+    assert!(history(store, &id).await.is_empty());
+    let (signal, _) = next_signal(store, &id, "s").await;
+    assert_eq!(signal.map(|s| s.signal_id), Some(kept), "the inbox is kept");
+
+    // The old lease is gone; the instance is claimable at once.
+    assert_eq!(
+        apply(
+            store,
+            commit(&c, vec![event(0, 0, "late")], Transition::None)
+        )
+        .await,
+        CommitOutcome::LeaseLost
+    );
+    let again = claim_one(store, &id, &wf, LONG).await;
+    assert!(again.lease_token > c.lease_token);
+    assert_eq!(again.next_event_id, 0);
+    assert_eq!(again.record.input, b"next".to_vec());
+    assert_eq!(
+        apply(
+            store,
+            commit(&again, vec![event(0, 0, "new")], Transition::None)
+        )
+        .await,
+        applied(false)
+    );
+    let journal = history(store, &id).await;
+    assert_eq!(journal.len(), 1);
+    assert_eq!(journal[0].kind, "new");
+
+    // Unknown instances are reported, finished ones refuse.
+    assert!(matches!(
+        store
+            .continue_as_new(&unique("missing"), 1, Vec::new())
+            .await,
+        Err(StoreError::NotFound(_))
+    ));
+    assert_eq!(
+        apply(
+            store,
+            commit(&again, vec![], Transition::Complete { output: Vec::new() })
+        )
+        .await,
+        applied(false)
+    );
+    assert_eq!(
+        store
+            .continue_as_new(&id, again.lease_token, Vec::new())
+            .await
+            .expect("continue-as-new"),
+        CommitOutcome::LeaseLost
+    );
 }
 
 #[cfg(all(test, feature = "memory"))]

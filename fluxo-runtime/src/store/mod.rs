@@ -202,6 +202,10 @@ pub struct ClaimBatch {
     /// Earliest future time at which another instance becomes runnable, if
     /// known; the worker sleeps until then at most.
     pub next_wake: Option<Millis>,
+    /// The store stopped before `limit` on purpose (it hands out instances
+    /// in smaller batches so the first ones start sooner) and more may be
+    /// runnable: the worker claims again at once instead of waiting.
+    pub more: bool,
 }
 
 /// A signal waiting in an instance's inbox.

@@ -1094,7 +1094,11 @@ async fn claim_tx(conn: &mut SqliteConnection, req: &ClaimRequest) -> StoreResul
     }
     tx.commit().await.map_err(db_err)?;
     claimed.sort_by_key(|c| c.record.created_at);
-    Ok(ClaimBatch { claimed, next_wake })
+    Ok(ClaimBatch {
+        claimed,
+        next_wake,
+        more: false,
+    })
 }
 
 async fn send_signal_tx(

@@ -875,7 +875,11 @@ impl Store for RedisStore {
                 next_event_id: into_u64(length, "claim")?,
             });
         }
-        Ok(ClaimBatch { claimed, next_wake })
+        Ok(ClaimBatch {
+            claimed,
+            next_wake,
+            more: false,
+        })
     }
 
     async fn renew_leases(&self, owner: &str, lease: Duration) -> StoreResult<Vec<String>> {
