@@ -364,8 +364,9 @@ impl Fluxo {
     /// Waits until an instance finishes and returns its record.
     pub async fn wait_finished(&self, id: &str) -> Result<InstanceRecord, Error> {
         let mut poll = Duration::from_millis(2);
+        let watch = self.shared.finished.watch(id);
         loop {
-            let notified = self.shared.finished.notified();
+            let notified = watch.notify().notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
             // A lost connection while waiting is retried, not returned.

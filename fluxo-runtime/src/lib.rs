@@ -7,6 +7,7 @@ mod committer;
 mod context;
 pub mod dag;
 pub mod error;
+mod finish_watch;
 pub mod flow;
 pub mod history;
 mod instance;

@@ -124,7 +124,7 @@ async fn run_inner(
     finish(&inst, outcome, rec.created_at).await;
     inst.release_permit();
     worker.detach(&rec.id, run);
-    shared.finished.notify_waiters();
+    shared.finished.finished(&rec.id);
 }
 
 /// Runs the workflow body; if a cancel request stops it, runs its

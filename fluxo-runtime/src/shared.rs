@@ -3,9 +3,10 @@
 
 use std::sync::{Arc, OnceLock, RwLock};
 
-use tokio::sync::{watch, Notify};
+use tokio::sync::watch;
 
 use crate::committer::Committer;
+use crate::finish_watch::FinishWatches;
 use crate::middleware::MiddlewareStack;
 use crate::observe::Observer;
 use crate::store::{Commit, CommitOutcome, Store, StoreResult};
@@ -17,8 +18,8 @@ pub(crate) struct Shared {
     /// Bumped when this process creates or wakes work, so local workers
     /// claim at once instead of waiting for their next poll.
     pub work: watch::Sender<u64>,
-    /// Notified when an instance finishes in this process.
-    pub finished: Notify,
+    /// Callers waiting for an instance to finish in this process.
+    pub finished: Arc<FinishWatches>,
     /// Group-commit writer, started on first use for stores that prefer
     /// batches.
     committer: OnceLock<Committer>,
@@ -36,7 +37,7 @@ impl Shared {
             store,
             registry: RwLock::new(Registry::default()),
             work: watch::Sender::new(0),
-            finished: Notify::new(),
+            finished: Arc::default(),
             committer: OnceLock::new(),
             observer: OnceLock::new(),
             middleware: OnceLock::new(),
