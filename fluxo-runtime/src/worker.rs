@@ -60,6 +60,15 @@ impl WorkerBuilder {
     }
 
     /// Worker identity in leases (default: a random id).
+    ///
+    /// Give each worker process a stable id that no other live process
+    /// uses (a host or pod name, say): a process that starts under the id
+    /// of one that died takes over that process's instances at once,
+    /// instead of after their leases expire. It ends every lease held under
+    /// its id when it starts; the instances are claimed again under new
+    /// lease tokens, so anything the old process might still write is
+    /// fenced off. Two live processes with one id stay correct (fencing)
+    /// but take work from each other on every start.
     pub fn id(mut self, id: impl Into<String>) -> Self {
         self.id = Some(id.into());
         self
@@ -258,6 +267,9 @@ impl WorkerRuntime {
         } else {
             Duration::from_millis(100)
         });
+        if cfg.id.is_some() {
+            self.take_over_own_leases().await;
+        }
         let mut backoff = Duration::from_millis(50);
         while !*stop.borrow() {
             let free = self.semaphore.available_permits();
@@ -368,6 +380,26 @@ impl WorkerRuntime {
     }
 
     /// Passes a cancel request to instance `id` if it runs here.
+    /// Ends the leases held under this worker's id, which belong to an
+    /// earlier process of the same id (this one holds none yet), so the
+    /// claims that follow take those instances at once.
+    async fn take_over_own_leases(&self) {
+        // A renewal to zero length ends each lease now.
+        match self
+            .shared
+            .store
+            .renew_leases(&self.id, Duration::ZERO)
+            .await
+        {
+            Ok(_) => {
+                tracing::debug!(worker = %self.id, "ended leases left by an earlier process of this id")
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, worker = %self.id, "cannot end leases left under this id; they expire on their own")
+            }
+        }
+    }
+
     pub(crate) fn cancel_live(&self, id: &str) {
         let inst = self.live().get(id).and_then(|e| e.instance.clone());
         if let Some(inst) = inst {

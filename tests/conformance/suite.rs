@@ -512,6 +512,55 @@ pub async fn lease_expiry_takeover_and_zombie_fencing(store: Arc<dyn Store>) {
     healthy.shutdown().await;
 }
 
+pub async fn restart_under_the_same_worker_id_takes_over_at_once(store: Arc<dyn Store>) {
+    // A crashed process with a stable id: it holds a 10-minute lease and
+    // never renews it.
+    let node = format!("node-{}", uuid_suffix());
+    let fluxo = fluxo_on(&store);
+    let crashed = fluxo
+        .worker()
+        .id(node.clone())
+        .lease(Duration::from_secs(600))
+        .renew_leases(false)
+        .poll_interval(Duration::from_millis(20))
+        .spawn();
+    let gate = format!("gate-{}", uuid_suffix());
+    let h = Gated::start(&fluxo, gate.clone()).await.unwrap();
+    for _ in 0..500 {
+        if count(&format!("{}/gate", h.id())) >= 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(count(&format!("{}/gate", h.id())), 1, "the step started");
+
+    // Its replacement starts under the same id and finishes the instance
+    // long before the old lease would expire.
+    let restarted = fluxo_on(&store);
+    let replacement = restarted
+        .worker()
+        .id(node)
+        .lease(Duration::from_secs(600))
+        .poll_interval(Duration::from_millis(20))
+        .spawn();
+    let out = Gated::handle(&restarted, h.id())
+        .result_timeout(WAIT)
+        .await
+        .unwrap();
+    assert_eq!(out, 2, "the replacement ran the step again as attempt 2");
+    let before = restarted.history(h.id()).await.unwrap();
+    open_gate(&gate);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        before,
+        restarted.history(h.id()).await.unwrap(),
+        "the old process's journal write was fenced off"
+    );
+    assert_journal_dense(&restarted, h.id()).await;
+    crashed.shutdown().await;
+    replacement.shutdown().await;
+}
+
 pub async fn handle_from_another_process(store: Arc<dyn Store>) {
     let (fluxo, w) = setup(&store);
     let h = Approval::start(&fluxo, ()).await.unwrap();

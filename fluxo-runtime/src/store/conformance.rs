@@ -58,6 +58,7 @@ pub async fn run_all(store: &dyn Store) {
     cancel_instances_written_by_the_same_commit(store).await;
     signal_ids_are_never_reused(store).await;
     continue_as_new_restarts_with_an_empty_journal(store).await;
+    renewing_to_zero_ends_the_leases(store).await;
 }
 
 /// Generates one `#[tokio::test]` per check of the store conformance suite.
@@ -132,6 +133,7 @@ macro_rules! store_conformance_tests {
             cancel_instances_written_by_the_same_commit,
             signal_ids_are_never_reused,
             continue_as_new_restarts_with_an_empty_journal,
+            renewing_to_zero_ends_the_leases,
         );
     };
     (optional: $(#[$meta:meta])* $make:expr $(,)?) => {
@@ -1236,6 +1238,47 @@ pub async fn renew_leases_extends_and_reports_cancel(store: &dyn Store) {
         "a released instance is no longer renewed"
     );
     claim_one(store, &a, &wf, LONG).await;
+}
+
+/// A renewal to zero length ends an owner's leases now: another worker
+/// claims the instances at once under newer tokens, and the old holder is
+/// fenced off. Other owners' leases are untouched.
+pub async fn renewing_to_zero_ends_the_leases(store: &dyn Store) {
+    let wf = unique("wf");
+    let dead = unique("owner");
+    create(store, &wf, 1).await;
+    create(store, &wf, 1).await;
+    let held = claim(store, &dead, &wf, 1, LONG).await;
+    assert_eq!(held.claimed.len(), 1);
+    let other = claim(store, &unique("owner"), &wf, 1, LONG).await;
+    assert_eq!(other.claimed.len(), 1);
+    assert_not_claimable(store, &wf, "both leases are long").await;
+
+    store
+        .renew_leases(&dead, Duration::ZERO)
+        .await
+        .expect("renew_leases");
+    let again = claim(store, &unique("owner"), &wf, 10, LONG).await;
+    let ids: Vec<&str> = ids(&again);
+    assert_eq!(
+        ids,
+        vec![held.claimed[0].record.id.as_str()],
+        "only the ended lease's instance is claimable"
+    );
+    assert!(again.claimed[0].lease_token > held.claimed[0].lease_token);
+    assert_eq!(
+        apply(
+            store,
+            commit(
+                &held.claimed[0],
+                vec![event(0, 0, "late")],
+                Transition::None
+            )
+        )
+        .await,
+        CommitOutcome::LeaseLost,
+        "the old holder is fenced off"
+    );
 }
 
 /// A released instance is runnable again at once, under a new token.

@@ -367,8 +367,11 @@ pub trait Store: Send + Sync + 'static {
     /// workflows. Each claim increments the instance's lease token.
     async fn claim(&self, req: &ClaimRequest) -> StoreResult<ClaimBatch>;
 
-    /// Extends every lease held by `owner`. Returns the ids of the instances
-    /// it holds that have a cancel request.
+    /// Extends every lease held by `owner` to `lease` from now. Returns the
+    /// ids of the instances it holds that have a cancel request. A zero
+    /// `lease` ends the leases now, so any worker can claim the instances at
+    /// once (a worker starting under the id of a process that died does
+    /// this).
     async fn renew_leases(&self, owner: &str, lease: Duration) -> StoreResult<Vec<String>>;
 
     /// Applies one fenced change atomically.
