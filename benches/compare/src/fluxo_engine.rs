@@ -236,7 +236,7 @@ pub async fn run(spec: &Spec) -> Result<CellResult> {
         }
         (Workload::Recovery, "resume") => {
             let worker = recovery_worker(&fluxo, spec).spawn();
-            r.note("fluxo recovery: worker concurrency 100, default lease 30 s (instances the killed worker held are claimable once it expires); variant lease-5s: WorkerBuilder::lease(5 s) in both processes");
+            r.note("fluxo recovery: worker concurrency 100, default lease 30 s; both processes run under one stable worker id (WorkerBuilder::id), so the new process ends the dead one's leases and resumes at once; variant random-id: random worker ids (the dead process's instances are claimable once their 30 s leases expire); variant lease-5s: random ids and WorkerBuilder::lease(5 s) in both processes");
             let end = common::deadline(p.budget_s);
             wait_all_finished(&fluxo, end).await?;
             crate::child::resume_done(&mut r);
@@ -262,7 +262,9 @@ fn recovery_worker(fluxo: &Fluxo, spec: &Spec) -> fluxo::WorkerBuilder {
         .concurrency(spec.params.tp_in_flight as usize);
     match spec.variant.as_deref() {
         Some("lease-5s") => builder.lease(Duration::from_secs(5)),
-        _ => builder,
+        Some("random-id") => builder,
+        // The deployment the README recommends: a stable id per process.
+        _ => builder.id("recovery-node"),
     }
 }
 

@@ -303,7 +303,11 @@ fn variants(engine: Engine, workload: Workload, p: &Params) -> Vec<Option<String
         v.push(Some("evicted".to_owned()));
         v
     } else if engine == Engine::Fluxo && workload == Workload::Recovery {
-        vec![None, Some("lease-5s".to_owned())]
+        vec![
+            None,
+            Some("random-id".to_owned()),
+            Some("lease-5s".to_owned()),
+        ]
     } else {
         vec![None]
     }
@@ -738,7 +742,11 @@ fn workload_rows(w: Workload) -> Vec<MetricRow> {
             },
         ],
         Workload::Recovery => vec![
-            m("resume_s", "fresh process start → all finished (s)", true),
+            m(
+                "resume_s",
+                "fresh process start → all finished (s; Fluxo: same worker id)",
+                true,
+            ),
             m("steps_left", "steps left at kill -9", false),
             m(
                 "steps_rerun",
@@ -747,7 +755,13 @@ fn workload_rows(w: Workload) -> Vec<MetricRow> {
             ),
             MetricRow {
                 key: "resume_s",
-                label: "fresh process start → all finished, lease 5 s (s)",
+                label: "fresh process start → all finished, new worker id, lease 30 s (s)",
+                lower_better: true,
+                variant: Some("random-id"),
+            },
+            MetricRow {
+                key: "resume_s",
+                label: "fresh process start → all finished, new worker id, lease 5 s (s)",
                 lower_better: true,
                 variant: Some("lease-5s"),
             },
