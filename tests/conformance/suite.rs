@@ -471,6 +471,16 @@ mod chrono_like {
     }
 }
 
+/// Waits (up to 5 s) until the gated step of instance `id` has started.
+async fn gate_step_started(id: &str) {
+    for _ in 0..500 {
+        if count(&format!("{id}/gate")) >= 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 pub async fn lease_expiry_takeover_and_zombie_fencing(store: Arc<dyn Store>) {
     let fluxo = fluxo_on(&store);
     // A worker that stalls: it never renews its 300 ms lease.
@@ -482,12 +492,7 @@ pub async fn lease_expiry_takeover_and_zombie_fencing(store: Arc<dyn Store>) {
         .spawn();
     let gate = format!("gate-{}", uuid_suffix());
     let h = Gated::start(&fluxo, gate.clone()).await.unwrap();
-    for _ in 0..500 {
-        if count(&format!("{}/gate", h.id())) >= 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    gate_step_started(h.id()).await;
     // A healthy worker (other Fluxo handle, as if another process) takes over
     // once the lease expires and completes the instance.
     let other = fluxo_on(&store);
@@ -526,12 +531,7 @@ pub async fn restart_under_the_same_worker_id_takes_over_at_once(store: Arc<dyn 
         .spawn();
     let gate = format!("gate-{}", uuid_suffix());
     let h = Gated::start(&fluxo, gate.clone()).await.unwrap();
-    for _ in 0..500 {
-        if count(&format!("{}/gate", h.id())) >= 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    gate_step_started(h.id()).await;
     assert_eq!(count(&format!("{}/gate", h.id())), 1, "the step started");
 
     // Its replacement starts under the same id and finishes the instance

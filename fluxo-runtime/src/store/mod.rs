@@ -29,6 +29,11 @@ pub mod postgres;
 pub mod redis;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
+#[cfg(all(
+    test,
+    any(feature = "postgres", feature = "redis", feature = "mongodb")
+))]
+mod test_fixtures;
 
 use std::fmt;
 use std::time::Duration;

@@ -6,6 +6,7 @@ use futures::TryStreamExt;
 
 use super::commit::Intent;
 use super::*;
+use crate::store::test_fixtures::{claim_request, commit, event, new_instance};
 
 /// The conformance suite with transactions (the test server is a replica
 /// set).
@@ -38,44 +39,6 @@ async fn second_store(store: &MongoStore, transactions: Transactions) -> MongoSt
     )
     .await
     .expect("open a second store on the same collections")
-}
-
-fn new_instance(workflow: &str) -> NewInstance {
-    NewInstance {
-        id: uuid::Uuid::new_v4().to_string(),
-        workflow: workflow.to_owned(),
-        version: 1,
-        input: b"in".to_vec(),
-        parent_id: None,
-    }
-}
-
-fn claim_request(workflow: &str, limit: usize, lease: Duration) -> ClaimRequest {
-    ClaimRequest {
-        owner: uuid::Uuid::new_v4().to_string(),
-        workflows: vec![(workflow.to_owned(), 1)],
-        limit,
-        lease,
-    }
-}
-
-fn event(event_id: u64) -> StoredEvent {
-    StoredEvent {
-        event_id,
-        seq: event_id,
-        kind: "step_completed".to_owned(),
-        data: vec![event_id as u8],
-    }
-}
-
-fn commit(c: &ClaimedInstance, events: Vec<StoredEvent>, transition: Transition) -> Commit {
-    Commit {
-        instance_id: c.record.id.clone(),
-        lease_token: c.lease_token,
-        events,
-        transition,
-        ..Commit::default()
-    }
 }
 
 /// Creates an instance of a fresh workflow and claims it.

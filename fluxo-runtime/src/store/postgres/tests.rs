@@ -4,6 +4,7 @@ use std::time::Instant;
 
 use super::*;
 use crate::store::conformance;
+use crate::store::test_fixtures::{claim_request, commit, event, new_instance};
 
 mod conformance_suite {
     crate::store_conformance_tests!(optional: async {
@@ -26,44 +27,6 @@ async fn second_store(store: &PostgresStore, application_name: &str) -> Postgres
     )
     .await
     .expect("open a second store on the same schema")
-}
-
-fn new_instance(workflow: &str) -> NewInstance {
-    NewInstance {
-        id: uuid::Uuid::new_v4().to_string(),
-        workflow: workflow.to_owned(),
-        version: 1,
-        input: b"in".to_vec(),
-        parent_id: None,
-    }
-}
-
-fn claim_request(workflow: &str, limit: usize, lease: Duration) -> ClaimRequest {
-    ClaimRequest {
-        owner: uuid::Uuid::new_v4().to_string(),
-        workflows: vec![(workflow.to_owned(), 1)],
-        limit,
-        lease,
-    }
-}
-
-fn event(event_id: u64) -> StoredEvent {
-    StoredEvent {
-        event_id,
-        seq: event_id,
-        kind: "step_completed".to_owned(),
-        data: vec![event_id as u8],
-    }
-}
-
-fn commit(c: &ClaimedInstance, events: Vec<StoredEvent>, transition: Transition) -> Commit {
-    Commit {
-        instance_id: c.record.id.clone(),
-        lease_token: c.lease_token,
-        events,
-        transition,
-        ..Commit::default()
-    }
 }
 
 async fn started(store: &PostgresStore, workflow: &str) -> ClaimedInstance {
