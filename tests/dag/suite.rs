@@ -487,11 +487,12 @@ pub async fn level_resumes_after_eviction(store: Arc<dyn Store>) {
         })
         .depends_on(["start"])
         // A back-off over a second is a durable timer: the instance parks
-        // and, with no cache, is evicted and later replayed.
+        // and, with no cache, is evicted and later replayed. Long enough
+        // that a slow server's park commit still leaves it parked a while.
         .retry(
             RetryPolicy::default()
                 .max_attempts(2)
-                .initial_interval(Duration::from_millis(1_200))
+                .initial_interval(Duration::from_millis(3_000))
                 .jitter(0.0),
         )
         .node("end", logged("end"))
