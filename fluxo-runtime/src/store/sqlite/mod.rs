@@ -18,29 +18,39 @@
 //! instead of deadlocking on a lock upgrade, waiting up to
 //! [`SqliteOptions::busy_timeout`]. Inside one process all writes go through
 //! one connection, so they queue in the process instead of on the file lock;
-//! reads use a separate pool and run concurrently with writes.
+//! reads use connections of their own and run concurrently with writes.
+//!
+//! # Threads
+//!
+//! Each connection lives on a thread of its own (`fluxo-sqlite-write`, and
+//! `fluxo-sqlite-read-N` for reads), which runs whole jobs: a commit, with
+//! every statement of its transaction, is one hand-off from the async
+//! runtime to the write thread and one back. SQLite itself is compiled
+//! into the crate (no system library needed).
 //!
 //! # Schema
 //!
 //! The schema is embedded in the crate and migrated when a store opens
-//! (under the write lock, so concurrent openers apply it once).
+//! (under the write lock, so concurrent openers apply it once). The file's
+//! `PRAGMA user_version` counts the migrations applied; a file written by a
+//! newer Fluxo, with migrations this build does not know, is refused with
+//! [`StoreError::Unsupported`].
 
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use sqlx::pool::PoolConnection;
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
-    SqliteRow, SqliteSynchronous,
-};
-use sqlx::{Connection, Row, Sqlite};
-use tokio::sync::{Mutex, MutexGuard};
+use rusqlite::types::FromSql;
+use rusqlite::{params, Connection, OptionalExtension, Params, Row, TransactionBehavior};
 
 use super::*;
 
-static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+mod open;
+mod threads;
+
+use open::Opener;
+use threads::{Slot, Threads};
 
 /// How hard SQLite works to make each commit durable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -64,8 +74,8 @@ pub struct SqliteOptions {
     /// How long a write waits for the file's write lock held by another
     /// process before failing. Default 5 seconds.
     pub busy_timeout: Duration,
-    /// Connections used for reads. Writes always use one connection of their
-    /// own. Default 4.
+    /// Connections (each on a thread of its own) used for reads. Writes
+    /// always use one connection of their own. Default 4.
     pub max_connections: u32,
 }
 
@@ -101,70 +111,13 @@ impl SqliteOptions {
 
 /// A [`Store`] in a SQLite database file.
 pub struct SqliteStore {
-    /// The one connection every write of this process goes through, in
-    /// arrival order.
-    writer: Mutex<WriteSlot>,
-    /// How to open the write connection again after a failure; `None` for an
-    /// in-memory database, which lives and dies with its connection.
-    reopen: Option<SqliteConnectOptions>,
-    /// Connections for reads; `None` when reads share the write connection
-    /// (in-memory database).
-    readers: Option<SqlitePool>,
+    /// The thread of the one connection every write of this process goes
+    /// through, in arrival order.
+    writer: Threads,
+    /// Threads of the connections for reads; `None` when reads share the
+    /// write connection (in-memory database).
+    readers: Option<Threads>,
     location: String,
-}
-
-/// The write connection.
-struct WriteSlot {
-    /// `None` once the store is closed (or while a replacement failed).
-    conn: Option<SqliteConnection>,
-    /// Set after a backend failure: the connection may be out of step with
-    /// its driver (SQLite rolls a transaction back by itself on some I/O
-    /// errors, unknown to the driver), so it is replaced before its next use.
-    replace: bool,
-}
-
-/// Exclusive use of the write connection.
-struct Writer<'a> {
-    slot: MutexGuard<'a, WriteSlot>,
-    replaceable: bool,
-}
-
-impl Writer<'_> {
-    fn conn(&mut self) -> StoreResult<&mut SqliteConnection> {
-        self.slot.conn.as_mut().ok_or_else(closed)
-    }
-
-    /// Notes how a use of the connection ended.
-    fn done<T>(&mut self, result: &StoreResult<T>) {
-        if let Err(e) = result {
-            self.failed_with(e);
-        }
-    }
-
-    fn failed_with(&mut self, e: &StoreError) {
-        if self.replaceable && matches!(e, StoreError::Backend(_)) {
-            self.slot.replace = true;
-        }
-    }
-}
-
-/// A connection to read with.
-enum Reader<'a> {
-    Pool(PoolConnection<Sqlite>),
-    Writer(Writer<'a>),
-}
-
-impl Reader<'_> {
-    fn conn(&mut self) -> StoreResult<&mut SqliteConnection> {
-        match self {
-            Reader::Pool(conn) => Ok(&mut **conn),
-            Reader::Writer(writer) => writer.conn(),
-        }
-    }
-}
-
-fn closed() -> StoreError {
-    StoreError::backend(sqlx::Error::PoolClosed)
 }
 
 impl fmt::Debug for SqliteStore {
@@ -183,32 +136,27 @@ impl SqliteStore {
 
     /// Opens (or creates) a database file.
     pub async fn open_with(options: SqliteOptions) -> StoreResult<Self> {
-        let connect = SqliteConnectOptions::new()
-            .filename(&options.path)
-            .create_if_missing(true)
-            .foreign_keys(false)
-            .busy_timeout(options.busy_timeout)
-            .synchronous(match options.synchronous {
-                Synchronous::Full => SqliteSynchronous::Full,
-                Synchronous::Normal => SqliteSynchronous::Normal,
-            });
-        // WAL is a property of the file: switching once, on the connection
-        // that migrates, is enough for every other connection.
-        let mut conn =
-            SqliteConnection::connect_with(&connect.clone().journal_mode(SqliteJournalMode::Wal))
-                .await
-                .map_err(db_err)?;
-        migrate(&mut conn).await?;
-        let readers = SqlitePoolOptions::new()
-            .max_connections(options.max_connections.max(1))
-            .test_before_acquire(false)
-            .connect_lazy_with(connect.clone());
+        let opener = Opener {
+            path: Some(options.path.clone()),
+            synchronous: options.synchronous,
+            busy_timeout: options.busy_timeout,
+        };
+        let readers = options.max_connections.max(1) as usize;
+        // Opening waits for the file's write lock to migrate: off the runtime.
+        let (writer, readers) = tokio::task::spawn_blocking(move || {
+            let writer = opener.open_and_migrate()?;
+            let readers = (0..readers)
+                .map(|_| opener.open())
+                .collect::<StoreResult<Vec<_>>>()?;
+            Ok::<_, StoreError>((
+                Threads::start("sqlite-write", vec![writer], Some(opener.clone()))?,
+                Threads::start("sqlite-read", readers, Some(opener))?,
+            ))
+        })
+        .await
+        .map_err(StoreError::backend)??;
         Ok(SqliteStore {
-            writer: Mutex::new(WriteSlot {
-                conn: Some(conn),
-                replace: false,
-            }),
-            reopen: Some(connect),
+            writer,
             readers: Some(readers),
             location: options.path.display().to_string(),
         })
@@ -217,94 +165,46 @@ impl SqliteStore {
     /// Opens a private in-memory database, gone when the store is dropped.
     /// For tests.
     pub async fn in_memory() -> StoreResult<Self> {
-        let connect = SqliteConnectOptions::new()
-            .in_memory(true)
-            .foreign_keys(false);
-        let mut conn = SqliteConnection::connect_with(&connect)
-            .await
-            .map_err(db_err)?;
-        migrate(&mut conn).await?;
+        let opener = Opener {
+            path: None,
+            synchronous: Synchronous::Full,
+            busy_timeout: Duration::from_secs(5),
+        };
+        // The database lives and dies with its only connection, which is
+        // never replaced.
+        let conn = opener.open_and_migrate()?;
         Ok(SqliteStore {
-            writer: Mutex::new(WriteSlot {
-                conn: Some(conn),
-                replace: false,
-            }),
-            reopen: None,
+            writer: Threads::start("sqlite-memory", vec![conn], None)?,
             readers: None,
             location: ":memory:".to_owned(),
         })
     }
 
-    /// Closes every connection; later calls fail.
+    /// Closes every connection once the work already queued is done; later
+    /// calls fail.
     pub async fn close(&self) {
-        let conn = {
-            let mut slot = self.writer.lock().await;
-            slot.replace = false;
-            slot.conn.take()
-        };
-        if let Some(conn) = conn {
-            if let Err(e) = conn.close().await {
-                tracing::debug!(error = %e, "closing the write connection failed");
-            }
-        }
+        self.writer.close().await;
         if let Some(readers) = &self.readers {
             readers.close().await;
         }
     }
 
-    /// Waits for the write connection.
-    async fn writer(&self) -> StoreResult<Writer<'_>> {
-        let mut slot = self.writer.lock().await;
-        if slot.replace {
-            if let Some(options) = &self.reopen {
-                if let Some(old) = slot.conn.take() {
-                    // It is being replaced because it failed: its own error
-                    // when closing adds nothing.
-                    let _ = old.close().await;
-                }
-                slot.conn = Some(
-                    SqliteConnection::connect_with(options)
-                        .await
-                        .map_err(db_err)?,
-                );
-            }
-            slot.replace = false;
-        }
-        Ok(Writer {
-            slot,
-            replaceable: self.reopen.is_some(),
-        })
+    /// Runs `f` on the write connection.
+    async fn write<T, F>(&self, f: F) -> StoreResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> StoreResult<T> + Send + 'static,
+    {
+        self.writer.run(f).await
     }
 
-    /// A connection for reads.
-    async fn reader(&self) -> StoreResult<Reader<'_>> {
-        match &self.readers {
-            Some(pool) => Ok(Reader::Pool(pool.acquire().await.map_err(db_err)?)),
-            None => Ok(Reader::Writer(self.writer().await?)),
-        }
-    }
-
-    async fn commit_one(&self, commit: &Commit, now: Millis) -> StoreResult<CommitOutcome> {
-        let mut w = self.writer().await?;
-        let result = commit_tx(w.conn()?, commit, now).await;
-        w.done(&result);
-        result
-    }
-
-    async fn commit_group(&self, commits: &[Commit], now: Millis) -> GroupResult {
-        let mut w = match self.writer().await {
-            Ok(w) => w,
-            Err(e) => return GroupResult::Failed(e),
-        };
-        let conn = match w.conn() {
-            Ok(conn) => conn,
-            Err(e) => return GroupResult::Failed(e),
-        };
-        let result = group_tx(conn, commits, now).await;
-        if let GroupResult::Failed(e) | GroupResult::Retry(e) = &result {
-            w.failed_with(e);
-        }
-        result
+    /// Runs `f` on a read connection.
+    async fn read<T, F>(&self, f: F) -> StoreResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> StoreResult<T> + Send + 'static,
+    {
+        self.readers.as_ref().unwrap_or(&self.writer).run(f).await
     }
 }
 
@@ -320,44 +220,41 @@ enum GroupResult {
     Retry(StoreError),
 }
 
-async fn begin(conn: &mut SqliteConnection) -> StoreResult<sqlx::Transaction<'_, Sqlite>> {
-    conn.begin_with("BEGIN IMMEDIATE").await.map_err(db_err)
+fn begin(conn: &mut Connection) -> StoreResult<rusqlite::Transaction<'_>> {
+    conn.transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(db_err)
 }
 
-async fn commit_tx(
-    conn: &mut SqliteConnection,
-    commit: &Commit,
-    now: Millis,
-) -> StoreResult<CommitOutcome> {
-    let mut tx = begin(conn).await?;
+fn commit_tx(conn: &mut Connection, commit: &Commit, now: Millis) -> StoreResult<CommitOutcome> {
+    let tx = begin(conn)?;
     // An error half-way drops the transaction, which rolls it back.
-    match apply_commit(&mut tx, commit, now).await? {
+    match apply_commit(&tx, commit, now)? {
         Ok(CommitOutcome::LeaseLost) => {
-            tx.rollback().await.map_err(db_err)?;
+            tx.rollback().map_err(db_err)?;
             Ok(CommitOutcome::LeaseLost)
         }
         Ok(outcome) => {
-            tx.commit().await.map_err(db_err)?;
+            tx.commit().map_err(db_err)?;
             Ok(outcome)
         }
         Err(e) => {
-            tx.rollback().await.map_err(db_err)?;
+            tx.rollback().map_err(db_err)?;
             Err(e)
         }
     }
 }
 
-async fn group_tx(conn: &mut SqliteConnection, commits: &[Commit], now: Millis) -> GroupResult {
-    let mut tx = match begin(conn).await {
+fn group_tx(conn: &mut Connection, commits: &[Commit], now: Millis) -> GroupResult {
+    let tx = match begin(conn) {
         Ok(tx) => tx,
         Err(e) => return GroupResult::Failed(e),
     };
     let mut out = Vec::with_capacity(commits.len());
     for c in commits {
-        match apply_commit(&mut tx, c, now).await {
+        match apply_commit(&tx, c, now) {
             Ok(r) => out.push(r),
             Err(e) => {
-                return match tx.rollback().await {
+                return match tx.rollback() {
                     // A commit of the group is at fault (a journal conflict):
                     // the others deserve their own transactions.
                     Ok(()) if !matches!(e, StoreError::Backend(_)) => GroupResult::Retry(e),
@@ -367,18 +264,54 @@ async fn group_tx(conn: &mut SqliteConnection, commits: &[Commit], now: Millis) 
             }
         }
     }
-    match tx.commit().await {
+    match tx.commit() {
         Ok(()) => GroupResult::Done(out),
         Err(e) => GroupResult::Failed(db_err(e)),
     }
 }
 
-async fn migrate(conn: &mut SqliteConnection) -> StoreResult<()> {
-    // Under the write lock, so that processes opening a fresh file together
-    // apply each migration once.
-    let mut tx = conn.begin_with("BEGIN IMMEDIATE").await.map_err(db_err)?;
-    MIGRATOR.run(&mut *tx).await.map_err(StoreError::backend)?;
-    tx.commit().await.map_err(db_err)
+/// Writes `commits` on the write thread: one transaction for all, or, when
+/// one of them spoils the group, one transaction each.
+fn commit_batch_on(slot: &mut Slot, commits: &[Commit]) -> Vec<StoreResult<CommitOutcome>> {
+    let one_by_one = |slot: &mut Slot| {
+        commits
+            .iter()
+            .map(|c| {
+                let result = slot
+                    .conn()
+                    .and_then(|conn| commit_tx(conn, c, now_millis()));
+                slot.note(&result);
+                result
+            })
+            .collect()
+    };
+    if commits.len() <= 1 {
+        return one_by_one(slot);
+    }
+    let group = match slot.conn() {
+        Ok(conn) => group_tx(conn, commits, now_millis()),
+        Err(e) => GroupResult::Failed(e),
+    };
+    match group {
+        GroupResult::Done(out) => out,
+        GroupResult::Failed(e) => {
+            slot.note_error(&e);
+            let message = e.to_string();
+            let mut out = Vec::with_capacity(commits.len());
+            out.push(Err(e));
+            out.extend(
+                (1..commits.len())
+                    .map(|_| Err(StoreError::backend(std::io::Error::other(message.clone())))),
+            );
+            out
+        }
+        GroupResult::Retry(e) => {
+            // Nothing of the group was written: apply the commits one by
+            // one so that only the failing one fails.
+            tracing::debug!(error = %e, "group commit failed; committing one by one");
+            one_by_one(slot)
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -525,15 +458,27 @@ const LOAD_HISTORY: &str = "SELECT h.event_id, h.seq, h.kind, h.data FROM instan
 // ---------------------------------------------------------------------------
 // Conversions
 
-fn db_err(e: sqlx::Error) -> StoreError {
+fn db_err(e: rusqlite::Error) -> StoreError {
+    use rusqlite::Error as E;
     match e {
-        sqlx::Error::ColumnDecode { .. }
-        | sqlx::Error::Decode(_)
-        | sqlx::Error::ColumnNotFound(_)
-        | sqlx::Error::ColumnIndexOutOfBounds { .. }
-        | sqlx::Error::TypeNotFound { .. } => StoreError::Corrupt(e.to_string()),
+        E::FromSqlConversionFailure(..)
+        | E::IntegralValueOutOfRange(..)
+        | E::Utf8Error(_)
+        | E::InvalidColumnIndex(_)
+        | E::InvalidColumnName(_)
+        | E::InvalidColumnType(..) => StoreError::Corrupt(e.to_string()),
         e => StoreError::backend(e),
     }
+}
+
+fn is_unique_violation(e: &rusqlite::Error) -> bool {
+    use rusqlite::ffi;
+    matches!(
+        e,
+        rusqlite::Error::SqliteFailure(f, _)
+            if f.extended_code == ffi::SQLITE_CONSTRAINT_PRIMARYKEY
+                || f.extended_code == ffi::SQLITE_CONSTRAINT_UNIQUE
+    )
 }
 
 /// A u64 as stored. Values beyond `i64::MAX` never occur in the database, so
@@ -542,24 +487,21 @@ fn sql_int(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(-1)
 }
 
-fn col<'r, T>(row: &'r SqliteRow, index: usize) -> StoreResult<T>
-where
-    T: sqlx::Decode<'r, Sqlite> + sqlx::Type<Sqlite>,
-{
-    row.try_get(index).map_err(db_err)
+fn col<T: FromSql>(row: &Row<'_>, index: usize) -> StoreResult<T> {
+    row.get(index).map_err(db_err)
 }
 
-fn u64_col(row: &SqliteRow, index: usize, what: &str) -> StoreResult<u64> {
+fn u64_col(row: &Row<'_>, index: usize, what: &str) -> StoreResult<u64> {
     let v: i64 = col(row, index)?;
     u64::try_from(v).map_err(|_| StoreError::Corrupt(format!("{what} is negative: {v}")))
 }
 
-fn u32_col(row: &SqliteRow, index: usize, what: &str) -> StoreResult<u32> {
+fn u32_col(row: &Row<'_>, index: usize, what: &str) -> StoreResult<u32> {
     let v: i64 = col(row, index)?;
     u32::try_from(v).map_err(|_| StoreError::Corrupt(format!("{what} out of range: {v}")))
 }
 
-fn record_from_row(row: &SqliteRow) -> StoreResult<InstanceRecord> {
+fn record_from_row(row: &Row<'_>) -> StoreResult<InstanceRecord> {
     let status: String = col(row, 3)?;
     Ok(InstanceRecord {
         id: col(row, 0)?,
@@ -575,6 +517,45 @@ fn record_from_row(row: &SqliteRow) -> StoreResult<InstanceRecord> {
         created_at: col(row, 10)?,
         updated_at: col(row, 11)?,
     })
+}
+
+/// Runs a cached statement and decodes its first row, if any.
+fn fetch_optional<T>(
+    conn: &Connection,
+    sql: &str,
+    params: impl Params,
+    decode: impl FnOnce(&Row<'_>) -> StoreResult<T>,
+) -> StoreResult<Option<T>> {
+    let mut stmt = conn.prepare_cached(sql).map_err(db_err)?;
+    let mut rows = stmt.query(params).map_err(db_err)?;
+    match rows.next().map_err(db_err)? {
+        Some(row) => decode(row).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// Runs a cached statement and decodes every row.
+fn fetch_all<T>(
+    conn: &Connection,
+    sql: &str,
+    params: impl Params,
+    mut decode: impl FnMut(&Row<'_>) -> StoreResult<T>,
+) -> StoreResult<Vec<T>> {
+    let mut stmt = conn.prepare_cached(sql).map_err(db_err)?;
+    let mut rows = stmt.query(params).map_err(db_err)?;
+    let mut out = Vec::new();
+    while let Some(row) = rows.next().map_err(db_err)? {
+        out.push(decode(row)?);
+    }
+    Ok(out)
+}
+
+/// Runs a cached statement that returns no rows; the number of rows changed.
+fn execute(conn: &Connection, sql: &str, params: impl Params) -> StoreResult<usize> {
+    conn.prepare_cached(sql)
+        .map_err(db_err)?
+        .execute(params)
+        .map_err(db_err)
 }
 
 fn workflow_keys(workflows: &[(String, u32)]) -> StoreResult<String> {
@@ -595,8 +576,8 @@ fn millis(d: Duration) -> Millis {
 /// applied entirely, or (for `LeaseLost` and errors in `result`) nothing of
 /// it was written. `Err` means it failed half-way and the transaction must be
 /// rolled back.
-async fn apply_commit(
-    conn: &mut SqliteConnection,
+fn apply_commit(
+    conn: &Connection,
     c: &Commit,
     now: Millis,
 ) -> StoreResult<StoreResult<CommitOutcome>> {
@@ -607,7 +588,7 @@ async fn apply_commit(
         .zip(first.unwrap_or(0)..)
         .all(|(e, expected)| e.event_id == expected);
     if !consecutive {
-        return clean(diagnose(conn, c).await);
+        return clean(diagnose(conn, c));
     }
 
     let id = c.instance_id.as_str();
@@ -616,44 +597,55 @@ async fn apply_commit(
     let first = first.map(sql_int);
     let mut finished = false;
     let mut seen_inbox = None;
-    let fence = match &c.transition {
-        Transition::None => sqlx::query(FENCE_NONE)
-            .bind(id)
-            .bind(token)
-            .bind(count)
-            .bind(now)
-            .bind(first),
+    let fence_row = |row: &Row<'_>| -> StoreResult<(u64, bool, Option<String>)> {
+        Ok((
+            u64_col(row, 0, "inbox sequence")?,
+            col(row, 1)?,
+            col(row, 2)?,
+        ))
+    };
+    let fenced = match &c.transition {
+        Transition::None => fetch_optional(
+            conn,
+            FENCE_NONE,
+            params![id, token, count, now, first],
+            fence_row,
+        ),
         Transition::Park {
             wake_at,
             seen_inbox: seen,
         } => {
             seen_inbox = Some(*seen);
-            sqlx::query(FENCE_PARK)
-                .bind(id)
-                .bind(token)
-                .bind(count)
-                .bind(now)
-                .bind(first)
-                .bind(sql_int(*seen))
-                .bind(*wake_at)
+            fetch_optional(
+                conn,
+                FENCE_PARK,
+                params![id, token, count, now, first, sql_int(*seen), wake_at],
+                fence_row,
+            )
         }
-        Transition::Release => sqlx::query(FENCE_RELEASE)
-            .bind(id)
-            .bind(token)
-            .bind(count)
-            .bind(now)
-            .bind(first),
+        Transition::Release => fetch_optional(
+            conn,
+            FENCE_RELEASE,
+            params![id, token, count, now, first],
+            fence_row,
+        ),
         Transition::Complete { output } => {
             finished = true;
-            sqlx::query(FENCE_FINISH)
-                .bind(id)
-                .bind(token)
-                .bind(count)
-                .bind(now)
-                .bind(first)
-                .bind(InstanceStatus::Completed.as_str())
-                .bind(output.as_slice())
-                .bind(None::<&[u8]>)
+            fetch_optional(
+                conn,
+                FENCE_FINISH,
+                params![
+                    id,
+                    token,
+                    count,
+                    now,
+                    first,
+                    InstanceStatus::Completed.as_str(),
+                    output.as_slice(),
+                    None::<&[u8]>
+                ],
+                fence_row,
+            )
         }
         Transition::Fail { failure } | Transition::Cancel { failure } => {
             finished = true;
@@ -662,81 +654,69 @@ async fn apply_commit(
             } else {
                 InstanceStatus::Cancelled
             };
-            sqlx::query(FENCE_FINISH)
-                .bind(id)
-                .bind(token)
-                .bind(count)
-                .bind(now)
-                .bind(first)
-                .bind(status.as_str())
-                .bind(None::<&[u8]>)
-                .bind(failure.as_slice())
+            fetch_optional(
+                conn,
+                FENCE_FINISH,
+                params![
+                    id,
+                    token,
+                    count,
+                    now,
+                    first,
+                    status.as_str(),
+                    None::<&[u8]>,
+                    failure.as_slice()
+                ],
+                fence_row,
+            )
         }
+    }?;
+    let Some((inbox_seq, cancel_requested, parent_id)) = fenced else {
+        return clean(diagnose(conn, c));
     };
-    let Some(row) = fence.fetch_optional(&mut *conn).await.map_err(db_err)? else {
-        return clean(diagnose(conn, c).await);
-    };
-    let inbox_seq = u64_col(&row, 0, "inbox sequence")?;
-    let cancel_requested: bool = col(&row, 1)?;
-    let parent_id: Option<String> = col(&row, 2)?;
 
-    for e in &c.events {
-        sqlx::query(INSERT_EVENT)
-            .bind(id)
-            .bind(sql_int(e.event_id))
-            .bind(sql_int(e.seq))
-            .bind(e.kind.as_str())
-            .bind(e.data.as_slice())
-            .bind(now)
-            .execute(&mut *conn)
-            .await
-            .map_err(|err| match err {
-                sqlx::Error::Database(d) if d.is_unique_violation() => {
-                    StoreError::Conflict(format!(
-                        "instance {id:?}: journal entry {} is already stored",
-                        e.event_id
-                    ))
-                }
-                other => db_err(other),
-            })?;
+    if !c.events.is_empty() {
+        let mut insert = conn.prepare_cached(INSERT_EVENT).map_err(db_err)?;
+        for e in &c.events {
+            insert
+                .execute(params![
+                    id,
+                    sql_int(e.event_id),
+                    sql_int(e.seq),
+                    e.kind.as_str(),
+                    e.data.as_slice(),
+                    now
+                ])
+                .map_err(|err| {
+                    if is_unique_violation(&err) {
+                        StoreError::Conflict(format!(
+                            "instance {id:?}: journal entry {} is already stored",
+                            e.event_id
+                        ))
+                    } else {
+                        db_err(err)
+                    }
+                })?;
+        }
     }
     if finished {
         // A finished instance takes no more signals: its inbox goes, the
         // consumed signal with it.
-        sqlx::query(DELETE_INBOX)
-            .bind(id)
-            .execute(&mut *conn)
-            .await
-            .map_err(db_err)?;
+        execute(conn, DELETE_INBOX, params![id])?;
     } else if let Some(sid) = c.consume_signal {
-        sqlx::query(DELETE_SIGNAL)
-            .bind(sql_int(sid))
-            .bind(id)
-            .execute(&mut *conn)
-            .await
-            .map_err(db_err)?;
+        execute(conn, DELETE_SIGNAL, params![sql_int(sid), id])?;
     }
     for new in &c.new_instances {
-        insert_instance(&mut *conn, new, now).await?;
+        insert_instance(conn, new, now)?;
     }
     for target in &c.cancel_instances {
         // A child that does not exist (any more) or has finished needs no
         // cancelling.
-        sqlx::query(REQUEST_CANCEL)
-            .bind(target.as_str())
-            .bind(now)
-            .execute(&mut *conn)
-            .await
-            .map_err(db_err)?;
+        execute(conn, REQUEST_CANCEL, params![target.as_str(), now])?;
     }
     if finished {
         if let Some(parent) = parent_id {
-            sqlx::query(WAKE)
-                .bind(parent)
-                .bind(now)
-                .execute(&mut *conn)
-                .await
-                .map_err(db_err)?;
+            execute(conn, WAKE, params![parent, now])?;
         }
     }
     Ok(Ok(match seen_inbox {
@@ -759,21 +739,25 @@ fn clean(result: StoreResult<CommitOutcome>) -> StoreResult<StoreResult<CommitOu
 }
 
 /// Explains, without writing, why a commit cannot be applied.
-async fn diagnose(conn: &mut SqliteConnection, c: &Commit) -> StoreResult<CommitOutcome> {
-    let row = sqlx::query(FENCE_DIAGNOSE)
-        .bind(c.instance_id.as_str())
-        .fetch_optional(&mut *conn)
-        .await
-        .map_err(db_err)?
-        .ok_or_else(|| StoreError::NotFound(c.instance_id.clone()))?;
-    let token = u64_col(&row, 0, "lease token")?;
-    let leased: bool = col(&row, 1)?;
-    let status: String = col(&row, 2)?;
-    let status = InstanceStatus::parse(&status)?;
+fn diagnose(conn: &Connection, c: &Commit) -> StoreResult<CommitOutcome> {
+    let (token, leased, status, next) = fetch_optional(
+        conn,
+        FENCE_DIAGNOSE,
+        params![c.instance_id.as_str()],
+        |row| {
+            let status: String = col(row, 2)?;
+            Ok((
+                u64_col(row, 0, "lease token")?,
+                col::<bool>(row, 1)?,
+                InstanceStatus::parse(&status)?,
+                u64_col(row, 3, "next event id")?,
+            ))
+        },
+    )?
+    .ok_or_else(|| StoreError::NotFound(c.instance_id.clone()))?;
     if token != c.lease_token || !leased || status.is_finished() {
         return Ok(CommitOutcome::LeaseLost);
     }
-    let next = u64_col(&row, 3, "next event id")?;
     if let Some((e, expected)) = c
         .events
         .iter()
@@ -791,31 +775,30 @@ async fn diagnose(conn: &mut SqliteConnection, c: &Commit) -> StoreResult<Commit
     )))
 }
 
-async fn insert_instance(
-    conn: &mut SqliteConnection,
-    new: &NewInstance,
-    now: Millis,
-) -> StoreResult<bool> {
-    let done = sqlx::query(INSERT_INSTANCE)
-        .bind(new.id.as_str())
-        .bind(new.workflow.as_str())
-        .bind(i64::from(new.version))
-        .bind(new.input.as_slice())
-        .bind(new.parent_id.as_deref())
-        .bind(i64::from(HISTORY_FORMAT))
-        .bind(now)
-        .execute(conn)
-        .await
-        .map_err(db_err)?;
-    Ok(done.rows_affected() == 1)
+fn insert_instance(conn: &Connection, new: &NewInstance, now: Millis) -> StoreResult<bool> {
+    let inserted = execute(
+        conn,
+        INSERT_INSTANCE,
+        params![
+            new.id.as_str(),
+            new.workflow.as_str(),
+            i64::from(new.version),
+            new.input.as_slice(),
+            new.parent_id.as_deref(),
+            i64::from(HISTORY_FORMAT),
+            now
+        ],
+    )?;
+    Ok(inserted == 1)
 }
 
 /// The status of an instance, or `NotFound`.
-async fn status_of(conn: &mut SqliteConnection, id: &str) -> StoreResult<InstanceStatus> {
-    let status: Option<String> = sqlx::query_scalar(SELECT_STATUS)
-        .bind(id)
-        .fetch_optional(conn)
-        .await
+fn status_of(conn: &Connection, id: &str) -> StoreResult<InstanceStatus> {
+    let status: Option<String> = conn
+        .prepare_cached(SELECT_STATUS)
+        .map_err(db_err)?
+        .query_row(params![id], |row| row.get(0))
+        .optional()
         .map_err(db_err)?;
     match status {
         Some(s) => InstanceStatus::parse(&s),
@@ -835,182 +818,155 @@ impl Store for SqliteStore {
     }
 
     async fn create_instance(&self, new: NewInstance) -> StoreResult<CreateOutcome> {
-        let created = {
-            let mut w = self.writer().await?;
-            let result = insert_instance(w.conn()?, &new, now_millis()).await;
-            w.done(&result);
-            result?
-        };
+        let id = new.id.clone();
+        let created = self
+            .write(move |conn| insert_instance(conn, &new, now_millis()))
+            .await?;
         if created {
             return Ok(CreateOutcome::Created);
         }
         // Instances are never deleted: the one in the way is still there.
-        match self.get_instance(&new.id).await? {
+        match self.get_instance(&id).await? {
             Some(existing) => Ok(CreateOutcome::Existing(existing)),
             None => Err(StoreError::Conflict(format!(
-                "instance {:?} could neither be created nor read",
-                new.id
+                "instance {id:?} could neither be created nor read"
             ))),
         }
     }
 
     async fn get_instance(&self, id: &str) -> StoreResult<Option<InstanceRecord>> {
-        let mut r = self.reader().await?;
-        let row = sqlx::query(GET_INSTANCE)
-            .bind(id)
-            .fetch_optional(r.conn()?)
+        let id = id.to_owned();
+        self.read(move |conn| fetch_optional(conn, GET_INSTANCE, params![id], record_from_row))
             .await
-            .map_err(db_err)?;
-        row.as_ref().map(record_from_row).transpose()
     }
 
     async fn list_instances(&self, filter: ListFilter) -> StoreResult<Vec<InstanceRecord>> {
         let limit = i64::try_from(filter.limit.unwrap_or(100)).unwrap_or(i64::MAX);
         let status = filter.status.map(InstanceStatus::as_str);
-        let query = match (filter.workflow.as_deref(), status) {
-            (None, None) => sqlx::query(LIST_ALL).bind(limit),
-            (Some(w), None) => sqlx::query(LIST_BY_WORKFLOW).bind(limit).bind(w),
-            (None, Some(s)) => sqlx::query(LIST_BY_STATUS).bind(limit).bind(s),
-            (Some(w), Some(s)) => sqlx::query(LIST_BY_WORKFLOW_AND_STATUS)
-                .bind(limit)
-                .bind(w)
-                .bind(s),
-        };
-        let mut r = self.reader().await?;
-        let rows = query.fetch_all(r.conn()?).await.map_err(db_err)?;
-        rows.iter().map(record_from_row).collect()
+        self.read(move |conn| match (filter.workflow.as_deref(), status) {
+            (None, None) => fetch_all(conn, LIST_ALL, params![limit], record_from_row),
+            (Some(w), None) => {
+                fetch_all(conn, LIST_BY_WORKFLOW, params![limit, w], record_from_row)
+            }
+            (None, Some(s)) => fetch_all(conn, LIST_BY_STATUS, params![limit, s], record_from_row),
+            (Some(w), Some(s)) => fetch_all(
+                conn,
+                LIST_BY_WORKFLOW_AND_STATUS,
+                params![limit, w, s],
+                record_from_row,
+            ),
+        })
+        .await
     }
 
     async fn load_history(&self, id: &str) -> StoreResult<Vec<StoredEvent>> {
-        let mut r = self.reader().await?;
-        let rows = sqlx::query(LOAD_HISTORY)
-            .bind(id)
-            .fetch_all(r.conn()?)
-            .await
-            .map_err(db_err)?;
-        if rows.is_empty() {
-            return Err(StoreError::NotFound(id.to_owned()));
-        }
-        let mut events = Vec::with_capacity(rows.len());
-        for row in &rows {
-            let Some(event_id) = col::<Option<i64>>(row, 0)? else {
-                // The instance exists but has no journal yet.
-                continue;
-            };
-            events.push(StoredEvent {
-                event_id: u64::try_from(event_id).map_err(|_| {
-                    StoreError::Corrupt(format!("journal entry id is negative: {event_id}"))
-                })?,
-                seq: u64_col(row, 1, "operation sequence")?,
-                kind: col(row, 2)?,
-                data: col(row, 3)?,
-            });
-        }
-        Ok(events)
+        let id = id.to_owned();
+        self.read(move |conn| {
+            let rows = fetch_all(conn, LOAD_HISTORY, params![id], |row| {
+                let Some(event_id) = col::<Option<i64>>(row, 0)? else {
+                    // The instance exists but has no journal yet.
+                    return Ok(None);
+                };
+                Ok(Some(StoredEvent {
+                    event_id: u64::try_from(event_id).map_err(|_| {
+                        StoreError::Corrupt(format!("journal entry id is negative: {event_id}"))
+                    })?,
+                    seq: u64_col(row, 1, "operation sequence")?,
+                    kind: col(row, 2)?,
+                    data: col(row, 3)?,
+                }))
+            })?;
+            if rows.is_empty() {
+                return Err(StoreError::NotFound(id));
+            }
+            Ok(rows.into_iter().flatten().collect())
+        })
+        .await
     }
 
     async fn claim(&self, req: &ClaimRequest) -> StoreResult<ClaimBatch> {
         if req.workflows.is_empty() {
             return Ok(ClaimBatch::default());
         }
-        let mut w = self.writer().await?;
-        let result = claim_tx(w.conn()?, req).await;
-        w.done(&result);
-        result
+        let keys = workflow_keys(&req.workflows)?;
+        let owner = req.owner.clone();
+        let limit = i64::try_from(req.limit).unwrap_or(i64::MAX);
+        let lease = req.lease;
+        self.write(move |conn| claim_tx(conn, &owner, &keys, limit, lease))
+            .await
     }
 
     async fn renew_leases(&self, owner: &str, lease: Duration) -> StoreResult<Vec<String>> {
         let expires = now_millis().saturating_add(millis(lease));
-        let rows = {
-            let mut w = self.writer().await?;
-            let result = sqlx::query(RENEW)
-                .bind(owner)
-                .bind(expires)
-                .fetch_all(w.conn()?)
-                .await
-                .map_err(db_err);
-            w.done(&result);
-            result?
-        };
-        let mut cancelled = Vec::new();
-        for row in &rows {
-            if col::<bool>(row, 1)? {
-                cancelled.push(col(row, 0)?);
-            }
-        }
-        Ok(cancelled)
+        let owner = owner.to_owned();
+        let rows = self
+            .write(move |conn| {
+                fetch_all(conn, RENEW, params![owner, expires], |row| {
+                    Ok((col::<String>(row, 0)?, col::<bool>(row, 1)?))
+                })
+            })
+            .await?;
+        Ok(rows
+            .into_iter()
+            .filter(|(_, cancelled)| *cancelled)
+            .map(|(id, _)| id)
+            .collect())
     }
 
     async fn commit(&self, commit: Commit) -> StoreResult<CommitOutcome> {
-        self.commit_one(&commit, now_millis()).await
+        self.write(move |conn| commit_tx(conn, &commit, now_millis()))
+            .await
     }
 
     async fn commit_batch(&self, commits: Vec<Commit>) -> Vec<StoreResult<CommitOutcome>> {
-        if commits.len() <= 1 {
-            let mut out = Vec::with_capacity(commits.len());
-            for c in &commits {
-                out.push(self.commit_one(c, now_millis()).await);
-            }
-            return out;
-        }
-        match self.commit_group(&commits, now_millis()).await {
-            GroupResult::Done(out) => out,
-            GroupResult::Failed(e) => {
+        let n = commits.len();
+        match self
+            .writer
+            .run_on_slot(move |slot| commit_batch_on(slot, &commits))
+            .await
+        {
+            Ok(out) => out,
+            // The write thread is gone: every commit fails alike.
+            Err(e) => {
                 let message = e.to_string();
-                let mut out = Vec::with_capacity(commits.len());
+                let mut out = Vec::with_capacity(n);
                 out.push(Err(e));
-                out.extend(
-                    (1..commits.len())
-                        .map(|_| Err(StoreError::backend(std::io::Error::other(message.clone())))),
-                );
-                out
-            }
-            GroupResult::Retry(e) => {
-                // Nothing of the group was written: apply the commits one by
-                // one so that only the failing one fails.
-                tracing::debug!(error = %e, "group commit failed; committing one by one");
-                let mut out = Vec::with_capacity(commits.len());
-                for c in &commits {
-                    out.push(self.commit_one(c, now_millis()).await);
-                }
+                out.extend((1..n).map(|_| Err(StoreError::Backend(message.clone().into()))));
                 out
             }
         }
     }
 
     async fn send_signal(&self, id: &str, name: &str, payload: Vec<u8>) -> StoreResult<u64> {
-        let mut w = self.writer().await?;
-        let result = send_signal_tx(w.conn()?, id, name, &payload).await;
-        w.done(&result);
-        result
+        let (id, name) = (id.to_owned(), name.to_owned());
+        self.write(move |conn| send_signal_tx(conn, &id, &name, &payload))
+            .await
     }
 
     async fn next_signal(&self, id: &str, name: &str) -> StoreResult<(Option<InboxSignal>, u64)> {
-        let mut r = self.reader().await?;
-        let row = sqlx::query(NEXT_SIGNAL)
-            .bind(id)
-            .bind(name)
-            .fetch_optional(r.conn()?)
-            .await
-            .map_err(db_err)?
-            .ok_or_else(|| StoreError::NotFound(id.to_owned()))?;
-        let inbox_seq = u64_col(&row, 0, "inbox sequence")?;
-        let signal = match col::<Option<i64>>(&row, 1)? {
-            Some(sid) => Some(InboxSignal {
-                signal_id: u64::try_from(sid)
-                    .map_err(|_| StoreError::Corrupt(format!("signal id is negative: {sid}")))?,
-                payload: col(&row, 2)?,
-            }),
-            None => None,
-        };
-        Ok((signal, inbox_seq))
+        let (id, name) = (id.to_owned(), name.to_owned());
+        self.read(move |conn| {
+            fetch_optional(conn, NEXT_SIGNAL, params![id, name], |row| {
+                let inbox_seq = u64_col(row, 0, "inbox sequence")?;
+                let signal = match col::<Option<i64>>(row, 1)? {
+                    Some(sid) => Some(InboxSignal {
+                        signal_id: u64::try_from(sid).map_err(|_| {
+                            StoreError::Corrupt(format!("signal id is negative: {sid}"))
+                        })?,
+                        payload: col(row, 2)?,
+                    }),
+                    None => None,
+                };
+                Ok((signal, inbox_seq))
+            })?
+            .ok_or(StoreError::NotFound(id))
+        })
+        .await
     }
 
     async fn request_cancel(&self, id: &str) -> StoreResult<InstanceStatus> {
-        let mut w = self.writer().await?;
-        let result = request_cancel_tx(w.conn()?, id).await;
-        w.done(&result);
-        result
+        let id = id.to_owned();
+        self.write(move |conn| request_cancel_tx(conn, &id)).await
     }
 
     async fn continue_as_new(
@@ -1019,80 +975,66 @@ impl Store for SqliteStore {
         lease_token: u64,
         input: Vec<u8>,
     ) -> StoreResult<CommitOutcome> {
-        let mut w = self.writer().await?;
-        let result = continue_as_new_tx(w.conn()?, id, lease_token, &input).await;
-        w.done(&result);
-        result
+        let id = id.to_owned();
+        self.write(move |conn| continue_as_new_tx(conn, &id, lease_token, &input))
+            .await
     }
 }
 
-async fn continue_as_new_tx(
-    conn: &mut SqliteConnection,
+fn continue_as_new_tx(
+    conn: &mut Connection,
     id: &str,
     lease_token: u64,
     input: &[u8],
 ) -> StoreResult<CommitOutcome> {
-    let mut tx = begin(conn).await?;
-    let row: Option<(i64,)> = sqlx::query_as(
+    let tx = begin(conn)?;
+    let restarted = fetch_optional(
+        &tx,
         "UPDATE instances SET input = ?1, next_event_id = 0, lease_owner = NULL, ready_at = ?2, \
          updated_at = ?2 WHERE id = ?3 AND lease_token = ?4 AND lease_owner IS NOT NULL \
          AND status = 'running' RETURNING cancel_requested",
-    )
-    .bind(input)
-    .bind(now_millis())
-    .bind(id)
-    .bind(sql_int(lease_token))
-    .fetch_optional(&mut *tx)
-    .await
-    .map_err(db_err)?;
-    let Some((cancel_requested,)) = row else {
-        return match status_of(&mut tx, id).await {
-            Err(e) => Err(e),
-            Ok(_) => Ok(CommitOutcome::LeaseLost),
-        };
+        params![input, now_millis(), id, sql_int(lease_token)],
+        |row| col::<bool>(row, 0),
+    )?;
+    let Some(cancel_requested) = restarted else {
+        return status_of(&tx, id).map(|_| CommitOutcome::LeaseLost);
     };
-    sqlx::query("DELETE FROM history WHERE instance_id = ?1")
-        .bind(id)
-        .execute(&mut *tx)
-        .await
-        .map_err(db_err)?;
-    tx.commit().await.map_err(db_err)?;
-    Ok(CommitOutcome::Applied {
-        cancel_requested: cancel_requested != 0,
-    })
+    execute(
+        &tx,
+        "DELETE FROM history WHERE instance_id = ?1",
+        params![id],
+    )?;
+    tx.commit().map_err(db_err)?;
+    Ok(CommitOutcome::Applied { cancel_requested })
 }
 
-async fn claim_tx(conn: &mut SqliteConnection, req: &ClaimRequest) -> StoreResult<ClaimBatch> {
-    let keys = workflow_keys(&req.workflows)?;
-    let limit = i64::try_from(req.limit).unwrap_or(i64::MAX);
+fn claim_tx(
+    conn: &mut Connection,
+    owner: &str,
+    keys: &str,
+    limit: i64,
+    lease: Duration,
+) -> StoreResult<ClaimBatch> {
     let now = now_millis();
-    let expires = now.saturating_add(millis(req.lease));
-    let mut tx = begin(conn).await?;
-    let rows = sqlx::query(CLAIM)
-        .bind(req.owner.as_str())
-        .bind(expires)
-        .bind(now)
-        .bind(keys.as_str())
-        .bind(limit)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(db_err)?;
-    let next_wake: Option<Millis> = sqlx::query_scalar(NEXT_WAKE)
-        .bind(now)
-        .bind(keys.as_str())
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(db_err)?;
-    let mut claimed = Vec::with_capacity(rows.len());
-    for row in &rows {
-        claimed.push(ClaimedInstance {
-            record: record_from_row(row)?,
-            lease_token: u64_col(row, RECORD_COLUMNS, "lease token")?,
-            next_event_id: u64_col(row, RECORD_COLUMNS + 1, "next event id")?,
-            inbox_seq: u64_col(row, RECORD_COLUMNS + 2, "inbox sequence")?,
-        });
-    }
-    tx.commit().await.map_err(db_err)?;
+    let expires = now.saturating_add(millis(lease));
+    let tx = begin(conn)?;
+    let mut claimed = fetch_all(
+        &tx,
+        CLAIM,
+        params![owner, expires, now, keys, limit],
+        |row| {
+            Ok(ClaimedInstance {
+                record: record_from_row(row)?,
+                lease_token: u64_col(row, RECORD_COLUMNS, "lease token")?,
+                next_event_id: u64_col(row, RECORD_COLUMNS + 1, "next event id")?,
+                inbox_seq: u64_col(row, RECORD_COLUMNS + 2, "inbox sequence")?,
+            })
+        },
+    )?;
+    let next_wake = fetch_optional(&tx, NEXT_WAKE, params![now, keys], |row| {
+        col::<Millis>(row, 0)
+    })?;
+    tx.commit().map_err(db_err)?;
     claimed.sort_by_key(|c| c.record.created_at);
     Ok(ClaimBatch {
         claimed,
@@ -1101,54 +1043,30 @@ async fn claim_tx(conn: &mut SqliteConnection, req: &ClaimRequest) -> StoreResul
     })
 }
 
-async fn send_signal_tx(
-    conn: &mut SqliteConnection,
-    id: &str,
-    name: &str,
-    payload: &[u8],
-) -> StoreResult<u64> {
+fn send_signal_tx(conn: &mut Connection, id: &str, name: &str, payload: &[u8]) -> StoreResult<u64> {
     let now = now_millis();
-    let mut tx = begin(conn).await?;
-    let woken = sqlx::query(WAKE)
-        .bind(id)
-        .bind(now)
-        .execute(&mut *tx)
-        .await
-        .map_err(db_err)?;
-    if woken.rows_affected() == 0 {
+    let tx = begin(conn)?;
+    if execute(&tx, WAKE, params![id, now])? == 0 {
         // Unknown or finished: nothing was written.
-        let status = status_of(&mut tx, id).await?;
+        let status = status_of(&tx, id)?;
         return Err(StoreError::Finished {
             id: id.to_owned(),
             status,
         });
     }
-    let inserted = sqlx::query(INSERT_SIGNAL)
-        .bind(id)
-        .bind(name)
-        .bind(payload)
-        .bind(now)
-        .execute(&mut *tx)
-        .await
-        .map_err(db_err)?;
-    tx.commit().await.map_err(db_err)?;
-    u64::try_from(inserted.last_insert_rowid())
-        .map_err(|_| StoreError::Corrupt("negative signal id".to_owned()))
+    execute(&tx, INSERT_SIGNAL, params![id, name, payload, now])?;
+    let signal_id = tx.last_insert_rowid();
+    tx.commit().map_err(db_err)?;
+    u64::try_from(signal_id).map_err(|_| StoreError::Corrupt("negative signal id".to_owned()))
 }
 
-async fn request_cancel_tx(conn: &mut SqliteConnection, id: &str) -> StoreResult<InstanceStatus> {
-    let mut tx = begin(conn).await?;
-    let done = sqlx::query(REQUEST_CANCEL)
-        .bind(id)
-        .bind(now_millis())
-        .execute(&mut *tx)
-        .await
-        .map_err(db_err)?;
-    if done.rows_affected() == 0 {
+fn request_cancel_tx(conn: &mut Connection, id: &str) -> StoreResult<InstanceStatus> {
+    let tx = begin(conn)?;
+    if execute(&tx, REQUEST_CANCEL, params![id, now_millis()])? == 0 {
         // Unknown or finished: nothing was written.
-        return status_of(&mut tx, id).await;
+        return status_of(&tx, id);
     }
-    tx.commit().await.map_err(db_err)?;
+    tx.commit().map_err(db_err)?;
     Ok(InstanceStatus::Running)
 }
 
@@ -1361,16 +1279,16 @@ mod tests {
         let b = started(&db, "dup-b").await;
         let c = started(&db, "dup-c").await;
         // A journal row the instance's counter does not know about.
-        sqlx::query(INSERT_EVENT)
-            .bind(b.record.id.as_str())
-            .bind(1_i64)
-            .bind(1_i64)
-            .bind("stray")
-            .bind(&b"x"[..])
-            .bind(0_i64)
-            .execute(db.writer().await.expect("writer").conn().expect("open"))
-            .await
-            .expect("insert a stray row");
+        let stray = b.record.id.clone();
+        db.write(move |conn| {
+            execute(
+                conn,
+                INSERT_EVENT,
+                params![stray, 1_i64, 1_i64, "stray", &b"x"[..], 0_i64],
+            )
+        })
+        .await
+        .expect("insert a stray row");
         let commit = |c: &ClaimedInstance, events: Vec<StoredEvent>| Commit {
             instance_id: c.record.id.clone(),
             lease_token: c.lease_token,
@@ -1428,20 +1346,26 @@ mod tests {
     async fn undecodable_rows_are_corrupt() {
         let db = SqliteStore::in_memory().await.expect("open");
         let c = started(&db, "corrupt").await;
-        sqlx::query("UPDATE instances SET status = 'sleeping' WHERE id = ?1")
-            .bind(c.record.id.as_str())
-            .execute(db.writer().await.expect("writer").conn().expect("open"))
-            .await
-            .expect("update");
+        raw(
+            &db,
+            &format!(
+                "UPDATE instances SET status = 'sleeping' WHERE id = '{}'",
+                c.record.id
+            ),
+        )
+        .await;
         match db.get_instance(&c.record.id).await {
             Err(StoreError::Corrupt(_)) => {}
             other => panic!("expected Corrupt, got {other:?}"),
         }
-        sqlx::query("UPDATE instances SET status = 'running', version = -1 WHERE id = ?1")
-            .bind(c.record.id.as_str())
-            .execute(db.writer().await.expect("writer").conn().expect("open"))
-            .await
-            .expect("update");
+        raw(
+            &db,
+            &format!(
+                "UPDATE instances SET status = 'running', version = -1 WHERE id = '{}'",
+                c.record.id
+            ),
+        )
+        .await;
         match db.list_instances(ListFilter::default()).await {
             Err(StoreError::Corrupt(_)) => {}
             other => panic!("expected Corrupt, got {other:?}"),
@@ -1449,9 +1373,8 @@ mod tests {
     }
 
     async fn raw(db: &SqliteStore, sql: &str) {
-        let mut w = db.writer().await.expect("writer");
-        sqlx::query(sql)
-            .execute(w.conn().expect("open"))
+        let sql = sql.to_owned();
+        db.write(move |conn| conn.execute_batch(&sql).map_err(db_err))
             .await
             .expect("raw statement");
     }
@@ -1512,15 +1435,46 @@ mod tests {
     }
 
     async fn plan(db: &SqliteStore, sql: &str) -> String {
-        let rows = sqlx::query(&format!("EXPLAIN QUERY PLAN {sql}"))
-            .fetch_all(db.writer().await.expect("writer").conn().expect("open"))
+        let sql = format!("EXPLAIN QUERY PLAN {sql}");
+        let details = db
+            .read(move |conn| {
+                // Every parameter NULL: the plan does not depend on values.
+                let count = conn.prepare(&sql).map_err(db_err)?.parameter_count();
+                let nulls = rusqlite::params_from_iter(vec![rusqlite::types::Null; count]);
+                fetch_all(conn, &sql, nulls, |row| col::<String>(row, 3))
+            })
             .await
             .expect("explain");
-        let details: Vec<String> = rows
-            .iter()
-            .map(|r| r.try_get::<String, _>(3).expect("plan detail"))
-            .collect();
         details.join("\n")
+    }
+
+    #[tokio::test]
+    async fn a_file_from_a_newer_schema_is_refused() {
+        let db = TempDb::new().await;
+        raw(&db, "PRAGMA user_version = 99").await;
+        db.close().await;
+        match SqliteStore::open(&db.path).await {
+            Err(StoreError::Unsupported(message)) => {
+                assert!(message.contains("schema version 99"), "{message}")
+            }
+            other => panic!("expected Unsupported, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn reopening_a_file_keeps_its_schema_version() {
+        let db = TempDb::new().await;
+        db.close().await;
+        let again = SqliteStore::open(&db.path).await.expect("reopen");
+        let version = again
+            .read(|conn| {
+                conn.pragma_query_value(None, "user_version", |row| row.get::<_, i64>(0))
+                    .map_err(db_err)
+            })
+            .await
+            .expect("user_version");
+        assert_eq!(version, 1);
+        again.close().await;
     }
 
     #[tokio::test]

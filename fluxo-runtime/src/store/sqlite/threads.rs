@@ -1,0 +1,164 @@
+//! Connection threads: every SQLite connection of a store lives on a thread
+//! of its own and runs whole jobs sent to it (a transaction with all its
+//! statements, or a query). SQLite calls block, so they stay off the async
+//! runtime, and a commit costs one hand-off to the thread and one back, not
+//! one per statement.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::{mpsc, Arc, Mutex, PoisonError};
+use std::thread;
+
+use rusqlite::Connection;
+use tokio::sync::oneshot;
+
+use super::open::Opener;
+use crate::store::{StoreError, StoreResult};
+
+type Job = Box<dyn FnOnce(&mut Slot) + Send>;
+
+/// A thread's connection.
+pub(super) struct Slot {
+    /// `None` once the store is closed, or while a replacement failed.
+    conn: Option<Connection>,
+    /// How to open the connection again; `None` for an in-memory database,
+    /// which lives and dies with its only connection.
+    reopen: Option<Opener>,
+    /// Set after a backend failure: SQLite rolls a transaction back by
+    /// itself on some I/O errors, so the connection is replaced before its
+    /// next use rather than trusted.
+    replace: bool,
+}
+
+impl Slot {
+    /// The connection, reopened first if an earlier job failed on it.
+    pub(super) fn conn(&mut self) -> StoreResult<&mut Connection> {
+        if self.replace {
+            if let Some(opener) = &self.reopen {
+                self.conn = None;
+                self.conn = Some(opener.open()?);
+            }
+            self.replace = false;
+        }
+        self.conn.as_mut().ok_or_else(closed)
+    }
+
+    /// Notes how a use of the connection ended: after a backend error it
+    /// is replaced before its next use.
+    pub(super) fn note<T>(&mut self, result: &StoreResult<T>) {
+        if let Err(e) = result {
+            self.note_error(e);
+        }
+    }
+
+    /// Notes an error of a use of the connection.
+    pub(super) fn note_error(&mut self, e: &StoreError) {
+        if matches!(e, StoreError::Backend(_)) && self.reopen.is_some() {
+            self.replace = true;
+        }
+    }
+}
+
+/// A set of threads, one connection each, taking jobs from one queue.
+pub(super) struct Threads {
+    /// `None` once closed.
+    queue: Mutex<Option<mpsc::Sender<Job>>>,
+    /// One receiver per thread, told when the thread has ended.
+    ended: Mutex<Vec<oneshot::Receiver<()>>>,
+}
+
+impl Threads {
+    /// Starts one thread per connection in `conns`.
+    pub(super) fn start(
+        name: &str,
+        conns: Vec<Connection>,
+        reopen: Option<Opener>,
+    ) -> StoreResult<Self> {
+        let (tx, rx) = mpsc::channel::<Job>();
+        let rx = Arc::new(Mutex::new(rx));
+        let mut ended = Vec::with_capacity(conns.len());
+        for (i, conn) in conns.into_iter().enumerate() {
+            let rx = Arc::clone(&rx);
+            let (end_tx, end_rx) = oneshot::channel();
+            let mut slot = Slot {
+                conn: Some(conn),
+                reopen: reopen.clone(),
+                replace: false,
+            };
+            thread::Builder::new()
+                .name(format!("fluxo-{name}-{i}"))
+                .spawn(move || {
+                    loop {
+                        // Only the thread holding the lock waits on the queue.
+                        let job = rx.lock().unwrap_or_else(PoisonError::into_inner).recv();
+                        let Ok(job) = job else { break };
+                        // A panicking job drops its reply channel, which the
+                        // caller sees as an error; the thread goes on.
+                        let _ = catch_unwind(AssertUnwindSafe(|| job(&mut slot)));
+                    }
+                    drop(slot);
+                    let _ = end_tx.send(());
+                })
+                .map_err(StoreError::backend)?;
+            ended.push(end_rx);
+        }
+        Ok(Threads {
+            queue: Mutex::new(Some(tx)),
+            ended: Mutex::new(ended),
+        })
+    }
+
+    /// Runs `f` on one of the connections and returns its result. A backend
+    /// error makes that connection be reopened before its next use.
+    pub(super) async fn run<T, F>(&self, f: F) -> StoreResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> StoreResult<T> + Send + 'static,
+    {
+        self.run_on_slot(move |slot| {
+            let out = slot.conn().and_then(f);
+            slot.note(&out);
+            out
+        })
+        .await?
+    }
+
+    /// Runs `f` with the slot itself, for jobs that use the connection
+    /// several times and note each outcome.
+    pub(super) async fn run_on_slot<T, F>(&self, f: F) -> StoreResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Slot) -> T + Send + 'static,
+    {
+        let (reply, result) = oneshot::channel();
+        let job: Job = Box::new(move |slot: &mut Slot| {
+            let _ = reply.send(f(slot));
+        });
+        {
+            let queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
+            let sender = queue.as_ref().ok_or_else(closed)?;
+            sender.send(job).map_err(|_| closed())?;
+        }
+        result.await.map_err(|_| {
+            StoreError::Backend("a SQLite connection thread failed while running a job".into())
+        })
+    }
+
+    /// Lets the threads finish the jobs already queued, then closes their
+    /// connections and ends them. Later calls fail.
+    pub(super) async fn close(&self) {
+        drop(
+            self.queue
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take(),
+        );
+        let ended = std::mem::take(&mut *self.ended.lock().unwrap_or_else(PoisonError::into_inner));
+        for end in ended {
+            let _ = end.await;
+        }
+    }
+}
+
+pub(super) fn closed() -> StoreError {
+    StoreError::Backend("the SQLite store is closed".into())
+}
