@@ -74,8 +74,9 @@ pub struct SqliteOptions {
     /// How long a write waits for the file's write lock held by another
     /// process before failing. Default 5 seconds.
     pub busy_timeout: Duration,
-    /// Connections (each on a thread of its own) used for reads. Writes
-    /// always use one connection of their own. Default 4.
+    /// Connections used for reads, each on a thread of its own, all opened
+    /// with the store. Writes always use one connection of their own.
+    /// Default 4.
     pub max_connections: u32,
 }
 
@@ -927,6 +928,7 @@ impl Store for SqliteStore {
         {
             Ok(out) => out,
             // The write thread is gone: every commit fails alike.
+            Err(_) if n == 0 => Vec::new(),
             Err(e) => {
                 let message = e.to_string();
                 let mut out = Vec::with_capacity(n);
@@ -1459,6 +1461,41 @@ mod tests {
             }
             other => panic!("expected Unsupported, got {other:?}"),
         }
+    }
+
+    /// A file created by the sqlx-based releases: the same tables, their
+    /// migration table, `user_version` 0.
+    #[tokio::test]
+    async fn a_file_from_the_sqlx_based_store_opens() {
+        let path = TempDb::path();
+        {
+            let conn = Connection::open(&path).expect("create");
+            conn.pragma_update(None, "journal_mode", "WAL")
+                .expect("wal");
+            conn.execute_batch(open::MIGRATIONS[0]).expect("schema");
+            conn.execute_batch(
+                "CREATE TABLE _sqlx_migrations (version BIGINT PRIMARY KEY, description TEXT);
+                 INSERT INTO _sqlx_migrations VALUES (1, 'initial schema');
+                 INSERT INTO instances (id, workflow, version, status, input, history_format, \
+                   ready_at, created_at, updated_at) VALUES ('old', 'wf', 1, 'running', x'00', 1, 0, 0, 0);",
+            )
+            .expect("old data");
+        }
+        let store = SqliteStore::open(&path).await.expect("open");
+        let old = store.get_instance("old").await.expect("get").expect("kept");
+        assert_eq!(old.workflow, "wf");
+        let c = started(&store, "after-upgrade").await;
+        assert_eq!(c.next_event_id, 0);
+        store.close().await;
+        remove_db(&path);
+    }
+
+    #[tokio::test]
+    async fn closing_twice_and_batches_after_closing() {
+        let db = TempDb::new().await;
+        db.close().await;
+        db.close().await;
+        assert!(db.commit_batch(Vec::new()).await.is_empty());
     }
 
     #[tokio::test]

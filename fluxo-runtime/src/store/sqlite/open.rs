@@ -10,7 +10,7 @@ use crate::store::{StoreError, StoreResult};
 
 /// The schema migrations, in order. `PRAGMA user_version` holds how many of
 /// them a database file has applied.
-const MIGRATIONS: &[&str] = &[include_str!(
+pub(super) const MIGRATIONS: &[&str] = &[include_str!(
     "../../../migrations/sqlite/0001_initial_schema.sql"
 )];
 
@@ -38,6 +38,11 @@ impl Opener {
         }
         .map_err(db_err)?;
         conn.busy_timeout(self.busy_timeout).map_err(db_err)?;
+        // The bundled SQLite enforces foreign keys by default; the schema
+        // declares none, and later migrations must not change behaviour by
+        // adding some.
+        conn.pragma_update(None, "foreign_keys", false)
+            .map_err(db_err)?;
         let level = match self.synchronous {
             Synchronous::Full => "FULL",
             Synchronous::Normal => "NORMAL",

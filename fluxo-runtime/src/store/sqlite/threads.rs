@@ -9,7 +9,7 @@ use std::sync::{mpsc, Arc, Mutex, PoisonError};
 use std::thread;
 
 use rusqlite::Connection;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 
 use super::open::Opener;
 use crate::store::{StoreError, StoreResult};
@@ -62,8 +62,8 @@ impl Slot {
 pub(super) struct Threads {
     /// `None` once closed.
     queue: Mutex<Option<mpsc::Sender<Job>>>,
-    /// One receiver per thread, told when the thread has ended.
-    ended: Mutex<Vec<oneshot::Receiver<()>>>,
+    /// Counts the threads still running; each sends once it has ended.
+    ended: watch::Receiver<usize>,
 }
 
 impl Threads {
@@ -75,10 +75,11 @@ impl Threads {
     ) -> StoreResult<Self> {
         let (tx, rx) = mpsc::channel::<Job>();
         let rx = Arc::new(Mutex::new(rx));
-        let mut ended = Vec::with_capacity(conns.len());
+        let (running, ended) = watch::channel(conns.len());
+        let running = Arc::new(running);
         for (i, conn) in conns.into_iter().enumerate() {
             let rx = Arc::clone(&rx);
-            let (end_tx, end_rx) = oneshot::channel();
+            let running = Arc::clone(&running);
             let mut slot = Slot {
                 conn: Some(conn),
                 reopen: reopen.clone(),
@@ -92,18 +93,20 @@ impl Threads {
                         let job = rx.lock().unwrap_or_else(PoisonError::into_inner).recv();
                         let Ok(job) = job else { break };
                         // A panicking job drops its reply channel, which the
-                        // caller sees as an error; the thread goes on.
-                        let _ = catch_unwind(AssertUnwindSafe(|| job(&mut slot)));
+                        // caller sees as an error; the thread goes on, with
+                        // a fresh connection.
+                        if catch_unwind(AssertUnwindSafe(|| job(&mut slot))).is_err() {
+                            slot.replace = slot.reopen.is_some();
+                        }
                     }
                     drop(slot);
-                    let _ = end_tx.send(());
+                    running.send_modify(|n| *n -= 1);
                 })
                 .map_err(StoreError::backend)?;
-            ended.push(end_rx);
         }
         Ok(Threads {
             queue: Mutex::new(Some(tx)),
-            ended: Mutex::new(ended),
+            ended,
         })
     }
 
@@ -131,6 +134,11 @@ impl Threads {
     {
         let (reply, result) = oneshot::channel();
         let job: Job = Box::new(move |slot: &mut Slot| {
+            // The caller gave up (its future was dropped) before the job
+            // started: it is not run, as a dropped transaction is not.
+            if reply.is_closed() {
+                return;
+            }
             let _ = reply.send(f(slot));
         });
         {
@@ -152,10 +160,9 @@ impl Threads {
                 .unwrap_or_else(PoisonError::into_inner)
                 .take(),
         );
-        let ended = std::mem::take(&mut *self.ended.lock().unwrap_or_else(PoisonError::into_inner));
-        for end in ended {
-            let _ = end.await;
-        }
+        let mut ended = self.ended.clone();
+        // Errs only if every thread is gone, which is what is waited for.
+        let _ = ended.wait_for(|running| *running == 0).await;
     }
 }
 
