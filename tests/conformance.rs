@@ -30,6 +30,7 @@ backend_tests!(
     eviction_replays_without_rerunning_steps,
     lease_expiry_takeover_and_zombie_fencing,
     restart_under_the_same_worker_id_takes_over_at_once,
+    a_full_worker_claims_again_when_a_slot_frees,
     handle_from_another_process,
     long_history,
     call_time_step_options,

@@ -306,6 +306,10 @@ impl WorkerRuntime {
             if full_batch && self.semaphore.available_permits() > 0 {
                 continue;
             }
+            // Every slot is taken, and more work may be waiting (none was
+            // free to claim with, or the claim filled them all): claim again
+            // as soon as one frees.
+            let slots_full = free == 0 || full_batch;
             let mut wait = poll_interval;
             if let Some(at) = next_wake {
                 wait = wait.min(Duration::from_millis((at - now_millis()).max(0) as u64));
@@ -323,7 +327,7 @@ impl WorkerRuntime {
             tokio::select! {
                 _ = work.changed() => {}
                 _ = remote => {}
-                _ = self.slot_freed.notified(), if free == 0 => {}
+                _ = self.slot_freed.notified(), if slots_full => {}
                 _ = tokio::time::sleep(wait) => {}
                 _ = stop.changed() => {}
             }

@@ -561,6 +561,27 @@ pub async fn restart_under_the_same_worker_id_takes_over_at_once(store: Arc<dyn 
     replacement.shutdown().await;
 }
 
+pub async fn a_full_worker_claims_again_when_a_slot_frees(store: Arc<dyn Store>) {
+    // Queued before the worker starts, so no start wakes it; with one slot
+    // and an hour between polls, only a freed slot can make it claim the
+    // next instance.
+    let fluxo = fluxo_on(&store);
+    let mut handles = Vec::new();
+    for i in 0..4 {
+        handles.push(Greet::start(&fluxo, format!("queued-{i}")).await.unwrap());
+    }
+    let w = fluxo
+        .worker()
+        .concurrency(1)
+        .poll_interval(Duration::from_secs(3600))
+        .spawn();
+    for (i, h) in handles.iter().enumerate() {
+        let out: String = h.result_timeout(WAIT).await.unwrap();
+        assert_eq!(out, format!("hello queued-{i}"));
+    }
+    w.shutdown().await;
+}
+
 pub async fn handle_from_another_process(store: Arc<dyn Store>) {
     let (fluxo, w) = setup(&store);
     let h = Approval::start(&fluxo, ()).await.unwrap();
