@@ -11,6 +11,7 @@ mod finish_watch;
 pub mod flow;
 pub mod history;
 mod instance;
+mod live_set;
 pub mod middleware;
 pub mod middleware_builtin;
 pub mod observe;

@@ -1,16 +1,16 @@
 //! Workers: claim runnable instances under leases, run them, keep live
 //! instances in memory (sticky) and renew their leases.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{watch, Notify, Semaphore};
-use tokio::task::{AbortHandle, JoinSet};
+use tokio::task::JoinSet;
 
 use crate::client::Fluxo;
 use crate::instance::{Instance, Resume};
+use crate::live_set::{LiveEntry, LiveSet};
 use crate::shared::Shared;
 use crate::store::{now_millis, ClaimRequest, ClaimedInstance, Commit, Millis, Transition};
 
@@ -125,7 +125,7 @@ impl WorkerBuilder {
             shared: Arc::clone(&self.fluxo.shared),
             semaphore: Arc::new(Semaphore::new(self.concurrency)),
             slot_freed: Notify::new(),
-            live: Mutex::new(HashMap::new()),
+            live: Mutex::new(LiveSet::default()),
             stopping: AtomicBool::new(false),
             max_cached: self.max_cached,
             cancel_grace: self.cancel_grace,
@@ -192,18 +192,13 @@ impl Worker {
         let _ = self.stop.send(true);
         let deadline = Instant::now() + self.grace;
         loop {
-            let active = self
-                .rt
-                .live()
-                .values()
-                .filter(|e| e.parked.is_none())
-                .count();
+            let active = self.rt.live().running();
             if active == 0 || Instant::now() >= deadline {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        let entries: Vec<(String, LiveEntry)> = self.rt.live().drain().collect();
+        let entries = self.rt.live().drain();
         for (id, entry) in entries {
             entry.abort.abort();
             if entry.parked.is_some() {
@@ -226,23 +221,12 @@ impl Worker {
     }
 }
 
-struct LiveEntry {
-    /// Identifies the runner task (an instance may be replaced by a new run).
-    run: u64,
-    /// Set once the runner has rebuilt the instance.
-    instance: Option<Arc<Instance>>,
-    abort: AbortHandle,
-    /// Journal length when parked; `None` while running.
-    parked: Option<u64>,
-    parked_at: Instant,
-}
-
 pub(crate) struct WorkerRuntime {
     id: String,
     pub(crate) shared: Arc<Shared>,
     semaphore: Arc<Semaphore>,
     slot_freed: Notify,
-    live: Mutex<HashMap<String, LiveEntry>>,
+    live: Mutex<LiveSet>,
     stopping: AtomicBool,
     max_cached: usize,
     pub(crate) cancel_grace: Duration,
@@ -250,7 +234,7 @@ pub(crate) struct WorkerRuntime {
 }
 
 impl WorkerRuntime {
-    fn live(&self) -> MutexGuard<'_, HashMap<String, LiveEntry>> {
+    fn live(&self) -> MutexGuard<'_, LiveSet> {
         self.live.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -348,20 +332,14 @@ impl WorkerRuntime {
         let mut live = self.live();
         if let Some(entry) = live.remove(&c.record.id) {
             match (&entry.instance, entry.parked) {
-                (Some(inst), Some(n)) if n == c.next_event_id => {
+                (Some(inst), Some(p)) if p.journal_len == c.next_event_id => {
                     inst.resume(Resume {
                         lease_token: c.lease_token,
                         inbox_seq: c.inbox_seq,
                         cancel_requested: c.record.cancel_requested,
                         permit,
                     });
-                    live.insert(
-                        c.record.id.clone(),
-                        LiveEntry {
-                            parked: None,
-                            ..entry
-                        },
-                    );
+                    live.insert_running(c.record.id.clone(), entry);
                     return;
                 }
                 // Someone else advanced it, or our copy is mid-park: replay.
@@ -371,14 +349,13 @@ impl WorkerRuntime {
         let id = c.record.id.clone();
         let run = self.next_run.fetch_add(1, Ordering::Relaxed);
         let abort = tasks.spawn(crate::runner::run(Arc::clone(self), c, run, permit));
-        live.insert(
+        live.insert_running(
             id,
             LiveEntry {
                 run,
                 instance: None,
                 abort,
                 parked: None,
-                parked_at: Instant::now(),
             },
         );
     }
@@ -433,22 +410,11 @@ impl WorkerRuntime {
     /// and evicts the longest-parked ones beyond the cache size.
     pub(crate) fn parked(&self, id: &str, next_event_id: u64, wake_at: Option<Millis>) {
         let mut live = self.live();
-        if let Some(e) = live.get_mut(id) {
-            e.parked = Some(next_event_id);
-            e.parked_at = Instant::now();
-        }
-        let parked = live.values().filter(|e| e.parked.is_some()).count();
-        if parked > self.max_cached {
-            let mut oldest: Vec<(Instant, String)> = live
-                .iter()
-                .filter(|(_, e)| e.parked.is_some())
-                .map(|(k, e)| (e.parked_at, k.clone()))
-                .collect();
-            oldest.sort();
-            for (_, k) in oldest.into_iter().take(parked - self.max_cached) {
-                if let Some(e) = live.remove(&k) {
-                    e.abort.abort();
-                }
+        live.mark_parked(id, next_event_id);
+        while live.parked() > self.max_cached {
+            match live.pop_longest_parked() {
+                Some((_, evicted)) => evicted.abort.abort(),
+                None => break,
             }
         }
         drop(live);
