@@ -237,9 +237,14 @@ impl Backend {
     pub fn durability(self) -> &'static str {
         match self {
             Backend::Memory => "none (in-process)",
-            Backend::SqliteFull => "SQLite WAL, synchronous=FULL (fsync per commit)",
+            Backend::SqliteFull => {
+                "SQLite WAL, synchronous=FULL (a flush per commit; fdatasync for every engine, see .cargo/config.toml)"
+            }
             Backend::SqliteNormal => "SQLite WAL, synchronous=NORMAL (survives a process crash)",
-            Backend::Postgres => "Postgres, synchronous_commit=on (server default)",
+            Backend::Postgres => {
+                "Postgres, synchronous_commit=on (server default); every engine connects with \
+                 the same URL (the default has sslmode=disable: a local server without TLS)"
+            }
             Backend::Redis => "Redis as configured on the server",
             Backend::Mongodb => "MongoDB as configured on the server",
         }

@@ -75,7 +75,7 @@ struct Args {
     #[arg(
         long,
         env = "FLUXO_TEST_POSTGRES_URL",
-        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable"
     )]
     postgres_url: String,
     /// Redis server for Fluxo's Redis backend.
