@@ -13,8 +13,10 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use fluxo::prelude::*;
-use fluxo::store::sqlite::{SqliteOptions, SqliteStore, Synchronous};
 use fluxo::store::Store;
+
+mod common;
+use common::{backends, bench_dir, runtime};
 
 const STEPS: u32 = 100;
 
@@ -38,58 +40,6 @@ fn setup(rt: &tokio::runtime::Runtime, store: Arc<dyn Store>) -> (Fluxo, fluxo::
     fluxo.register(Sequential).unwrap();
     let worker = fluxo.worker().concurrency(128).spawn();
     (fluxo, worker)
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
-fn bench_dir() -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("fluxo-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-/// Every backend this build has, each on fresh storage.
-fn backends(
-    rt: &tokio::runtime::Runtime,
-    dir: &std::path::Path,
-) -> Vec<(&'static str, Arc<dyn Store>)> {
-    let mut backends: Vec<(&str, Arc<dyn Store>)> =
-        vec![("memory", Arc::new(fluxo::store::memory::MemoryStore::new()))];
-    for (name, sync) in [
-        ("sqlite-full", Synchronous::Full),
-        ("sqlite-normal", Synchronous::Normal),
-    ] {
-        let path = dir.join(format!("{name}-{}.db", unique_suffix()));
-        let opts = SqliteOptions::new(path).synchronous(sync);
-        let store = rt.block_on(SqliteStore::open_with(opts)).unwrap();
-        backends.push((name, Arc::new(store)));
-    }
-    #[cfg(feature = "postgres")]
-    if let Some(store) = rt.block_on(fluxo::store::postgres::test_store_from_env()) {
-        backends.push(("postgres", Arc::new(store)));
-    }
-    #[cfg(feature = "redis")]
-    if let Some(store) = rt.block_on(fluxo::store::redis::test_store_from_env()) {
-        backends.push(("redis", Arc::new(store)));
-    }
-    #[cfg(feature = "mongodb")]
-    if let Some(store) = rt.block_on(fluxo::store::mongodb::test_store_from_env()) {
-        backends.push(("mongodb", Arc::new(store)));
-    }
-    backends
-}
-
-fn unique_suffix() -> u128 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos()
 }
 
 fn bench_sequential(c: &mut Criterion) {
