@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use fluxo::history::Event;
 use fluxo::prelude::*;
-use fluxo::store::{ClaimRequest, Commit, NewInstance, StoredEvent, Transition};
+use fluxo::store::{
+    ClaimRequest, ClaimedInstance, Commit, NewInstance, Store, StoredEvent, Transition,
+};
 
 mod common;
 use common::{backends, bench_dir, runtime, unique_suffix};
@@ -118,6 +120,21 @@ fn claim_request(workflow: &str) -> ClaimRequest {
     }
 }
 
+/// Creates an instance of `workflow` and claims it.
+async fn create_and_claim(store: &dyn Store, workflow: &str) -> ClaimedInstance {
+    let new = NewInstance {
+        id: format!("i-{}", unique_suffix()),
+        workflow: workflow.to_owned(),
+        version: 1,
+        input: b"null".to_vec(),
+        parent_id: None,
+    };
+    store.create_instance(new).await.unwrap();
+    let mut batch = store.claim(&claim_request(workflow)).await.unwrap();
+    assert_eq!(batch.claimed.len(), 1);
+    batch.claimed.remove(0)
+}
+
 /// The store calls of a workflow's life: creating and claiming an
 /// instance; appending one journal entry to a claimed instance (the commit
 /// of one step).
@@ -133,34 +150,14 @@ fn bench_store(c: &mut Criterion) {
                 let store = Arc::clone(&store);
                 let workflow = workflow.clone();
                 async move {
-                    let new = NewInstance {
-                        id: format!("i-{}", unique_suffix()),
-                        workflow: workflow.clone(),
-                        version: 1,
-                        input: b"null".to_vec(),
-                        parent_id: None,
-                    };
-                    store.create_instance(new).await.unwrap();
-                    let batch = store.claim(&claim_request(&workflow)).await.unwrap();
-                    assert_eq!(batch.claimed.len(), 1);
+                    create_and_claim(&*store, &workflow).await;
                 }
             })
         });
 
         // One claimed instance whose journal grows by one entry per commit.
         let workflow = format!("bench-{}", unique_suffix());
-        let claimed = rt.block_on(async {
-            let new = NewInstance {
-                id: format!("i-{}", unique_suffix()),
-                workflow: workflow.clone(),
-                version: 1,
-                input: b"null".to_vec(),
-                parent_id: None,
-            };
-            store.create_instance(new).await.unwrap();
-            let mut batch = store.claim(&claim_request(&workflow)).await.unwrap();
-            batch.claimed.remove(0)
-        });
+        let claimed = rt.block_on(create_and_claim(&*store, &workflow));
         let entry = step_completed().to_stored(0, 0);
         let next = std::sync::atomic::AtomicU64::new(0);
         group.bench_function(BenchmarkId::new("append_one_entry", name), |b| {

@@ -31,7 +31,12 @@ pub mod redis;
 pub mod sqlite;
 #[cfg(all(
     test,
-    any(feature = "postgres", feature = "redis", feature = "mongodb")
+    any(
+        feature = "sqlite",
+        feature = "postgres",
+        feature = "redis",
+        feature = "mongodb"
+    )
 ))]
 mod test_fixtures;
 
@@ -346,6 +351,38 @@ impl StoreError {
 
 /// Shorthand for store results.
 pub type StoreResult<T> = Result<T, StoreError>;
+
+/// The same failure for each of the `n` commits of a batch: `e` for the
+/// first, a backend error with its message for the others.
+pub(crate) fn all_failed(e: StoreError, n: usize) -> Vec<StoreResult<CommitOutcome>> {
+    let message = e.to_string();
+    std::iter::once(Err(e))
+        .chain(std::iter::repeat_with(|| {
+            Err(StoreError::Backend(message.clone().into()))
+        }))
+        .take(n)
+        .collect()
+}
+
+/// Why commit `c`, made under a lease that is still current, does not fit
+/// a journal whose next entry is `next_event_id`.
+pub(crate) fn journal_conflict(c: &Commit, next_event_id: u64) -> StoreError {
+    match c
+        .events
+        .iter()
+        .zip(next_event_id..)
+        .find(|(e, expected)| e.event_id != *expected)
+    {
+        Some((e, expected)) => StoreError::Conflict(format!(
+            "instance {:?}: journal entry {} written where {} was expected",
+            c.instance_id, e.event_id, expected
+        )),
+        None => StoreError::Conflict(format!(
+            "instance {:?}: the journal changed during the commit",
+            c.instance_id
+        )),
+    }
+}
 
 /// The storage interface of the engine. See the module docs for the rules a
 /// backend must keep.

@@ -517,21 +517,7 @@ impl MongoStore {
         let Some(next) = self.held_position(c).await? else {
             return Ok(CommitOutcome::LeaseLost);
         };
-        if let Some((e, expected)) = c
-            .events
-            .iter()
-            .zip(next..)
-            .find(|(e, expected)| e.event_id != *expected)
-        {
-            return Err(StoreError::Conflict(format!(
-                "instance {:?}: journal entry {} written where {} was expected",
-                c.instance_id, e.event_id, expected
-            )));
-        }
-        Err(StoreError::Conflict(format!(
-            "instance {:?}: the journal changed during the commit",
-            c.instance_id
-        )))
+        Err(journal_conflict(c, next))
     }
 
     /// The instance's `next_event_id` if the commit's lease is current,

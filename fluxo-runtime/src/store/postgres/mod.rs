@@ -811,15 +811,6 @@ fn outcome(c: &Commit, inbox_seq: u64, cancel_requested: bool) -> CommitOutcome 
     }
 }
 
-/// One error per commit of a group whose outcome is unknown.
-fn all_failed(e: StoreError, n: usize) -> Vec<StoreResult<CommitOutcome>> {
-    let message = e.to_string();
-    let mut out = Vec::with_capacity(n);
-    out.push(Err(e));
-    out.extend((1..n).map(|_| Err(StoreError::backend(std::io::Error::other(message.clone())))));
-    out
-}
-
 /// Whether a group can be written by the one `batch` statement: commits to
 /// distinct instances, without children or cancel requests, with
 /// consecutive journal entries.
@@ -941,21 +932,7 @@ fn explain(row: &PgRow, c: &Commit) -> StoreResult<CommitOutcome> {
         return Ok(CommitOutcome::LeaseLost);
     }
     let next = u64_col(row, 3, "next event id")?;
-    if let Some((e, expected)) = c
-        .events
-        .iter()
-        .zip(next..)
-        .find(|(e, expected)| e.event_id != *expected)
-    {
-        return Err(StoreError::Conflict(format!(
-            "instance {:?}: journal entry {} written where {} was expected",
-            c.instance_id, e.event_id, expected
-        )));
-    }
-    Err(StoreError::Conflict(format!(
-        "instance {:?}: the journal changed during the commit",
-        c.instance_id
-    )))
+    Err(journal_conflict(c, next))
 }
 
 #[async_trait]

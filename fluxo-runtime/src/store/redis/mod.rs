@@ -1037,15 +1037,6 @@ fn notifier_name(prefix: &str) -> String {
     format!("fluxo-work:{clean}")
 }
 
-/// The same failure for every commit of a batch.
-fn all_failed(e: StoreError, n: usize) -> Vec<StoreResult<CommitOutcome>> {
-    let message = e.to_string();
-    let mut out = Vec::with_capacity(n);
-    out.push(Err(e));
-    out.extend((1..n).map(|_| Err(StoreError::Backend(message.clone().into()))));
-    out
-}
-
 // ---------------------------------------------------------------------------
 // Test fixture
 

@@ -297,14 +297,7 @@ fn commit_batch_on(slot: &mut Slot, commits: &[Commit]) -> Vec<StoreResult<Commi
         GroupResult::Done(out) => out,
         GroupResult::Failed(e) => {
             slot.note_error(&e);
-            let message = e.to_string();
-            let mut out = Vec::with_capacity(commits.len());
-            out.push(Err(e));
-            out.extend(
-                (1..commits.len())
-                    .map(|_| Err(StoreError::backend(std::io::Error::other(message.clone())))),
-            );
-            out
+            all_failed(e, commits.len())
         }
         GroupResult::Retry(e) => {
             // Nothing of the group was written: apply the commits one by
@@ -759,21 +752,7 @@ fn diagnose(conn: &Connection, c: &Commit) -> StoreResult<CommitOutcome> {
     if token != c.lease_token || !leased || status.is_finished() {
         return Ok(CommitOutcome::LeaseLost);
     }
-    if let Some((e, expected)) = c
-        .events
-        .iter()
-        .zip(next..)
-        .find(|(e, expected)| e.event_id != *expected)
-    {
-        return Err(StoreError::Conflict(format!(
-            "instance {:?}: journal entry {} written where {} was expected",
-            c.instance_id, e.event_id, expected
-        )));
-    }
-    Err(StoreError::Conflict(format!(
-        "instance {:?}: the journal changed during the commit",
-        c.instance_id
-    )))
+    Err(journal_conflict(c, next))
 }
 
 fn insert_instance(conn: &Connection, new: &NewInstance, now: Millis) -> StoreResult<bool> {
@@ -928,14 +907,7 @@ impl Store for SqliteStore {
         {
             Ok(out) => out,
             // The write thread is gone: every commit fails alike.
-            Err(_) if n == 0 => Vec::new(),
-            Err(e) => {
-                let message = e.to_string();
-                let mut out = Vec::with_capacity(n);
-                out.push(Err(e));
-                out.extend((1..n).map(|_| Err(StoreError::Backend(message.clone().into()))));
-                out
-            }
+            Err(e) => all_failed(e, n),
         }
     }
 
@@ -1078,6 +1050,7 @@ mod tests {
     use std::path::PathBuf;
 
     use super::*;
+    use crate::store::test_fixtures::{claim_request, event, new_instance};
 
     /// A store in a fresh file under the temporary directory, removed on drop.
     pub(super) struct TempDb {
@@ -1135,38 +1108,15 @@ mod tests {
         });
     }
 
-    fn new_instance(workflow: &str) -> NewInstance {
-        NewInstance {
-            id: uuid::Uuid::new_v4().to_string(),
-            workflow: workflow.to_owned(),
-            version: 1,
-            input: b"in".to_vec(),
-            parent_id: None,
-        }
-    }
-
-    fn claim_request(workflow: &str) -> ClaimRequest {
-        ClaimRequest {
-            owner: uuid::Uuid::new_v4().to_string(),
-            workflows: vec![(workflow.to_owned(), 1)],
-            limit: 10,
-            lease: Duration::from_secs(60),
-        }
-    }
-
-    fn event(event_id: u64) -> StoredEvent {
-        StoredEvent {
-            event_id,
-            seq: event_id,
-            kind: "step_completed".to_owned(),
-            data: vec![event_id as u8],
-        }
-    }
+    const LEASE: Duration = Duration::from_secs(60);
 
     async fn started(store: &SqliteStore, workflow: &str) -> ClaimedInstance {
         let new = new_instance(workflow);
         store.create_instance(new).await.expect("create");
-        let mut batch = store.claim(&claim_request(workflow)).await.expect("claim");
+        let mut batch = store
+            .claim(&claim_request(workflow, 10, LEASE))
+            .await
+            .expect("claim");
         assert_eq!(batch.claimed.len(), 1);
         batch.claimed.remove(0)
     }
@@ -1193,8 +1143,7 @@ mod tests {
         let mut claims = Vec::new();
         for i in 0..6 {
             let store: &SqliteStore = if i % 2 == 0 { &db } else { &other };
-            let mut req = claim_request(&wf);
-            req.limit = 7;
+            let req = claim_request(&wf, 7, LEASE);
             claims.push(async move { store.claim(&req).await.expect("claim") });
         }
         let batches = futures::future::join_all(claims).await;
@@ -1257,7 +1206,10 @@ mod tests {
             signal.map(|s| (s.signal_id, s.payload)),
             Some((sid, b"payload".to_vec()))
         );
-        let batch = store.claim(&claim_request(wf)).await.expect("claim");
+        let batch = store
+            .claim(&claim_request(wf, 10, LEASE))
+            .await
+            .expect("claim");
         assert_eq!(batch.claimed.len(), 1);
         assert_eq!(batch.claimed[0].next_event_id, 2);
         // Signal ids keep increasing across restarts even when the newest was consumed.
