@@ -4,9 +4,17 @@
 //! one fills up, so batches grow with load and a lone commit waits for
 //! nothing. Each commit is still fenced and atomic on its own, and an
 //! instance continues only once its own commit is durable.
+//!
+//! A lone commit (none queued or being written) of a store that can commit
+//! on the caller's thread ([`Store::commits_here`]) is made by the instance
+//! itself, inside `block_in_place`: no hand-off to the writer task and the
+//! store's thread and back, whose thread wake-ups cost more than a SQLite
+//! commit without a flush and a good part of one with it.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use tokio::runtime::{Handle, RuntimeFlavor};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::store::{Commit, CommitOutcome, Store, StoreError, StoreResult};
@@ -19,37 +27,67 @@ type Request = (Commit, oneshot::Sender<StoreResult<CommitOutcome>>);
 /// Queues commits for a background writer task.
 pub(crate) struct Committer {
     tx: mpsc::UnboundedSender<Request>,
+    store: Arc<dyn Store>,
+    /// Commits queued for the writer task or being written by it.
+    pending: Arc<AtomicUsize>,
 }
 
 impl Committer {
     /// Starts the writer task on the current Tokio runtime.
     pub(crate) fn start(store: Arc<dyn Store>) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(write_batches(store, rx));
-        Committer { tx }
+        let pending = Arc::new(AtomicUsize::new(0));
+        tokio::spawn(write_batches(Arc::clone(&store), rx, Arc::clone(&pending)));
+        Committer { tx, store, pending }
     }
 
-    /// Commits through the writer task.
+    /// Commits on this thread if the commit is alone and the store can,
+    /// otherwise through the writer task.
     pub(crate) async fn commit(&self, commit: Commit) -> StoreResult<CommitOutcome> {
-        let (done, result) = oneshot::channel();
-        if self.tx.send((commit, done)).is_err() {
-            return Err(StoreError::Backend(
-                "the group-commit writer has stopped".into(),
-            ));
+        if let Some(done) = self.try_commit_here(&commit) {
+            return done;
         }
-        result.await.unwrap_or_else(|_| {
-            Err(StoreError::Backend(
-                "the group-commit writer has stopped".into(),
-            ))
-        })
+        let (done, result) = oneshot::channel();
+        self.pending.fetch_add(1, Ordering::SeqCst);
+        if self.tx.send((commit, done)).is_err() {
+            self.pending.fetch_sub(1, Ordering::SeqCst);
+            return Err(writer_stopped());
+        }
+        result.await.unwrap_or_else(|_| Err(writer_stopped()))
+    }
+
+    /// The commit made on the calling thread, or `None` when it has to go
+    /// through the writer: other commits are pending (they are grouped,
+    /// and this one joins them), the store cannot, another write holds it,
+    /// or this thread may not block (only a multi-threaded runtime's
+    /// workers may, through `block_in_place`).
+    fn try_commit_here(&self, commit: &Commit) -> Option<StoreResult<CommitOutcome>> {
+        if !self.store.commits_here() || self.pending.load(Ordering::SeqCst) > 0 {
+            return None;
+        }
+        let flavor = Handle::try_current().ok()?.runtime_flavor();
+        if flavor != RuntimeFlavor::MultiThread {
+            return None;
+        }
+        tokio::task::block_in_place(|| self.store.try_commit_here(commit))
     }
 }
 
-async fn write_batches(store: Arc<dyn Store>, mut rx: mpsc::UnboundedReceiver<Request>) {
+fn writer_stopped() -> StoreError {
+    StoreError::Backend("the group-commit writer has stopped".into())
+}
+
+async fn write_batches(
+    store: Arc<dyn Store>,
+    mut rx: mpsc::UnboundedReceiver<Request>,
+    pending: Arc<AtomicUsize>,
+) {
     let mut batch = Vec::new();
     while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        let n = batch.len();
         let (commits, waiters): (Vec<Commit>, Vec<_>) = batch.drain(..).unzip();
         let results = store.commit_batch(commits).await;
+        pending.fetch_sub(n, Ordering::SeqCst);
         for (waiter, result) in waiters.into_iter().zip(results) {
             // The instance may have been dropped meanwhile; nothing to tell.
             let _ = waiter.send(result);

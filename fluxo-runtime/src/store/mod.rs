@@ -473,4 +473,24 @@ pub trait Store: Send + Sync + 'static {
     fn prefers_batches(&self) -> bool {
         false
     }
+
+    /// Whether [`Store::try_commit_here`] can ever commit: the store's
+    /// commit is a blocking call on this machine (a local file), which a
+    /// caller allowed to block can make itself. Default `false`.
+    fn commits_here(&self) -> bool {
+        false
+    }
+
+    /// Applies one fenced change, as [`Store::commit`] does, on the calling
+    /// thread, which it blocks; `None` (nothing done) when another write of
+    /// this process holds the store at the moment, or the store cannot.
+    ///
+    /// The engine calls it only from a thread that may block (inside
+    /// `tokio::task::block_in_place`) and only while no group commit is
+    /// pending: for a lone commit, handing it to the store's own thread and
+    /// back costs more than the commit itself. The default returns `None`.
+    fn try_commit_here(&self, commit: &Commit) -> Option<StoreResult<CommitOutcome>> {
+        let _ = commit;
+        None
+    }
 }

@@ -797,6 +797,15 @@ impl Store for SqliteStore {
         true
     }
 
+    fn commits_here(&self) -> bool {
+        true
+    }
+
+    fn try_commit_here(&self, commit: &Commit) -> Option<StoreResult<CommitOutcome>> {
+        self.writer
+            .try_run_here(|conn| commit_tx(conn, commit, now_millis()))
+    }
+
     async fn create_instance(&self, new: NewInstance) -> StoreResult<CreateOutcome> {
         let id = new.id.clone();
         let created = self
@@ -1440,6 +1449,89 @@ mod tests {
         assert_eq!(c.next_event_id, 0);
         store.close().await;
         remove_db(&path);
+    }
+
+    /// A commit on the caller's thread is the same fenced transaction as
+    /// one on the write thread: applied under the lease, refused with a
+    /// stale token, and not made at all while a job holds the connection.
+    #[tokio::test]
+    async fn commits_here_are_fenced_and_wait_for_no_job() {
+        let db = TempDb::new().await;
+        assert!(db.commits_here());
+        let c = started(&db, "here").await;
+        let commit = |token, events| Commit {
+            instance_id: c.record.id.clone(),
+            lease_token: token,
+            events,
+            ..Commit::default()
+        };
+        let applied = db.try_commit_here(&commit(c.lease_token, vec![event(0)]));
+        assert!(
+            matches!(applied, Some(Ok(CommitOutcome::Applied { .. }))),
+            "{applied:?}"
+        );
+        let stale = db.try_commit_here(&commit(c.lease_token - 1, vec![event(1)]));
+        assert!(
+            matches!(stale, Some(Ok(CommitOutcome::LeaseLost))),
+            "{stale:?}"
+        );
+
+        // A job on the write thread holds the connection until released.
+        let (held_tx, held_rx) = tokio::sync::oneshot::channel();
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        let job = db.write(move |_conn| {
+            held_tx.send(()).expect("test waits");
+            release_rx.recv().expect("test releases");
+            Ok(())
+        });
+        let check = async {
+            held_rx.await.expect("job started");
+            let busy = db.try_commit_here(&commit(c.lease_token, vec![event(1)]));
+            release_tx.send(()).expect("job waits");
+            busy
+        };
+        let (job, busy) = tokio::join!(job, check);
+        job.expect("job");
+        assert!(busy.is_none(), "{busy:?}");
+        assert_eq!(
+            db.load_history(&c.record.id).await.expect("history"),
+            vec![event(0)]
+        );
+
+        db.close().await;
+        match db.try_commit_here(&commit(c.lease_token, vec![event(1)])) {
+            Some(Err(StoreError::Backend(_))) => {}
+            other => panic!("expected a closed store's error, got {other:?}"),
+        }
+    }
+
+    /// A backend failure in a commit on the caller's thread replaces the
+    /// write connection as on the write thread.
+    #[tokio::test]
+    async fn commits_here_recover_from_a_failed_commit() {
+        let db = TempDb::new().await;
+        let c = started(&db, "here-recover").await;
+        raw(&db, "ALTER TABLE history RENAME TO history_moved").await;
+        let commit = Commit {
+            instance_id: c.record.id.clone(),
+            lease_token: c.lease_token,
+            events: vec![event(0)],
+            ..Commit::default()
+        };
+        match db.try_commit_here(&commit) {
+            Some(Err(StoreError::Backend(_))) => {}
+            other => panic!("expected a backend error, got {other:?}"),
+        }
+        raw(&db, "ALTER TABLE history_moved RENAME TO history").await;
+        let applied = db.try_commit_here(&commit);
+        assert!(
+            matches!(applied, Some(Ok(CommitOutcome::Applied { .. }))),
+            "{applied:?}"
+        );
+        assert_eq!(
+            db.load_history(&c.record.id).await.expect("history"),
+            vec![event(0)]
+        );
     }
 
     #[tokio::test]

@@ -3,6 +3,11 @@
 //! statements, or a query). SQLite calls block, so they stay off the async
 //! runtime, and a commit costs one hand-off to the thread and one back, not
 //! one per statement.
+//!
+//! A caller that may block its own thread can also run a job there, on the
+//! connection of a one-connection set while no job holds it
+//! ([`Threads::try_run_here`]): that saves the two hand-offs, which cost
+//! more than the job itself for a lone commit.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{mpsc, Arc, Mutex, PoisonError};
@@ -60,6 +65,9 @@ impl Slot {
 
 /// A set of threads, one connection each, taking jobs from one queue.
 pub(super) struct Threads {
+    /// The connection of a one-connection set, for callers that run a job
+    /// on their own thread; its thread holds the lock while it runs a job.
+    here: Option<Arc<Mutex<Slot>>>,
     /// `None` once closed.
     queue: Mutex<Option<mpsc::Sender<Job>>>,
     /// Counts the threads still running; each sends once it has ended.
@@ -77,14 +85,19 @@ impl Threads {
         let rx = Arc::new(Mutex::new(rx));
         let (running, ended) = watch::channel(conns.len());
         let running = Arc::new(running);
+        let single = conns.len() == 1;
+        let mut here = None;
         for (i, conn) in conns.into_iter().enumerate() {
             let rx = Arc::clone(&rx);
             let running = Arc::clone(&running);
-            let mut slot = Slot {
+            let slot = Arc::new(Mutex::new(Slot {
                 conn: Some(conn),
                 reopen: reopen.clone(),
                 replace: false,
-            };
+            }));
+            if single {
+                here = Some(Arc::clone(&slot));
+            }
             thread::Builder::new()
                 .name(format!("fluxo-{name}-{i}"))
                 .spawn(move || {
@@ -92,22 +105,50 @@ impl Threads {
                         // Only the thread holding the lock waits on the queue.
                         let job = rx.lock().unwrap_or_else(PoisonError::into_inner).recv();
                         let Ok(job) = job else { break };
-                        // A panicking job drops its reply channel, which the
-                        // caller sees as an error; the thread goes on, with
-                        // a fresh connection.
-                        if catch_unwind(AssertUnwindSafe(|| job(&mut slot))).is_err() {
-                            slot.replace = slot.reopen.is_some();
-                        }
+                        run_job(&mut lock(&slot), job);
                     }
-                    drop(slot);
+                    // Closed: the connection goes with the thread, also for
+                    // callers that would run a job here.
+                    let mut slot = lock(&slot);
+                    slot.conn = None;
+                    slot.reopen = None;
                     running.send_modify(|n| *n -= 1);
                 })
                 .map_err(StoreError::backend)?;
         }
         Ok(Threads {
+            here,
             queue: Mutex::new(Some(tx)),
             ended,
         })
+    }
+
+    /// Runs `f` with the connection on the calling thread, which it blocks,
+    /// if this is a one-connection set and no job holds the connection;
+    /// `None` (nothing run) otherwise. For callers that may block, to save
+    /// the hand-off to the connection's thread and back. A backend error
+    /// makes the connection be reopened before its next use; a panic in `f`
+    /// is an error, as on the thread.
+    pub(super) fn try_run_here<T, F>(&self, f: F) -> Option<StoreResult<T>>
+    where
+        F: FnOnce(&mut Connection) -> StoreResult<T>,
+    {
+        let mut slot = match self.here.as_ref()?.try_lock() {
+            Ok(slot) => slot,
+            Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return None,
+        };
+        let out = catch_unwind(AssertUnwindSafe(|| {
+            let out = slot.conn().and_then(f);
+            slot.note(&out);
+            out
+        }));
+        Some(out.unwrap_or_else(|_| {
+            slot.replace = slot.reopen.is_some();
+            Err(StoreError::Backend(
+                "a SQLite job panicked; its connection is replaced".into(),
+            ))
+        }))
     }
 
     /// Runs `f` on one of the connections and returns its result. A backend
@@ -164,6 +205,21 @@ impl Threads {
         // Errs only if every thread is gone, which is what is waited for.
         let _ = ended.wait_for(|running| *running == 0).await;
     }
+}
+
+/// Runs a job from the queue. A panicking job drops its reply channel,
+/// which the caller sees as an error; the thread goes on, with a fresh
+/// connection.
+fn run_job(slot: &mut Slot, job: Job) {
+    if catch_unwind(AssertUnwindSafe(|| job(slot))).is_err() {
+        slot.replace = slot.reopen.is_some();
+    }
+}
+
+/// Locks a slot; a job that panicked while holding it left it usable
+/// (its connection is replaced before the next use).
+fn lock(slot: &Mutex<Slot>) -> std::sync::MutexGuard<'_, Slot> {
+    slot.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 pub(super) fn closed() -> StoreError {
