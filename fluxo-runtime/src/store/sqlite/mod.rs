@@ -46,9 +46,11 @@ use rusqlite::{params, Connection, OptionalExtension, Params, Row, TransactionBe
 
 use super::*;
 
+mod creates;
 mod open;
 mod threads;
 
+use creates::Creates;
 use open::Opener;
 use threads::{Slot, Threads};
 
@@ -118,6 +120,8 @@ pub struct SqliteStore {
     /// Threads of the connections for reads; `None` when reads share the
     /// write connection (in-memory database).
     readers: Option<Threads>,
+    /// Creates waiting to be inserted together.
+    creates: Creates,
     location: String,
 }
 
@@ -159,6 +163,7 @@ impl SqliteStore {
         Ok(SqliteStore {
             writer,
             readers: Some(readers),
+            creates: Creates::default(),
             location: options.path.display().to_string(),
         })
     }
@@ -177,6 +182,7 @@ impl SqliteStore {
         Ok(SqliteStore {
             writer: Threads::start("sqlite-memory", vec![conn], None)?,
             readers: None,
+            creates: Creates::default(),
             location: ":memory:".to_owned(),
         })
     }
@@ -808,9 +814,7 @@ impl Store for SqliteStore {
 
     async fn create_instance(&self, new: NewInstance) -> StoreResult<CreateOutcome> {
         let id = new.id.clone();
-        let created = self
-            .write(move |conn| insert_instance(conn, &new, now_millis()))
-            .await?;
+        let created = self.creates.create(&self.writer, new).await?;
         if created {
             return Ok(CreateOutcome::Created);
         }
@@ -1532,6 +1536,42 @@ mod tests {
             db.load_history(&c.record.id).await.expect("history"),
             vec![event(0)]
         );
+    }
+
+    /// Concurrent creates are inserted together; each still gets its own
+    /// answer, a duplicate id among them included.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_creates_each_get_their_answer() {
+        let db = TempDb::new().await;
+        let mut news: Vec<_> = (0..64)
+            .map(|i| new_instance(&format!("together-{i}")))
+            .collect();
+        let mut twin = new_instance("together-twin");
+        twin.id = news[0].id.clone();
+        news.push(twin);
+        let outcomes =
+            futures::future::join_all(news.iter().cloned().map(|n| db.create_instance(n))).await;
+        let created = outcomes
+            .iter()
+            .filter(|o| matches!(o, Ok(CreateOutcome::Created)))
+            .count();
+        let existing: Vec<_> = outcomes
+            .iter()
+            .filter_map(|o| match o {
+                Ok(CreateOutcome::Existing(record)) => Some(record.id.clone()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(created, 64, "{outcomes:?}");
+        assert_eq!(existing, vec![news[0].id.clone()]);
+        for new in &news[..64] {
+            let record = db
+                .get_instance(&new.id)
+                .await
+                .expect("read")
+                .expect("created");
+            assert_eq!(record.workflow, new.workflow);
+        }
     }
 
     #[tokio::test]

@@ -19,7 +19,13 @@ use tokio::sync::{oneshot, watch};
 use super::open::Opener;
 use crate::store::{StoreError, StoreResult};
 
-type Job = Box<dyn FnOnce(&mut Slot) + Send>;
+/// A job runs with the connection and returns what is left to do once the
+/// connection is free again: answering its callers. So a caller woken by
+/// the answer finds the connection free to run a job on its own thread.
+type Job = Box<dyn FnOnce(&mut Slot) -> Answer + Send>;
+
+/// Sends a job's results to its callers.
+pub(super) type Answer = Box<dyn FnOnce() + Send>;
 
 /// A thread's connection.
 pub(super) struct Slot {
@@ -105,7 +111,8 @@ impl Threads {
                         // Only the thread holding the lock waits on the queue.
                         let job = rx.lock().unwrap_or_else(PoisonError::into_inner).recv();
                         let Ok(job) = job else { break };
-                        run_job(&mut lock(&slot), job);
+                        let answer = run_job(&mut lock(&slot), job);
+                        answer();
                     }
                     // Closed: the connection goes with the thread, also for
                     // callers that would run a job here.
@@ -174,13 +181,16 @@ impl Threads {
         F: FnOnce(&mut Slot) -> T + Send + 'static,
     {
         let (reply, result) = oneshot::channel();
-        let job: Job = Box::new(move |slot: &mut Slot| {
+        let job: Job = Box::new(move |slot: &mut Slot| -> Answer {
             // The caller gave up (its future was dropped) before the job
             // started: it is not run, as a dropped transaction is not.
             if reply.is_closed() {
-                return;
+                return Box::new(|| ());
             }
-            let _ = reply.send(f(slot));
+            let out = f(slot);
+            Box::new(move || {
+                let _ = reply.send(out);
+            })
         });
         {
             let queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
@@ -190,6 +200,18 @@ impl Threads {
         result.await.map_err(|_| {
             StoreError::Backend("a SQLite connection thread failed while running a job".into())
         })
+    }
+
+    /// Queues `f` to run on one of the connections, without waiting for
+    /// it; unlike [`Threads::run_on_slot`] it runs even if nobody waits by
+    /// then. Fails only when the threads are closed (`f` is dropped).
+    pub(super) fn submit<F>(&self, f: F) -> StoreResult<()>
+    where
+        F: FnOnce(&mut Slot) -> Answer + Send + 'static,
+    {
+        let queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
+        let sender = queue.as_ref().ok_or_else(closed)?;
+        sender.send(Box::new(f)).map_err(|_| closed())
     }
 
     /// Lets the threads finish the jobs already queued, then closes their
@@ -207,13 +229,14 @@ impl Threads {
     }
 }
 
-/// Runs a job from the queue. A panicking job drops its reply channel,
-/// which the caller sees as an error; the thread goes on, with a fresh
+/// Runs a job from the queue. A panicking job drops its reply channels,
+/// which its callers see as an error; the thread goes on, with a fresh
 /// connection.
-fn run_job(slot: &mut Slot, job: Job) {
-    if catch_unwind(AssertUnwindSafe(|| job(slot))).is_err() {
+fn run_job(slot: &mut Slot, job: Job) -> Answer {
+    catch_unwind(AssertUnwindSafe(|| job(slot))).unwrap_or_else(|_| {
         slot.replace = slot.reopen.is_some();
-    }
+        Box::new(|| ())
+    })
 }
 
 /// Locks a slot; a job that panicked while holding it left it usable
