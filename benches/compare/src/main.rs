@@ -15,6 +15,7 @@ mod child;
 mod common;
 mod durare_engine;
 mod duroxide_engine;
+mod floor;
 mod fluxo_engine;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -394,6 +395,18 @@ impl Run {
         } else {
             None
         };
+        // And, before a sequential cell, what the store's own commit of a
+        // step costs without any engine.
+        let floor = match (workload, backend) {
+            (Workload::Sequential, Backend::SqliteFull | Backend::SqliteNormal) => {
+                floor::sqlite(&self.dir, backend == Backend::SqliteFull).ok()
+            }
+            (Workload::Sequential, Backend::Postgres) => self
+                .admin
+                .block_on(floor::postgres(&self.args.postgres_url))
+                .ok(),
+            _ => None,
+        };
         let result = if workload == Workload::Recovery {
             self.recovery(spec)
         } else {
@@ -404,6 +417,12 @@ impl Run {
         result.map(|mut r| {
             if let Some(us) = fsync_before {
                 r.set("fsync_us", us);
+            }
+            if let Some(us) = floor {
+                r.set("floor_us", us);
+                if let Some(step) = r.metrics.get("step_us").copied() {
+                    r.set("step_over_floor", step / us);
+                }
             }
             r
         })
@@ -658,6 +677,20 @@ struct MetricRow {
 
 fn metric_rows(w: Workload) -> Vec<MetricRow> {
     let mut rows = workload_rows(w);
+    if w == Workload::Sequential {
+        rows.push(MetricRow {
+            key: "floor_us",
+            label: "bare store commit just before the engine's cells, no engine (µs; SQLite: UPDATE + INSERT transaction, Postgres: one INSERT)",
+            lower_better: true,
+            variant: None,
+        });
+        rows.push(MetricRow {
+            key: "step_over_floor",
+            label: "per-step latency ÷ bare store commit (1.0 = the store's own cost)",
+            lower_better: true,
+            variant: None,
+        });
+    }
     rows.push(MetricRow {
         key: "fsync_us",
         label: "raw fsync just before the engine's cells (µs)",
@@ -944,13 +977,20 @@ fn report(
                         }
                     }
                 }
-                if !any || (row.key == "fsync_us" && !has_value) {
+                let probe_row = matches!(row.key, "fsync_us" | "floor_us" | "step_over_floor");
+                if !any || (probe_row && !has_value) {
                     continue;
                 }
                 let arrow = if row.lower_better { "↓" } else { "↑" };
                 let informational = matches!(
                     row.key,
-                    "late_at" | "parked" | "steps_left" | "fsync_us" | "steps_rerun"
+                    "late_at"
+                        | "parked"
+                        | "steps_left"
+                        | "fsync_us"
+                        | "floor_us"
+                        | "step_over_floor"
+                        | "steps_rerun"
                 );
                 let mut line = format!(
                     "| {} | {} | {}{} |",
