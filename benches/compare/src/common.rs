@@ -455,3 +455,12 @@ where
 
 /// Workflows started at once by the parked workload's starter.
 pub const STARTERS: usize = 64;
+
+/// Removes a SQLite database file with its WAL and shared-memory files.
+pub fn remove_sqlite_files(path: &std::path::Path) {
+    for suffix in ["", "-wal", "-shm"] {
+        let mut p = path.as_os_str().to_owned();
+        p.push(suffix);
+        let _ = std::fs::remove_file(p);
+    }
+}

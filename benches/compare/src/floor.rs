@@ -11,6 +11,8 @@ use anyhow::{Context as _, Result};
 use rusqlite::{params, Connection};
 use sqlx::Connection as _;
 
+use crate::common;
+
 /// How many commits a probe times.
 pub const COMMITS: usize = 200;
 
@@ -20,7 +22,7 @@ pub const COMMITS: usize = 200;
 /// step cannot do without, with this bundled SQLite (fdatasync build).
 pub fn sqlite(dir: &Path, full: bool) -> Result<f64> {
     let path = dir.join("floor-probe.db");
-    remove(&path);
+    common::remove_sqlite_files(&path);
     let out = (|| {
         let conn = Connection::open(&path)?;
         conn.pragma_update_and_check(None, "journal_mode", "WAL", |_| Ok(()))?;
@@ -51,7 +53,7 @@ pub fn sqlite(dir: &Path, full: bool) -> Result<f64> {
         Ok::<_, rusqlite::Error>(t.elapsed().as_secs_f64() * 1e6 / COMMITS as f64)
     })()
     .context("SQLite floor probe");
-    remove(&path);
+    common::remove_sqlite_files(&path);
     out
 }
 
@@ -90,12 +92,4 @@ async fn timed_inserts(conn: &mut sqlx::PgConnection, table: &str) -> Result<f64
         insert(n).execute(&mut *conn).await?;
     }
     Ok(t.elapsed().as_secs_f64() * 1e6 / COMMITS as f64)
-}
-
-fn remove(path: &Path) {
-    for suffix in ["", "-wal", "-shm"] {
-        let mut p = path.as_os_str().to_owned();
-        p.push(suffix);
-        let _ = std::fs::remove_file(p);
-    }
 }

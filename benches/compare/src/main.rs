@@ -525,9 +525,7 @@ impl Run {
 
     fn cleanup(&self, target: &Target) {
         if let Some(path) = &target.path {
-            for suffix in ["", "-wal", "-shm"] {
-                let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
-            }
+            common::remove_sqlite_files(path);
         }
         if target.backend == Backend::Redis {
             // Every key of the run is under its prefix, `{tag}:`.

@@ -89,11 +89,7 @@ fn insert_waiting(slot: &mut Slot, inner: &Mutex<Waiting>) -> Answer {
         // in a transaction of its own, so only a failing one fails.
         None => news
             .iter()
-            .map(|new| {
-                let out = slot.conn().and_then(|conn| insert_instance(conn, new, now));
-                slot.note(&out);
-                out
-            })
+            .map(|new| slot.with_conn(|conn| insert_instance(conn, new, now)))
             .collect(),
     };
     Box::new(move || {

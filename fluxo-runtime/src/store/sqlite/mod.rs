@@ -283,13 +283,7 @@ fn commit_batch_on(slot: &mut Slot, commits: &[Commit]) -> Vec<StoreResult<Commi
     let one_by_one = |slot: &mut Slot| {
         commits
             .iter()
-            .map(|c| {
-                let result = slot
-                    .conn()
-                    .and_then(|conn| commit_tx(conn, c, now_millis()));
-                slot.note(&result);
-                result
-            })
+            .map(|c| slot.with_conn(|conn| commit_tx(conn, c, now_millis())))
             .collect()
     };
     if commits.len() <= 1 {

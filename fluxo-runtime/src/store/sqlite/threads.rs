@@ -53,6 +53,16 @@ impl Slot {
         self.conn.as_mut().ok_or_else(closed)
     }
 
+    /// Runs `f` with the connection and notes how it ended.
+    pub(super) fn with_conn<T>(
+        &mut self,
+        f: impl FnOnce(&mut Connection) -> StoreResult<T>,
+    ) -> StoreResult<T> {
+        let out = self.conn().and_then(f);
+        self.note(&out);
+        out
+    }
+
     /// Notes how a use of the connection ended: after a backend error it
     /// is replaced before its next use.
     pub(super) fn note<T>(&mut self, result: &StoreResult<T>) {
@@ -145,17 +155,13 @@ impl Threads {
             Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
             Err(std::sync::TryLockError::WouldBlock) => return None,
         };
-        let out = catch_unwind(AssertUnwindSafe(|| {
-            let out = slot.conn().and_then(f);
-            slot.note(&out);
-            out
-        }));
-        Some(out.unwrap_or_else(|_| {
-            slot.replace = slot.reopen.is_some();
-            Err(StoreError::Backend(
-                "a SQLite job panicked; its connection is replaced".into(),
-            ))
-        }))
+        Some(
+            guarded(&mut slot, |slot| slot.with_conn(f)).unwrap_or_else(|| {
+                Err(StoreError::Backend(
+                    "a SQLite job panicked; its connection is replaced".into(),
+                ))
+            }),
+        )
     }
 
     /// Runs `f` on one of the connections and returns its result. A backend
@@ -165,12 +171,7 @@ impl Threads {
         T: Send + 'static,
         F: FnOnce(&mut Connection) -> StoreResult<T> + Send + 'static,
     {
-        self.run_on_slot(move |slot| {
-            let out = slot.conn().and_then(f);
-            slot.note(&out);
-            out
-        })
-        .await?
+        self.run_on_slot(move |slot| slot.with_conn(f)).await?
     }
 
     /// Runs `f` with the slot itself, for jobs that use the connection
@@ -192,11 +193,7 @@ impl Threads {
                 let _ = reply.send(out);
             })
         });
-        {
-            let queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
-            let sender = queue.as_ref().ok_or_else(closed)?;
-            sender.send(job).map_err(|_| closed())?;
-        }
+        self.send(job)?;
         result.await.map_err(|_| {
             StoreError::Backend("a SQLite connection thread failed while running a job".into())
         })
@@ -209,9 +206,14 @@ impl Threads {
     where
         F: FnOnce(&mut Slot) -> Answer + Send + 'static,
     {
+        self.send(Box::new(f))
+    }
+
+    /// Queues a job; fails when the threads are closed.
+    fn send(&self, job: Job) -> StoreResult<()> {
         let queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
         let sender = queue.as_ref().ok_or_else(closed)?;
-        sender.send(Box::new(f)).map_err(|_| closed())
+        sender.send(job).map_err(|_| closed())
     }
 
     /// Lets the threads finish the jobs already queued, then closes their
@@ -233,10 +235,17 @@ impl Threads {
 /// which its callers see as an error; the thread goes on, with a fresh
 /// connection.
 fn run_job(slot: &mut Slot, job: Job) -> Answer {
-    catch_unwind(AssertUnwindSafe(|| job(slot))).unwrap_or_else(|_| {
+    guarded(slot, job).unwrap_or_else(|| Box::new(|| ()))
+}
+
+/// Runs `f` with the slot; `None` if it panicked, in which case the
+/// connection is replaced before its next use.
+fn guarded<T>(slot: &mut Slot, f: impl FnOnce(&mut Slot) -> T) -> Option<T> {
+    let out = catch_unwind(AssertUnwindSafe(|| f(slot))).ok();
+    if out.is_none() {
         slot.replace = slot.reopen.is_some();
-        Box::new(|| ())
-    })
+    }
+    out
 }
 
 /// Locks a slot; a job that panicked while holding it left it usable
