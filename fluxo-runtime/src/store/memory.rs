@@ -17,13 +17,21 @@ pub struct MemoryStore {
 
 #[derive(Default)]
 struct State {
-    instances: HashMap<String, Instance>,
+    /// By id. Hashed with a fast seeded hasher: every commit looks its
+    /// instance up.
+    instances: HashMap<String, Instance, foldhash::fast::RandomState>,
     /// Creation order, for listing newest first.
     order: Vec<String>,
+    /// The instances not finished, by position in `order`: all a claim or
+    /// a lease renewal has to look at, so their cost does not grow with
+    /// the number of finished instances kept.
+    live: BTreeMap<usize, String>,
     next_signal_id: u64,
 }
 
 struct Instance {
+    /// Position in [`State::order`].
+    position: usize,
     record: InstanceRecord,
     history: Vec<StoredEvent>,
     inbox: BTreeMap<u64, (String, Vec<u8>)>,
@@ -48,8 +56,9 @@ impl MemoryStore {
 }
 
 impl Instance {
-    fn new(new: NewInstance, now: Millis) -> Self {
+    fn new(new: NewInstance, position: usize, now: Millis) -> Self {
         Instance {
+            position,
             record: InstanceRecord {
                 id: new.id,
                 workflow: new.workflow,
@@ -94,9 +103,11 @@ impl State {
         if let Some(existing) = self.instances.get(&new.id) {
             return CreateOutcome::Existing(existing.record.clone());
         }
+        let position = self.order.len();
         self.order.push(new.id.clone());
+        self.live.insert(position, new.id.clone());
         self.instances
-            .insert(new.id.clone(), Instance::new(new, now));
+            .insert(new.id.clone(), Instance::new(new, position, now));
         CreateOutcome::Created
     }
 
@@ -176,6 +187,9 @@ impl State {
                 finished_parent = inst.record.parent_id.clone();
             }
         }
+        if inst.record.status.is_finished() {
+            self.live.remove(&inst.position);
+        }
         for new in c.new_instances {
             self.insert(new, now);
         }
@@ -236,8 +250,14 @@ impl Store for MemoryStore {
     async fn claim(&self, req: &ClaimRequest) -> StoreResult<ClaimBatch> {
         let now = now_millis();
         let mut state = self.lock();
+        let State {
+            instances, live, ..
+        } = &mut *state;
         let mut batch = ClaimBatch::default();
-        for inst in state.instances.values_mut() {
+        for id in live.values() {
+            let Some(inst) = instances.get_mut(id) else {
+                continue;
+            };
             if inst.record.status.is_finished()
                 || !req
                     .workflows
@@ -276,8 +296,14 @@ impl Store for MemoryStore {
     async fn renew_leases(&self, owner: &str, lease: Duration) -> StoreResult<Vec<String>> {
         let now = now_millis();
         let mut state = self.lock();
+        let State {
+            instances, live, ..
+        } = &mut *state;
         let mut cancelled = Vec::new();
-        for inst in state.instances.values_mut() {
+        for id in live.values() {
+            let Some(inst) = instances.get_mut(id) else {
+                continue;
+            };
             if inst.lease_owner.as_deref() == Some(owner) {
                 inst.lease_expires_at = now + lease.as_millis() as Millis;
                 if inst.record.cancel_requested {
