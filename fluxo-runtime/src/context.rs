@@ -95,7 +95,7 @@ impl WorkflowContext {
     /// aborted and the caller must halt.
     async fn commit_event(&self, seq: u64, event: Event) -> bool {
         self.inst
-            .commit(seq, vec![event], CommitExtra::default())
+            .commit(seq, std::slice::from_ref(&event), CommitExtra::default())
             .await
             .is_some()
     }
@@ -161,7 +161,7 @@ impl WorkflowContext {
         F: FnMut() -> Fut + Send,
         Fut: Future<Output = Result<T, StepError>> + Send,
     {
-        let Some((guard, recorded)) = self.inst.begin(Operation::Step(name.to_owned())) else {
+        let Some((guard, recorded)) = self.inst.begin(|| Operation::Step(name.to_owned())) else {
             return halt().await;
         };
         let seq = guard.seq;
@@ -373,7 +373,7 @@ impl WorkflowContext {
     }
 
     async fn timer(&self, fire_at: impl FnOnce(Millis) -> Millis) {
-        let Some((guard, recorded)) = self.inst.begin(Operation::Timer) else {
+        let Some((guard, recorded)) = self.inst.begin(|| Operation::Timer) else {
             return halt().await;
         };
         let mut at = None;
@@ -454,7 +454,7 @@ impl WorkflowContext {
         timeout: Option<Duration>,
     ) -> Result<(u64, String, serde_json::Value), Timeout> {
         let label = names.join("|");
-        let Some((guard, recorded)) = self.inst.begin(Operation::Signal(label.clone())) else {
+        let Some((guard, recorded)) = self.inst.begin(|| Operation::Signal(label.clone())) else {
             return halt().await;
         };
         let seq = guard.seq;
@@ -519,7 +519,12 @@ impl WorkflowContext {
                     consume_signal: Some(signal.signal_id),
                     ..CommitExtra::default()
                 };
-                if self.inst.commit(seq, vec![event], extra).await.is_none() {
+                if self
+                    .inst
+                    .commit(seq, std::slice::from_ref(&event), extra)
+                    .await
+                    .is_none()
+                {
                     return halt().await;
                 }
                 tracing::debug!(signal = name, seq, "signal received");
@@ -561,7 +566,7 @@ impl WorkflowContext {
     /// [`WorkflowHandle::event`](crate::WorkflowHandle::event) (progress,
     /// intermediate results), without signals. The last value per key wins.
     pub async fn set_event<T: Payload>(&self, key: &str, value: &T) {
-        let Some((guard, recorded)) = self.inst.begin(Operation::Publish(key.to_owned())) else {
+        let Some((guard, recorded)) = self.inst.begin(|| Operation::Publish(key.to_owned())) else {
             return halt().await;
         };
         if !recorded.is_empty() {
@@ -623,7 +628,7 @@ impl WorkflowContext {
     // ----- recorded values ---------------------------------------------------
 
     async fn recorded<T: Payload>(&self, what: &str, make: impl FnOnce() -> T) -> T {
-        let Some((guard, recorded)) = self.inst.begin(Operation::Value(what.to_owned())) else {
+        let Some((guard, recorded)) = self.inst.begin(|| Operation::Value(what.to_owned())) else {
             return halt().await;
         };
         if let Some(Event::ValueRecorded { value, .. }) = recorded.into_iter().next() {
@@ -707,7 +712,8 @@ impl WorkflowContext {
         input: W::Input,
         id: Option<String>,
     ) -> Result<W::Output, WorkflowError> {
-        let Some((guard, recorded)) = self.inst.begin(Operation::Child(W::NAME.to_owned())) else {
+        let Some((guard, recorded)) = self.inst.begin(|| Operation::Child(W::NAME.to_owned()))
+        else {
             return halt().await;
         };
         let seq = guard.seq;
@@ -743,7 +749,12 @@ impl WorkflowContext {
                     workflow: W::NAME.to_owned(),
                     child_id: c.clone(),
                 };
-                if self.inst.commit(seq, vec![event], extra).await.is_none() {
+                if self
+                    .inst
+                    .commit(seq, std::slice::from_ref(&event), extra)
+                    .await
+                    .is_none()
+                {
                     return halt().await;
                 }
                 self.inst.shared.notify_work();

@@ -146,12 +146,46 @@ impl Event {
 
     /// Encodes the event for the store.
     pub fn to_stored(&self, event_id: u64, seq: u64) -> StoredEvent {
+        thread_local! {
+            /// Encoding buffer, kept between calls: an entry is encoded
+            /// without growing a fresh buffer step by step, then copied out
+            /// at its exact size.
+            static BUFFER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        let data = BUFFER.with_borrow_mut(|buffer| {
+            buffer.clear();
+            self.encode(buffer);
+            let data = buffer.to_vec();
+            // Not kept large after an outsized entry.
+            buffer.shrink_to(1024);
+            data
+        });
         StoredEvent {
             event_id,
             seq,
             kind: self.kind().to_owned(),
-            // Serializing this enum of owned, string-keyed data cannot fail.
-            data: serde_json::to_vec(self).unwrap_or_default(),
+            data,
+        }
+    }
+
+    /// Appends the event's JSON encoding to `out`.
+    fn encode(&self, out: &mut Vec<u8>) {
+        // Serializing this enum of owned, string-keyed data into memory
+        // cannot fail.
+        match self {
+            // The entry of almost every step, written directly: the same
+            // bytes as the derived encoding (a test holds them equal), without
+            // its detour through a map serializer for the tag and field names.
+            Event::StepCompleted { name, output } => {
+                out.extend_from_slice(br#"{"type":"step_completed","name":"#);
+                let _ = serde_json::to_writer(&mut *out, name);
+                out.extend_from_slice(br#","output":"#);
+                let _ = serde_json::to_writer(&mut *out, output);
+                out.push(b'}');
+            }
+            _ => {
+                let _ = serde_json::to_writer(out, self);
+            }
         }
     }
 
@@ -271,6 +305,42 @@ impl Replay {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn step_completed_is_encoded_as_derived() {
+        let names = [
+            "charge",
+            "",
+            "quo\"te",
+            "back\\slash",
+            "ctl\u{1}\n\t",
+            "ünï😀",
+        ];
+        let outputs = [
+            serde_json::json!(null),
+            serde_json::json!(7),
+            serde_json::json!(-1.5e300),
+            serde_json::json!("a \"string\"\n"),
+            serde_json::json!([1, "two", {"three": [3.0]}]),
+            serde_json::json!({"id": 7, "nested": {"b": true, "a": [null]}, "é": "😀"}),
+        ];
+        for name in names {
+            for output in &outputs {
+                let e = Event::StepCompleted {
+                    name: name.to_owned(),
+                    output: output.clone(),
+                };
+                let mut fast = Vec::new();
+                e.encode(&mut fast);
+                let derived = serde_json::to_vec(&e).unwrap();
+                assert_eq!(
+                    String::from_utf8(fast).unwrap(),
+                    String::from_utf8(derived).unwrap()
+                );
+                assert_eq!(Event::from_stored(&e.to_stored(0, 0)).unwrap(), e);
+            }
+        }
+    }
 
     #[test]
     fn events_round_trip_through_the_store_encoding() {

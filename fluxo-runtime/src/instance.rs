@@ -105,7 +105,7 @@ pub(crate) enum Committed {
 }
 
 /// Extra parts of a commit besides events.
-#[derive(Default)]
+#[derive(Default, Clone)]
 pub(crate) struct CommitExtra {
     pub consume_signal: Option<u64>,
     pub new_instances: Vec<NewInstance>,
@@ -236,10 +236,15 @@ impl Instance {
 
     // ----- operations -----------------------------------------------------
 
-    /// Starts operation `op`: assigns its sequence number and returns what the
-    /// journal recorded for it. `None` means the instance was aborted
-    /// (non-determinism or a cancel request) and the caller must halt.
-    pub(crate) fn begin(self: &Arc<Self>, op: Operation) -> Option<(OpGuard, Vec<Event>)> {
+    /// Starts an operation: assigns its sequence number and returns what the
+    /// journal recorded for it. `op` names the operation; it is only called
+    /// when there is a journaled one to check it against (on replay). `None`
+    /// means the instance was aborted (non-determinism or a cancel request)
+    /// and the caller must halt.
+    pub(crate) fn begin(
+        self: &Arc<Self>,
+        op: impl FnOnce() -> Operation,
+    ) -> Option<(OpGuard, Vec<Event>)> {
         let mut st = self.state();
         if st.abort.is_some() {
             return None;
@@ -258,6 +263,7 @@ impl Instance {
         let recorded = st.replay.take(seq);
         if let Some(first) = recorded.first() {
             let journaled = first.operation();
+            let op = op();
             if !journaled.matches(&op) {
                 drop(st);
                 self.abort(Abort::Fail(Failure::NonDeterminism {
@@ -313,45 +319,32 @@ impl Instance {
     pub(crate) async fn commit(
         &self,
         seq: u64,
-        events: Vec<Event>,
+        events: &[Event],
         extra: CommitExtra,
     ) -> Option<Committed> {
         let _serial = self.commit_lock.lock().await;
-        let (commit, count) = {
-            let mut st = self.state();
+        // The lazy events recorded by now ride along (ones recorded while
+        // this commit is on its way wait for the next).
+        let lazy = {
+            let st = self.state();
             if st.abort.is_some() {
                 return None;
             }
-            let lazy = std::mem::take(&mut st.lazy);
-            let stored: Vec<_> = lazy
-                .iter()
-                .map(|(s, e)| (*s, e))
-                .chain(events.iter().map(|e| (seq, e)))
-                .zip(st.next_event_id..)
-                .map(|((s, e), id)| e.to_stored(id, s))
-                .collect();
-            let count = stored.len() as u64;
-            // Keep the lazy events in case this commit does not apply.
-            st.lazy = lazy;
-            (
-                Commit {
-                    instance_id: self.id.clone(),
-                    lease_token: st.lease_token,
-                    events: stored,
-                    consume_signal: extra.consume_signal,
-                    new_instances: extra.new_instances,
-                    cancel_instances: extra.cancel_instances,
-                    transition: extra.transition,
-                },
-                count,
-            )
+            st.lazy.len()
         };
-        let outcome = retry_transient(|| self.shared.commit(commit.clone())).await;
+        let outcome = retry_transient(|| {
+            let commit = self.build_commit(lazy, seq, events, extra.clone());
+            self.shared.commit(commit)
+        })
+        .await;
         let mut st = self.state();
+        let written = |st: &mut State| {
+            st.next_event_id += (lazy + events.len()) as u64;
+            st.lazy.drain(..lazy);
+        };
         match outcome {
             Ok(CommitOutcome::Applied { cancel_requested }) => {
-                st.next_event_id += count;
-                st.lazy.clear();
+                written(&mut st);
                 drop(st);
                 if cancel_requested {
                     self.request_cancel();
@@ -362,8 +355,7 @@ impl Instance {
                 inbox_seq,
                 cancel_requested,
             }) => {
-                st.next_event_id += count;
-                st.lazy.clear();
+                written(&mut st);
                 st.inbox_seq = inbox_seq;
                 drop(st);
                 if cancel_requested {
@@ -392,24 +384,40 @@ impl Instance {
         cancel_instances: Vec<String>,
     ) -> Result<CommitOutcome, StoreError> {
         let _serial = self.commit_lock.lock().await;
-        let commit = {
-            let st = self.state();
-            let events = st
-                .lazy
-                .iter()
-                .zip(st.next_event_id..)
-                .map(|((s, e), id)| e.to_stored(id, *s))
-                .collect();
-            Commit {
-                instance_id: self.id.clone(),
-                lease_token: st.lease_token,
-                events,
-                cancel_instances,
-                transition,
-                ..Commit::default()
-            }
+        let lazy = self.state().lazy.len();
+        let extra = CommitExtra {
+            cancel_instances,
+            transition,
+            ..CommitExtra::default()
         };
-        retry_transient(|| self.shared.commit(commit.clone())).await
+        retry_transient(|| {
+            self.shared
+                .commit(self.build_commit(lazy, 0, &[], extra.clone()))
+        })
+        .await
+    }
+
+    /// The commit of the first `lazy` lazily recorded events, then `events`
+    /// (of operation `seq`), and `extra`. Built afresh for every attempt, so
+    /// the store can take it whole.
+    fn build_commit(&self, lazy: usize, seq: u64, events: &[Event], extra: CommitExtra) -> Commit {
+        let st = self.state();
+        let stored = st.lazy[..lazy]
+            .iter()
+            .map(|(s, e)| (*s, e))
+            .chain(events.iter().map(|e| (seq, e)))
+            .zip(st.next_event_id..)
+            .map(|((s, e), id)| e.to_stored(id, s))
+            .collect();
+        Commit {
+            instance_id: self.id.clone(),
+            lease_token: st.lease_token,
+            events: stored,
+            consume_signal: extra.consume_signal,
+            new_instances: extra.new_instances,
+            cancel_instances: extra.cancel_instances,
+            transition: extra.transition,
+        }
     }
 
     /// Restarts the instance with `input` and an empty journal.
@@ -464,7 +472,7 @@ impl Instance {
             },
             ..CommitExtra::default()
         };
-        match self.commit(0, Vec::new(), extra).await? {
+        match self.commit(0, &[], extra).await? {
             Committed::Applied => {
                 let permit = self.state().permit.take();
                 drop(permit);

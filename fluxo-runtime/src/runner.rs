@@ -154,7 +154,7 @@ async fn drive(
         );
         if !marked
             && inst
-                .commit(seq, vec![Event::CancelRequested], Default::default())
+                .commit(seq, &[Event::CancelRequested], Default::default())
                 .await
                 .is_none()
         {
