@@ -31,6 +31,7 @@ backend_tests!(
     lease_expiry_takeover_and_zombie_fencing,
     restart_under_the_same_worker_id_takes_over_at_once,
     a_full_worker_claims_again_when_a_slot_frees,
+    a_worker_whose_handle_is_dropped_keeps_working_at_rest,
     handle_from_another_process,
     long_history,
     call_time_step_options,

@@ -308,12 +308,20 @@ impl WorkerRuntime {
                     None => std::future::pending().await,
                 }
             };
+            // A dropped `Worker` handle leaves the worker running (only
+            // `shutdown` stops it): its channel closing is no wake-up, or
+            // this loop would spin.
+            let stopped = async {
+                if stop.changed().await.is_err() {
+                    std::future::pending::<()>().await
+                }
+            };
             tokio::select! {
                 _ = work.changed() => {}
                 _ = remote => {}
                 _ = self.slot_freed.notified(), if slots_full => {}
                 _ = tokio::time::sleep(wait) => {}
-                _ = stop.changed() => {}
+                _ = stopped => {}
             }
         }
         renew.abort();
