@@ -1,6 +1,7 @@
 //! [`WorkflowContext`]: everything a workflow body may do that touches the
 //! outside world, each operation journaled so a replay sees the same thing.
 
+use std::borrow::Cow;
 use std::future::{Future, IntoFuture};
 use std::marker::PhantomData;
 use std::pin::Pin;
@@ -150,9 +151,11 @@ impl WorkflowContext {
         crate::step::with_options(options, fut).await
     }
 
+    /// Runs step `step_name` (borrowed when it is a `#[step]` function's,
+    /// so naming it costs nothing per call).
     pub(crate) async fn run_step<T, F, Fut>(
         &self,
-        name: &str,
+        step_name: Cow<'static, str>,
         options: StepOptions,
         mut f: F,
     ) -> Result<T, StepError>
@@ -161,6 +164,7 @@ impl WorkflowContext {
         F: FnMut() -> Fut + Send,
         Fut: Future<Output = Result<T, StepError>> + Send,
     {
+        let name: &str = &step_name;
         let Some((guard, recorded)) = self.inst.begin(|| Operation::Step(name.to_owned())) else {
             return halt().await;
         };
@@ -193,13 +197,13 @@ impl WorkflowContext {
             }
             let span = tracing::info_span!("step", step = name, seq, attempt);
             let step = StepContext {
-                workflow_id: self.inst.id.clone(),
-                name: name.to_owned(),
+                workflow_id: Arc::clone(&self.inst.id),
+                name: step_name.clone(),
                 seq,
                 attempt,
                 cancel: self.inst.cancel_watch(),
             };
-            let (workflow, id) = (self.inst.workflow.as_str(), self.inst.id.as_str());
+            let (workflow, id) = (self.inst.workflow.as_str(), &*self.inst.id);
             self.inst.shared.observe(|o| {
                 o.on_event(&LifecycleEvent::StepStarted {
                     workflow,
@@ -741,7 +745,7 @@ impl WorkflowContext {
                         workflow: W::NAME.to_owned(),
                         version: W::VERSION,
                         input,
-                        parent_id: Some(self.inst.id.clone()),
+                        parent_id: Some(self.inst.id.to_string()),
                     }],
                     ..CommitExtra::default()
                 };
@@ -906,7 +910,7 @@ impl Saga {
             let name = format!("compensate {}", c.name);
             if let Err(e) = self
                 .ctx
-                .run_step(&name, c.options.clone(), &mut c.run)
+                .run_step(name.into(), c.options.clone(), &mut c.run)
                 .await
             {
                 errors.push(e);
@@ -955,7 +959,12 @@ where
     type IntoFuture = BoxFuture<'static, Result<T, StepError>>;
 
     fn into_future(self) -> Self::IntoFuture {
-        async move { self.ctx.run_step(&self.name, self.options, self.f).await }.boxed()
+        async move {
+            self.ctx
+                .run_step(self.name.into(), self.options, self.f)
+                .await
+        }
+        .boxed()
     }
 }
 

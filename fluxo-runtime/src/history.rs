@@ -163,7 +163,7 @@ impl Event {
         StoredEvent {
             event_id,
             seq,
-            kind: self.kind().to_owned(),
+            kind: std::borrow::Cow::Borrowed(self.kind()),
             data,
         }
     }

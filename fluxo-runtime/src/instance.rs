@@ -38,7 +38,7 @@ pub(crate) struct Resume {
 
 /// A parked or active instance as the worker sees it.
 pub(crate) struct Instance {
-    pub id: String,
+    pub id: Arc<str>,
     pub workflow: String,
     pub shared: Arc<Shared>,
     state: Mutex<State>,
@@ -117,7 +117,7 @@ impl Instance {
     pub(crate) fn new(shared: Arc<Shared>, init: InstanceInit) -> Arc<Self> {
         let (resume_tx, resume_rx) = mpsc::unbounded_channel();
         Arc::new(Instance {
-            id: init.id,
+            id: init.id.into(),
             workflow: init.workflow,
             shared,
             state: Mutex::new(State {
@@ -410,7 +410,7 @@ impl Instance {
             .map(|((s, e), id)| e.to_stored(id, s))
             .collect();
         Commit {
-            instance_id: self.id.clone(),
+            instance_id: self.id.to_string(),
             lease_token: st.lease_token,
             events: stored,
             consume_signal: extra.consume_signal,

@@ -328,7 +328,7 @@ async fn finish(inst: &Instance, outcome: Result<RunOutcome, Abort>, created_at:
         Ok(CommitOutcome::LeaseLost) => tracing::warn!("lease lost before the final commit"),
         Ok(_) => {
             tracing::info!("workflow {what}");
-            let (workflow, id) = (inst.workflow.as_str(), inst.id.as_str());
+            let (workflow, id) = (inst.workflow.as_str(), &*inst.id);
             let duration = Duration::from_millis((now_millis() - created_at).max(0) as u64);
             inst.shared.observe(|o| match (what, &error) {
                 ("completed", _) => o.on_event(&LifecycleEvent::WorkflowCompleted {

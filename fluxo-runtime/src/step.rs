@@ -1,6 +1,8 @@
 //! Steps: journaled units of work with retries and a timeout.
 
+use std::borrow::Cow;
 use std::future::Future;
+use std::sync::Arc;
 
 use crate::context::{self, WorkflowContext};
 use crate::error::StepError;
@@ -30,8 +32,8 @@ fn take_override() -> Option<StepOptions> {
 /// [`StepContext::current`] from inside a step body.
 #[derive(Debug, Clone)]
 pub struct StepContext {
-    pub(crate) workflow_id: String,
-    pub(crate) name: String,
+    pub(crate) workflow_id: Arc<str>,
+    pub(crate) name: Cow<'static, str>,
     pub(crate) seq: u64,
     pub(crate) attempt: u32,
     pub(crate) cancel: tokio::sync::watch::Receiver<bool>,
@@ -106,7 +108,7 @@ where
     match current_workflow() {
         Some(ctx) => {
             let options = take_override().unwrap_or(options);
-            ctx.run_step(name, options, f).await
+            ctx.run_step(Cow::Borrowed(name), options, f).await
         }
         None => {
             let mut f = f;

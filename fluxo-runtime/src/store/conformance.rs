@@ -241,7 +241,7 @@ fn event(event_id: u64, seq: u64, kind: &str) -> StoredEvent {
     StoredEvent {
         event_id,
         seq,
-        kind: kind.to_owned(),
+        kind: kind.to_owned().into(),
         data: format!("{kind}#{event_id}").into_bytes(),
     }
 }
@@ -866,7 +866,7 @@ pub async fn history_round_trips(store: &dyn Store) {
                 StoredEvent {
                     event_id: n,
                     seq: n / 2,
-                    kind: format!("kind_{n}"),
+                    kind: format!("kind_{n}").into(),
                     data: vec![0, 255, n as u8, 10, 13],
                 }
             })
@@ -880,7 +880,7 @@ pub async fn history_round_trips(store: &dyn Store) {
     let empty = StoredEvent {
         event_id: 12,
         seq: 12,
-        kind: String::new(),
+        kind: "".into(),
         data: Vec::new(),
     };
     written.push(empty.clone());

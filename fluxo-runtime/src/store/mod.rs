@@ -40,6 +40,7 @@ pub mod sqlite;
 ))]
 mod test_fixtures;
 
+use std::borrow::Cow;
 use std::fmt;
 use std::time::Duration;
 
@@ -172,8 +173,9 @@ pub struct StoredEvent {
     pub event_id: u64,
     /// Sequence number of the workflow operation the event belongs to.
     pub seq: u64,
-    /// Short event kind, for inspection (`step_completed`, `timer_fired`, ...).
-    pub kind: String,
+    /// Short event kind, for inspection (`step_completed`, `timer_fired`, ...):
+    /// borrowed when the engine writes it, owned when a store reads it back.
+    pub kind: Cow<'static, str>,
     /// Encoded event.
     pub data: Vec<u8>,
 }

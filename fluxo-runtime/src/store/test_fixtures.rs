@@ -32,7 +32,7 @@ pub(crate) fn event(event_id: u64) -> StoredEvent {
     StoredEvent {
         event_id,
         seq: event_id,
-        kind: "step_completed".to_owned(),
+        kind: "step_completed".into(),
         data: vec![event_id as u8, 0, 255],
     }
 }

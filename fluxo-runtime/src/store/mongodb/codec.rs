@@ -321,7 +321,7 @@ pub(super) fn event_doc(
         INSTANCE_ID: instance_id,
         EVENT_ID: int(e.event_id),
         SEQ: int(e.seq),
-        KIND: e.kind.as_str(),
+        KIND: e.kind.as_ref(),
         DATA: bin(&e.data),
         LEASE_TOKEN: int(lease_token),
         WRITER: writer,
@@ -334,7 +334,7 @@ pub(super) fn event_from_doc(doc: &Document) -> StoreResult<StoredEvent> {
     Ok(StoredEvent {
         event_id: f.u64(EVENT_ID)?,
         seq: f.u64(SEQ)?,
-        kind: f.str(KIND)?.to_owned(),
+        kind: f.str(KIND)?.to_owned().into(),
         data: f.bin(DATA)?,
     })
 }

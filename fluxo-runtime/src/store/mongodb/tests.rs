@@ -245,7 +245,7 @@ async fn stray_entry(store: &MongoStore, id: &str, event_id: u64, lease_token: u
             &StoredEvent {
                 event_id,
                 seq: event_id,
-                kind: "stray".to_owned(),
+                kind: "stray".into(),
                 data: b"stray".to_vec(),
             },
             lease_token,

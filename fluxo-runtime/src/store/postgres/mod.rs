@@ -701,7 +701,7 @@ fn commit_query<'q>(
                     .collect::<Vec<_>>(),
             )
             .bind(c.events.iter().map(|e| sql_int(e.seq)).collect::<Vec<_>>())
-            .bind(c.events.iter().map(|e| e.kind.as_str()).collect::<Vec<_>>())
+            .bind(c.events.iter().map(|e| e.kind.as_ref()).collect::<Vec<_>>())
             .bind(
                 c.events
                     .iter()
@@ -884,7 +884,7 @@ fn batch_query<'q>(sql: &'q Statements, commits: &'q [Commit]) -> Query<'q, Post
             event_instances.push(c.instance_id.as_str());
             event_ids.push(sql_int(e.event_id));
             event_seqs.push(sql_int(e.seq));
-            event_kinds.push(e.kind.as_str());
+            event_kinds.push(e.kind.as_ref());
             event_data.push(e.data.as_slice());
         }
     }
@@ -1017,7 +1017,7 @@ impl Store for PostgresStore {
                     StoreError::Corrupt(format!("journal entry id is negative: {event_id}"))
                 })?,
                 seq: u64_col(row, 1, "operation sequence")?,
-                kind: col(row, 2)?,
+                kind: col::<String>(row, 2)?.into(),
                 data: col(row, 3)?,
             });
         }

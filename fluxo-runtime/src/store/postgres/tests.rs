@@ -439,7 +439,7 @@ async fn commit_batch_isolates_failing_commits() {
         |c: &ClaimedInstance, events| commit(c, events, Transition::Complete { output: vec![1] });
     // A kind Postgres text cannot hold: that statement fails.
     let mut nul = event(0);
-    nul.kind = "bad\0kind".to_owned();
+    nul.kind = "bad\0kind".into();
     let results = db
         .commit_batch(vec![
             complete(&a, vec![event(0)]),

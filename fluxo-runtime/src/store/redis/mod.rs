@@ -483,7 +483,7 @@ fn decode_event(position: u64, raw: &[u8]) -> StoreResult<StoredEvent> {
     Ok(StoredEvent {
         event_id,
         seq,
-        kind,
+        kind: kind.into(),
         data: data.to_vec(),
     })
 }

@@ -778,7 +778,7 @@ fn events_round_trip_their_encoding() {
     let e = StoredEvent {
         event_id: 7,
         seq: u64::MAX,
-        kind: "kind:with{braces}".to_owned(),
+        kind: "kind:with{braces}".into(),
         data: vec![0, 255, 10, 13],
     };
     assert_eq!(decode_event(7, &encode_event(&e)).expect("decode"), e);
@@ -810,7 +810,7 @@ async fn commit_latency_report() {
         let e = StoredEvent {
             event_id: i,
             seq: i,
-            kind: "step_completed".to_owned(),
+            kind: "step_completed".into(),
             data: data.clone(),
         };
         let start = Instant::now();
@@ -860,7 +860,7 @@ async fn commit_latency_report() {
                 vec![StoredEvent {
                     event_id: round,
                     seq: round,
-                    kind: "k".to_owned(),
+                    kind: "k".into(),
                     data: data.clone(),
                 }],
                 Transition::None,
@@ -880,7 +880,7 @@ async fn commit_latency_report() {
                     vec![StoredEvent {
                         event_id: round,
                         seq: round,
-                        kind: "k".to_owned(),
+                        kind: "k".into(),
                         data: data.clone(),
                     }],
                     Transition::None,

@@ -677,7 +677,7 @@ fn apply_commit(
                     id,
                     sql_int(e.event_id),
                     sql_int(e.seq),
-                    e.kind.as_str(),
+                    e.kind.as_ref(),
                     e.data.as_slice(),
                     now
                 ])
@@ -859,7 +859,7 @@ impl Store for SqliteStore {
                         StoreError::Corrupt(format!("journal entry id is negative: {event_id}"))
                     })?,
                     seq: u64_col(row, 1, "operation sequence")?,
-                    kind: col(row, 2)?,
+                    kind: col::<String>(row, 2)?.into(),
                     data: col(row, 3)?,
                 }))
             })?;
