@@ -745,7 +745,7 @@ impl WorkflowContext {
                         workflow: W::NAME.to_owned(),
                         version: W::VERSION,
                         input,
-                        parent_id: Some(self.inst.id.to_string()),
+                        parent_id: Some(String::from(&*self.inst.id)),
                     }],
                     ..CommitExtra::default()
                 };

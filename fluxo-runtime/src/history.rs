@@ -1,7 +1,7 @@
 //! Journal events: what the engine appends to an instance's history, and
 //! how they are encoded for the store.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
@@ -251,8 +251,8 @@ impl std::fmt::Display for Operation {
 /// sequence numbers.
 #[derive(Debug, Default)]
 pub(crate) struct Replay {
-    by_seq: HashMap<u64, Vec<Event>>,
-    patches: HashMap<u64, Vec<String>>,
+    by_seq: BTreeMap<u64, Vec<Event>>,
+    patches: BTreeMap<u64, Vec<String>>,
     cancel_at: Option<u64>,
 }
 
@@ -285,7 +285,7 @@ impl Replay {
     /// Whether the journal holds operations at or after `seq` (the code is
     /// still replaying, not at the live edge).
     pub(crate) fn has_from(&self, seq: u64) -> bool {
-        self.by_seq.keys().any(|s| *s >= seq)
+        self.by_seq.range(seq..).next().is_some()
     }
 
     /// Where a cancel request stopped the workflow body, if it did.
@@ -296,8 +296,7 @@ impl Replay {
     /// The smallest sequence number still not replayed.
     pub(crate) fn first_pending(&self) -> Option<(u64, Operation)> {
         self.by_seq
-            .iter()
-            .min_by_key(|(s, _)| **s)
+            .first_key_value()
             .and_then(|(s, es)| es.first().map(|e| (*s, e.operation())))
     }
 }

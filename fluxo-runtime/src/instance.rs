@@ -322,7 +322,7 @@ impl Instance {
         events: &[Event],
         extra: CommitExtra,
     ) -> Option<Committed> {
-        let _serial = self.commit_lock.lock().await;
+        let _serial = self.serialize_commits().await;
         // The lazy events recorded by now ride along (ones recorded while
         // this commit is on its way wait for the next).
         let lazy = {
@@ -383,7 +383,7 @@ impl Instance {
         transition: Transition,
         cancel_instances: Vec<String>,
     ) -> Result<CommitOutcome, StoreError> {
-        let _serial = self.commit_lock.lock().await;
+        let _serial = self.serialize_commits().await;
         let lazy = self.state().lazy.len();
         let extra = CommitExtra {
             cancel_instances,
@@ -395,6 +395,15 @@ impl Instance {
                 .commit(self.build_commit(lazy, 0, &[], extra.clone()))
         })
         .await
+    }
+
+    /// Waits for this instance's other commit in flight, if any (the
+    /// uncontended case takes the lock without building a waiter).
+    async fn serialize_commits(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        match self.commit_lock.try_lock() {
+            Ok(guard) => guard,
+            Err(_) => self.commit_lock.lock().await,
+        }
     }
 
     /// The commit of the first `lazy` lazily recorded events, then `events`
@@ -410,7 +419,7 @@ impl Instance {
             .map(|((s, e), id)| e.to_stored(id, s))
             .collect();
         Commit {
-            instance_id: self.id.to_string(),
+            instance_id: String::from(&*self.id),
             lease_token: st.lease_token,
             events: stored,
             consume_signal: extra.consume_signal,
@@ -425,7 +434,7 @@ impl Instance {
         &self,
         input: Vec<u8>,
     ) -> Result<CommitOutcome, StoreError> {
-        let _serial = self.commit_lock.lock().await;
+        let _serial = self.serialize_commits().await;
         let token = self.state().lease_token;
         let store = &self.shared.store;
         retry_transient(|| store.continue_as_new(&self.id, token, input.clone())).await

@@ -3,6 +3,7 @@
 
 use std::sync::{Arc, OnceLock, RwLock};
 
+use futures::future::BoxFuture;
 use tokio::sync::watch;
 
 use crate::committer::Committer;
@@ -65,15 +66,16 @@ impl Shared {
     }
 
     /// Commits an instance's change, grouped with other instances' commits
-    /// when the store prefers batches.
-    pub(crate) async fn commit(&self, commit: Commit) -> StoreResult<CommitOutcome> {
+    /// when the store prefers batches. (Not an `async fn`: the store's own
+    /// future is returned as it is, not moved into another one.)
+    pub(crate) fn commit(&self, commit: Commit) -> BoxFuture<'_, StoreResult<CommitOutcome>> {
         if !self.store.prefers_batches() {
-            return self.store.commit(commit).await;
+            return self.store.commit(commit);
         }
-        self.committer
-            .get_or_init(|| Committer::start(Arc::clone(&self.store)))
-            .commit(commit)
-            .await
+        let committer = self
+            .committer
+            .get_or_init(|| Committer::start(Arc::clone(&self.store)));
+        Box::pin(committer.commit(commit))
     }
 
     pub(crate) fn notify_work(&self) {
