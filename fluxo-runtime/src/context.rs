@@ -15,7 +15,7 @@ use futures::FutureExt;
 use tracing::Instrument;
 
 use crate::error::{Failure, StepError, WorkflowError};
-use crate::history::{Event, Operation};
+use crate::history::{Entry, Event, Operation, StepCompletedRef};
 use crate::instance::{retry_transient, Abort, CommitExtra, Instance, OpGuard};
 use crate::middleware::{Next, StepInfo};
 use crate::observe::LifecycleEvent;
@@ -94,7 +94,7 @@ impl WorkflowContext {
 
     /// Journals one event of operation `seq`; `false` means the instance was
     /// aborted and the caller must halt.
-    async fn commit_event(&self, seq: u64, event: Event) -> bool {
+    async fn commit_event(&self, seq: u64, event: impl Entry + Sync) -> bool {
         self.inst
             .commit(seq, std::slice::from_ref(&event), CommitExtra::default())
             .await
@@ -235,12 +235,12 @@ impl WorkflowContext {
             let _enter = span.enter();
             let error = match result.map(|v| serde_json::to_value(&v).map(|o| (v, o))) {
                 Ok(Ok((value, output))) => {
-                    let event = Event::StepCompleted {
-                        name: name.to_owned(),
-                        output,
+                    let entry = StepCompletedRef {
+                        name,
+                        output: &output,
                     };
                     drop(_enter);
-                    if !self.commit_event(seq, event).await {
+                    if !self.commit_event(seq, entry).await {
                         return halt().await;
                     }
                     self.inst.shared.observe(|o| {

@@ -146,52 +146,88 @@ impl Event {
 
     /// Encodes the event for the store.
     pub fn to_stored(&self, event_id: u64, seq: u64) -> StoredEvent {
-        thread_local! {
-            /// Encoding buffer, kept between calls: an entry is encoded
-            /// without growing a fresh buffer step by step, then copied out
-            /// at its exact size.
-            static BUFFER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-        }
-        let data = BUFFER.with_borrow_mut(|buffer| {
-            buffer.clear();
-            self.encode(buffer);
-            let data = buffer.to_vec();
-            // Not kept large after an outsized entry.
-            buffer.shrink_to(1024);
-            data
-        });
-        StoredEvent {
-            event_id,
-            seq,
-            kind: std::borrow::Cow::Borrowed(self.kind()),
-            data,
-        }
-    }
-
-    /// Appends the event's JSON encoding to `out`.
-    fn encode(&self, out: &mut Vec<u8>) {
-        // Serializing this enum of owned, string-keyed data into memory
-        // cannot fail.
-        match self {
-            // The entry of almost every step, written directly: the same
-            // bytes as the derived encoding (a test holds them equal), without
-            // its detour through a map serializer for the tag and field names.
-            Event::StepCompleted { name, output } => {
-                out.extend_from_slice(br#"{"type":"step_completed","name":"#);
-                let _ = serde_json::to_writer(&mut *out, name);
-                out.extend_from_slice(br#","output":"#);
-                let _ = serde_json::to_writer(&mut *out, output);
-                out.push(b'}');
-            }
-            _ => {
-                let _ = serde_json::to_writer(out, self);
-            }
-        }
+        to_stored(self, event_id, seq)
     }
 
     /// Decodes a stored event.
     pub fn from_stored(stored: &StoredEvent) -> Result<Event, String> {
         serde_json::from_slice(&stored.data).map_err(|e| e.to_string())
+    }
+}
+
+/// What the engine writes to the journal: an [`Event`], or a borrowed form
+/// of one that encodes to the same bytes.
+pub(crate) trait Entry {
+    /// The short kind stored next to the encoding.
+    fn kind(&self) -> &'static str;
+    /// Appends the JSON encoding to `out`.
+    fn encode(&self, out: &mut Vec<u8>);
+}
+
+impl Entry for Event {
+    fn kind(&self) -> &'static str {
+        Event::kind(self)
+    }
+
+    fn encode(&self, out: &mut Vec<u8>) {
+        match self {
+            Event::StepCompleted { name, output } => StepCompletedRef { name, output }.encode(out),
+            // Serializing this enum of owned, string-keyed data into memory
+            // cannot fail.
+            _ => {
+                let _ = serde_json::to_writer(out, self);
+            }
+        }
+    }
+}
+
+/// [`Event::StepCompleted`] borrowed from the step that just ran: the entry
+/// of almost every step, written without building the event.
+pub(crate) struct StepCompletedRef<'a> {
+    pub name: &'a str,
+    pub output: &'a serde_json::Value,
+}
+
+impl Entry for StepCompletedRef<'_> {
+    fn kind(&self) -> &'static str {
+        "step_completed"
+    }
+
+    /// The same bytes as the derived encoding of the event (a test holds
+    /// them equal), written directly instead of through a map serializer
+    /// for the tag and field names.
+    fn encode(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(br#"{"type":"step_completed","name":"#);
+        // Strings and JSON values encode into memory without failing.
+        let _ = serde_json::to_writer(&mut *out, self.name);
+        out.extend_from_slice(br#","output":"#);
+        let _ = serde_json::to_writer(&mut *out, self.output);
+        out.push(b'}');
+    }
+}
+
+/// `entry` encoded for the store as journal entry `event_id` of operation
+/// `seq`.
+pub(crate) fn to_stored(entry: &(impl Entry + ?Sized), event_id: u64, seq: u64) -> StoredEvent {
+    thread_local! {
+        /// Encoding buffer, kept between calls: an entry is encoded without
+        /// growing a fresh buffer step by step, then copied out at its
+        /// exact size.
+        static BUFFER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    let data = BUFFER.with_borrow_mut(|buffer| {
+        buffer.clear();
+        entry.encode(buffer);
+        let data = buffer.to_vec();
+        // Not kept large after an outsized entry.
+        buffer.shrink_to(1024);
+        data
+    });
+    StoredEvent {
+        event_id,
+        seq,
+        kind: std::borrow::Cow::Borrowed(entry.kind()),
+        data,
     }
 }
 
@@ -330,7 +366,10 @@ mod tests {
                     output: output.clone(),
                 };
                 let mut fast = Vec::new();
-                e.encode(&mut fast);
+                Entry::encode(&e, &mut fast);
+                let mut borrowed = Vec::new();
+                StepCompletedRef { name, output }.encode(&mut borrowed);
+                assert_eq!(fast, borrowed);
                 let derived = serde_json::to_vec(&e).unwrap();
                 assert_eq!(
                     String::from_utf8(fast).unwrap(),

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit};
 
 use crate::error::Failure;
-use crate::history::{Event, Operation, Replay};
+use crate::history::{to_stored, Entry, Event, Operation, Replay};
 use crate::shared::Shared;
 use crate::store::{Commit, CommitOutcome, Millis, NewInstance, StoreError, Transition};
 
@@ -316,10 +316,10 @@ impl Instance {
     /// Writes `events` (after any lazily recorded ones) under the lease. On a
     /// lost lease or a store error the instance is aborted and `None` is
     /// returned.
-    pub(crate) async fn commit(
+    pub(crate) async fn commit<E: Entry + Sync>(
         &self,
         seq: u64,
-        events: &[Event],
+        events: &[E],
         extra: CommitExtra,
     ) -> Option<Committed> {
         let _serial = self.serialize_commits().await;
@@ -392,7 +392,7 @@ impl Instance {
         };
         retry_transient(|| {
             self.shared
-                .commit(self.build_commit(lazy, 0, &[], extra.clone()))
+                .commit(self.build_commit::<Event>(lazy, 0, &[], extra.clone()))
         })
         .await
     }
@@ -409,14 +409,19 @@ impl Instance {
     /// The commit of the first `lazy` lazily recorded events, then `events`
     /// (of operation `seq`), and `extra`. Built afresh for every attempt, so
     /// the store can take it whole.
-    fn build_commit(&self, lazy: usize, seq: u64, events: &[Event], extra: CommitExtra) -> Commit {
+    fn build_commit<E: Entry>(
+        &self,
+        lazy: usize,
+        seq: u64,
+        events: &[E],
+        extra: CommitExtra,
+    ) -> Commit {
         let st = self.state();
-        let stored = st.lazy[..lazy]
-            .iter()
-            .map(|(s, e)| (*s, e))
-            .chain(events.iter().map(|e| (seq, e)))
+        let lazy = st.lazy[..lazy].iter().map(|(s, e)| (*s, e as &dyn Entry));
+        let stored = lazy
+            .chain(events.iter().map(|e| (seq, e as &dyn Entry)))
             .zip(st.next_event_id..)
-            .map(|((s, e), id)| e.to_stored(id, s))
+            .map(|((s, e), id)| to_stored(e, id, s))
             .collect();
         Commit {
             instance_id: String::from(&*self.id),
@@ -481,7 +486,7 @@ impl Instance {
             },
             ..CommitExtra::default()
         };
-        match self.commit(0, &[], extra).await? {
+        match self.commit::<Event>(0, &[], extra).await? {
             Committed::Applied => {
                 let permit = self.state().permit.take();
                 drop(permit);
