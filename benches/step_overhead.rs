@@ -60,6 +60,16 @@ async fn chain(_ctx: WorkflowContext, n: u32) -> Result<u32, WorkflowError> {
     Ok(last)
 }
 
+/// Starts a workflow of `steps` steps and waits for its result.
+async fn run_chain(fluxo: &Fluxo, steps: u32) {
+    Chain::start(fluxo, steps)
+        .await
+        .unwrap()
+        .result()
+        .await
+        .unwrap();
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let mode = std::env::args()
@@ -113,12 +123,7 @@ async fn throughput() {
         let fluxo = Fluxo::in_memory();
         fluxo.register(Chain).unwrap();
         let worker = fluxo.worker().concurrency(100).spawn();
-        Chain::start(&fluxo, STEPS)
-            .await
-            .unwrap()
-            .result()
-            .await
-            .unwrap();
+        run_chain(&fluxo, STEPS).await;
         let in_flight = Arc::new(Semaphore::new(100));
         let t = Instant::now();
         let mut runs = Vec::new();
@@ -126,12 +131,7 @@ async fn throughput() {
             let permit = Arc::clone(&in_flight).acquire_owned().await.unwrap();
             let fluxo = fluxo.clone();
             runs.push(tokio::spawn(async move {
-                Chain::start(&fluxo, STEPS)
-                    .await
-                    .unwrap()
-                    .result()
-                    .await
-                    .unwrap();
+                run_chain(&fluxo, STEPS).await;
                 drop(permit);
             }));
         }

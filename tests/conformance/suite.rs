@@ -582,11 +582,12 @@ pub async fn a_full_worker_claims_again_when_a_slot_frees(store: Arc<dyn Store>)
     w.shutdown().await;
 }
 
-/// Counts the claims made through it.
-struct CountingClaims(Arc<dyn Store>, std::sync::atomic::AtomicUsize);
+/// A store that passes everything to another, and every claim's result
+/// through a hook.
+struct ClaimHook<F>(Arc<dyn Store>, F);
 
 #[async_trait::async_trait]
-impl Store for CountingClaims {
+impl<F: Fn(&mut ClaimBatch) + Send + Sync + 'static> Store for ClaimHook<F> {
     fn backend_name(&self) -> &'static str {
         self.0.backend_name()
     }
@@ -603,8 +604,9 @@ impl Store for CountingClaims {
         self.0.load_history(id).await
     }
     async fn claim(&self, req: &ClaimRequest) -> StoreResult<ClaimBatch> {
-        self.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        self.0.claim(req).await
+        let mut batch = self.0.claim(req).await?;
+        (self.1)(&mut batch);
+        Ok(batch)
     }
     async fn renew_leases(&self, owner: &str, lease: Duration) -> StoreResult<Vec<String>> {
         self.0.renew_leases(owner, lease).await
@@ -624,11 +626,12 @@ impl Store for CountingClaims {
 }
 
 pub async fn a_worker_whose_handle_is_dropped_keeps_working_at_rest(store: Arc<dyn Store>) {
-    let counting = Arc::new(CountingClaims(
-        Arc::clone(&store),
-        std::sync::atomic::AtomicUsize::new(0),
-    ));
-    let wrapped: Arc<dyn Store> = counting.clone();
+    let claims = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = Arc::clone(&claims);
+    let wrapped: Arc<dyn Store> =
+        Arc::new(ClaimHook(Arc::clone(&store), move |_: &mut ClaimBatch| {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }));
     let fluxo = fluxo_on(&wrapped);
     // Dropping the handle does not stop the worker.
     drop(
@@ -641,9 +644,9 @@ pub async fn a_worker_whose_handle_is_dropped_keeps_working_at_rest(store: Arc<d
     assert_eq!(h.result_timeout(WAIT).await.unwrap(), "hello dropped");
     // Idle, it claims about once per poll interval: some ten times in half a
     // second, not in a loop.
-    counting.1.store(0, std::sync::atomic::Ordering::SeqCst);
+    claims.store(0, std::sync::atomic::Ordering::SeqCst);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let claims = counting.1.load(std::sync::atomic::Ordering::SeqCst);
+    let claims = claims.load(std::sync::atomic::Ordering::SeqCst);
     assert!(claims <= 50, "{claims} claims in 500 ms at rest");
 }
 
@@ -700,53 +703,15 @@ pub async fn call_time_step_options(store: Arc<dyn Store>) {
     w.shutdown().await;
 }
 
-/// A store that reports every instance as written by a future journal
-/// format, as after a downgrade.
-struct FutureFormat(Arc<dyn Store>);
-
-#[async_trait::async_trait]
-impl Store for FutureFormat {
-    fn backend_name(&self) -> &'static str {
-        self.0.backend_name()
-    }
-    async fn create_instance(&self, new: NewInstance) -> StoreResult<CreateOutcome> {
-        self.0.create_instance(new).await
-    }
-    async fn get_instance(&self, id: &str) -> StoreResult<Option<InstanceRecord>> {
-        self.0.get_instance(id).await
-    }
-    async fn list_instances(&self, filter: ListFilter) -> StoreResult<Vec<InstanceRecord>> {
-        self.0.list_instances(filter).await
-    }
-    async fn load_history(&self, id: &str) -> StoreResult<Vec<StoredEvent>> {
-        self.0.load_history(id).await
-    }
-    async fn claim(&self, req: &ClaimRequest) -> StoreResult<ClaimBatch> {
-        let mut batch = self.0.claim(req).await?;
-        for c in &mut batch.claimed {
-            c.record.history_format = fluxo::store::HISTORY_FORMAT + 1;
-        }
-        Ok(batch)
-    }
-    async fn renew_leases(&self, owner: &str, lease: Duration) -> StoreResult<Vec<String>> {
-        self.0.renew_leases(owner, lease).await
-    }
-    async fn commit(&self, commit: Commit) -> StoreResult<CommitOutcome> {
-        self.0.commit(commit).await
-    }
-    async fn send_signal(&self, id: &str, name: &str, payload: Vec<u8>) -> StoreResult<u64> {
-        self.0.send_signal(id, name, payload).await
-    }
-    async fn next_signal(&self, id: &str, name: &str) -> StoreResult<(Option<InboxSignal>, u64)> {
-        self.0.next_signal(id, name).await
-    }
-    async fn request_cancel(&self, id: &str) -> StoreResult<fluxo::WorkflowStatus> {
-        self.0.request_cancel(id).await
-    }
-}
-
 pub async fn incompatible_history_format(store: Arc<dyn Store>) {
-    let wrapped: Arc<dyn Store> = Arc::new(FutureFormat(Arc::clone(&store)));
+    // Every instance reads as written by a future journal format, as after
+    // a downgrade.
+    let wrapped: Arc<dyn Store> =
+        Arc::new(ClaimHook(Arc::clone(&store), |batch: &mut ClaimBatch| {
+            for c in &mut batch.claimed {
+                c.record.history_format = fluxo::store::HISTORY_FORMAT + 1;
+            }
+        }));
     let (fluxo, w) = setup(&wrapped);
     let h = Greet::start(&fluxo, "old".into()).await.unwrap();
     match h.result_timeout(WAIT).await {
