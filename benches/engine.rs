@@ -17,22 +17,11 @@ use fluxo::store::Store;
 
 mod common;
 use common::{backends, bench_dir, runtime};
+#[path = "common/sequential.rs"]
+mod workflow;
+use workflow::Sequential;
 
 const STEPS: u32 = 100;
-
-#[fluxo::step]
-async fn noop(i: u32) -> Result<u32, StepError> {
-    Ok(i)
-}
-
-#[fluxo::workflow]
-async fn sequential(_ctx: WorkflowContext, n: u32) -> Result<u32, WorkflowError> {
-    let mut last = 0;
-    for i in 0..n {
-        last = noop(i).await?;
-    }
-    Ok(last)
-}
 
 fn setup(rt: &tokio::runtime::Runtime, store: Arc<dyn Store>) -> (Fluxo, fluxo::Worker) {
     let _guard = rt.enter();

@@ -17,6 +17,10 @@ use std::time::Instant;
 use fluxo::prelude::*;
 use tokio::sync::Semaphore;
 
+#[path = "common/sequential.rs"]
+mod workflow;
+use workflow::Sequential;
+
 /// Counts heap allocations, to report them per step.
 struct Counting;
 
@@ -45,24 +49,9 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 
-#[fluxo::step]
-async fn noop(i: u32) -> Result<u32, StepError> {
-    Ok(i)
-}
-
-/// `n` sequential no-op steps.
-#[fluxo::workflow]
-async fn chain(_ctx: WorkflowContext, n: u32) -> Result<u32, WorkflowError> {
-    let mut last = 0;
-    for i in 0..n {
-        last = noop(i).await?;
-    }
-    Ok(last)
-}
-
 /// Starts a workflow of `steps` steps and waits for its result.
-async fn run_chain(fluxo: &Fluxo, steps: u32) {
-    Chain::start(fluxo, steps)
+async fn run_sequential(fluxo: &Fluxo, steps: u32) {
+    Sequential::start(fluxo, steps)
         .await
         .unwrap()
         .result()
@@ -89,23 +78,13 @@ async fn sequential() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(100_000);
     let fluxo = Fluxo::in_memory();
-    fluxo.register(Chain).unwrap();
+    fluxo.register(Sequential).unwrap();
     let worker = fluxo.worker().spawn();
-    Chain::start(&fluxo, 100)
-        .await
-        .unwrap()
-        .result()
-        .await
-        .unwrap();
+    run_sequential(&fluxo, 100).await;
     for _ in 0..5 {
         let allocations = ALLOCATIONS.load(Ordering::Relaxed);
         let t = Instant::now();
-        Chain::start(&fluxo, n)
-            .await
-            .unwrap()
-            .result()
-            .await
-            .unwrap();
+        run_sequential(&fluxo, n).await;
         let elapsed = t.elapsed();
         println!(
             "sequential: {:.3} µs per step, {:.1} allocations per step",
@@ -121,9 +100,9 @@ async fn throughput() {
     const STEPS: u32 = 10;
     for _ in 0..20 {
         let fluxo = Fluxo::in_memory();
-        fluxo.register(Chain).unwrap();
+        fluxo.register(Sequential).unwrap();
         let worker = fluxo.worker().concurrency(100).spawn();
-        run_chain(&fluxo, STEPS).await;
+        run_sequential(&fluxo, STEPS).await;
         let in_flight = Arc::new(Semaphore::new(100));
         let t = Instant::now();
         let mut runs = Vec::new();
@@ -131,7 +110,7 @@ async fn throughput() {
             let permit = Arc::clone(&in_flight).acquire_owned().await.unwrap();
             let fluxo = fluxo.clone();
             runs.push(tokio::spawn(async move {
-                run_chain(&fluxo, STEPS).await;
+                run_sequential(&fluxo, STEPS).await;
                 drop(permit);
             }));
         }

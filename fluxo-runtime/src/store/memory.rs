@@ -258,11 +258,11 @@ impl Store for MemoryStore {
             let Some(inst) = instances.get_mut(id) else {
                 continue;
             };
-            if inst.record.status.is_finished()
-                || !req
-                    .workflows
-                    .iter()
-                    .any(|(w, v)| *w == inst.record.workflow && *v == inst.record.version)
+            // `live` holds no finished instance.
+            if !req
+                .workflows
+                .iter()
+                .any(|(w, v)| *w == inst.record.workflow && *v == inst.record.version)
             {
                 continue;
             }
