@@ -164,7 +164,7 @@ fn bench_store(c: &mut Criterion) {
             b.to_async(&rt).iter(|| {
                 let event_id = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let commit = Commit {
-                    instance_id: claimed.record.id.clone(),
+                    instance_id: claimed.record.id.as_str().into(),
                     lease_token: claimed.lease_token,
                     events: vec![StoredEvent {
                         event_id,

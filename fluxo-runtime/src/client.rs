@@ -11,7 +11,8 @@ use crate::observe::LifecycleEvent;
 use crate::payload;
 use crate::shared::Shared;
 use crate::store::{
-    CreateOutcome, InstanceRecord, InstanceStatus, ListFilter, NewInstance, Store, StoreError,
+    CreateOutcome, FinishedLookup, InstanceRecord, InstanceStatus, ListFilter, NewInstance, Store,
+    StoreError,
 };
 use crate::worker::WorkerBuilder;
 use crate::workflow::{Definition, HasSignal, Signal, Workflow};
@@ -371,11 +372,10 @@ impl Fluxo {
             notified.as_mut().enable();
             // A lost connection while waiting is retried, not returned.
             let store = &self.shared.store;
-            let rec = crate::instance::retry_transient(|| store.get_instance(id))
-                .await?
-                .ok_or_else(|| Error::NotFound { id: id.to_owned() })?;
-            if rec.status.is_finished() {
-                return Ok(rec);
+            match crate::instance::retry_transient(|| store.get_if_finished(id)).await? {
+                FinishedLookup::Finished(rec) => return Ok(rec),
+                FinishedLookup::NotFound => return Err(Error::NotFound { id: id.to_owned() }),
+                FinishedLookup::Unfinished => {}
             }
             // Local finishes notify at once; other processes are polled.
             let _ = tokio::time::timeout(poll, notified).await;

@@ -13,20 +13,34 @@ use tokio::sync::Notify;
 /// finish fires. Entries live as long as a [`FinishWatch`] holds them.
 #[derive(Default)]
 pub(crate) struct FinishWatches {
-    by_id: Mutex<HashMap<String, Arc<Notify>>>,
+    by_id: Mutex<Map>,
 }
 
+/// Watched ids, hashed with a fast seeded hasher (every finish looks one
+/// up); each key is shared with the watches that hold it.
+type Map = HashMap<Arc<str>, Arc<Notify>, foldhash::fast::RandomState>;
+
 impl FinishWatches {
-    fn map(&self) -> MutexGuard<'_, HashMap<String, Arc<Notify>>> {
+    fn map(&self) -> MutexGuard<'_, Map> {
         self.by_id.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Starts watching instance `id`.
     pub(crate) fn watch(self: &Arc<Self>, id: &str) -> FinishWatch {
-        let notify = Arc::clone(self.map().entry(id.to_owned()).or_default());
+        let mut map = self.map();
+        let (id, notify) = match map.get_key_value(id) {
+            Some((id, notify)) => (Arc::clone(id), Arc::clone(notify)),
+            None => {
+                let id: Arc<str> = id.into();
+                let notify = Arc::new(Notify::new());
+                map.insert(Arc::clone(&id), Arc::clone(&notify));
+                (id, notify)
+            }
+        };
+        drop(map);
         FinishWatch {
             watches: Arc::clone(self),
-            id: id.to_owned(),
+            id,
             notify,
         }
     }
@@ -43,7 +57,7 @@ impl FinishWatches {
 /// A caller's interest in one instance's finish; dropping it ends it.
 pub(crate) struct FinishWatch {
     watches: Arc<FinishWatches>,
-    id: String,
+    id: Arc<str>,
     notify: Arc<Notify>,
 }
 

@@ -424,7 +424,7 @@ impl Instance {
             .map(|((s, e), id)| to_stored(e, id, s))
             .collect();
         Commit {
-            instance_id: String::from(&*self.id),
+            instance_id: Arc::clone(&self.id),
             lease_token: st.lease_token,
             events: stored,
             consume_signal: extra.consume_signal,

@@ -32,7 +32,9 @@ pub(crate) struct Parked {
 /// The instances in memory by id.
 #[derive(Default)]
 pub(crate) struct LiveSet {
-    entries: HashMap<String, LiveEntry>,
+    /// Hashed with a fast seeded hasher: every claim, attach and detach
+    /// looks an id up.
+    entries: HashMap<String, LiveEntry, foldhash::fast::RandomState>,
     /// Parked instances, longest parked first.
     parked: BTreeMap<u64, String>,
     next_order: u64,

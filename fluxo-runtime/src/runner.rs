@@ -72,7 +72,7 @@ async fn run_inner(
             Err(e) => {
                 tracing::warn!(error = %e, "cannot load history; releasing the instance");
                 let release = Commit {
-                    instance_id: rec.id.clone(),
+                    instance_id: rec.id.as_str().into(),
                     lease_token: claimed.lease_token,
                     transition: Transition::Release,
                     ..Commit::default()
@@ -98,8 +98,8 @@ async fn run_inner(
     let inst = Instance::new(
         Arc::clone(&shared),
         InstanceInit {
-            id: rec.id.clone(),
-            workflow: rec.workflow.clone(),
+            id: rec.id,
+            workflow: rec.workflow,
             lease_token: claimed.lease_token,
             next_event_id: claimed.next_event_id,
             inbox_seq: claimed.inbox_seq,
@@ -109,7 +109,8 @@ async fn run_inner(
             permit,
         },
     );
-    worker.attach(&rec.id, run, Arc::clone(&inst));
+    let id = &*inst.id;
+    worker.attach(id, run, Arc::clone(&inst));
     // However this run ends (even aborted by an eviction), drop what could
     // keep the instance alive through a reference cycle.
     let _handlers = ClearHandlersOnDrop(Arc::clone(&inst));
@@ -119,12 +120,12 @@ async fn run_inner(
 
     let outcome = match problem {
         Some(f) => Err(Abort::Fail(f)),
-        None => drive(&worker, &inst, &rec.workflow, rec.version, &rec.input).await,
+        None => drive(&worker, &inst, &inst.workflow, rec.version, &rec.input).await,
     };
     finish(&inst, outcome, rec.created_at).await;
     inst.release_permit();
-    worker.detach(&rec.id, run);
-    shared.finished.finished(&rec.id);
+    worker.detach(id, run);
+    shared.finished.finished(id);
 }
 
 /// Runs the workflow body; if a cancel request stops it, runs its

@@ -206,7 +206,7 @@ impl Worker {
             }
             if let Some(inst) = entry.instance {
                 let release = Commit {
-                    instance_id: id.clone(),
+                    instance_id: id.as_str().into(),
                     lease_token: inst.lease_token(),
                     transition: Transition::Release,
                     ..Commit::default()
@@ -356,7 +356,10 @@ impl WorkerRuntime {
         }
         let id = c.record.id.clone();
         let run = self.next_run.fetch_add(1, Ordering::Relaxed);
-        let abort = tasks.spawn(crate::runner::run(Arc::clone(self), c, run, permit));
+        // Boxed: the runner's future is large, and the task would otherwise
+        // copy all of it on every move into place.
+        let runner = Box::pin(crate::runner::run(Arc::clone(self), c, run, permit));
+        let abort = tasks.spawn(runner);
         live.insert_running(
             id,
             LiveEntry {

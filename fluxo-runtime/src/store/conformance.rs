@@ -59,6 +59,7 @@ pub async fn run_all(store: &dyn Store) {
     signal_ids_are_never_reused(store).await;
     continue_as_new_restarts_with_an_empty_journal(store).await;
     renewing_to_zero_ends_the_leases(store).await;
+    get_if_finished_reads_only_finished_instances(store).await;
 }
 
 /// Generates one `#[tokio::test]` per check of the store conformance suite.
@@ -134,6 +135,7 @@ macro_rules! store_conformance_tests {
             signal_ids_are_never_reused,
             continue_as_new_restarts_with_an_empty_journal,
             renewing_to_zero_ends_the_leases,
+            get_if_finished_reads_only_finished_instances,
         );
     };
     (optional: $(#[$meta:meta])* $make:expr $(,)?) => {
@@ -248,7 +250,7 @@ fn event(event_id: u64, seq: u64, kind: &str) -> StoredEvent {
 
 fn commit(claimed: &ClaimedInstance, events: Vec<StoredEvent>, transition: Transition) -> Commit {
     Commit {
-        instance_id: claimed.record.id.clone(),
+        instance_id: claimed.record.id.as_str().into(),
         lease_token: claimed.lease_token,
         events,
         transition,
@@ -700,7 +702,7 @@ pub async fn commit_without_lease_is_refused(store: &dyn Store) {
     let wf = unique("wf");
     let id = create(store, &wf, 1).await;
     let never = Commit {
-        instance_id: id.clone(),
+        instance_id: id.as_str().into(),
         lease_token: 0,
         events: vec![event(0, 0, "x")],
         ..Commit::default()
@@ -754,7 +756,7 @@ pub async fn commit_without_lease_is_refused(store: &dyn Store) {
 /// A commit to an id that does not exist is `NotFound`.
 pub async fn commit_to_unknown_instance_is_not_found(store: &dyn Store) {
     let c = Commit {
-        instance_id: unique("missing"),
+        instance_id: unique("missing").into(),
         lease_token: 1,
         events: vec![event(0, 0, "x")],
         ..Commit::default()
@@ -1875,5 +1877,63 @@ mod memory_store {
     async fn whole_suite_on_one_store() {
         let store = crate::store::memory::MemoryStore::new();
         crate::store::conformance::run_all(&store).await;
+    }
+}
+
+/// `get_if_finished` tells an unknown id and an unfinished instance apart,
+/// and hands over the same record as `get_instance` once it finished.
+pub async fn get_if_finished_reads_only_finished_instances(store: &dyn Store) {
+    let lookup = |id: String| async move {
+        store
+            .get_if_finished(&id)
+            .await
+            .unwrap_or_else(|e| panic!("get_if_finished({id}) failed: {e}"))
+    };
+    match lookup(unique("missing")).await {
+        FinishedLookup::NotFound => {}
+        other => panic!("an unknown id is NotFound, got {other:?}"),
+    }
+    let wf = unique("wf");
+    let id = create(store, &wf, 1).await;
+    match lookup(id.clone()).await {
+        FinishedLookup::Unfinished => {}
+        other => panic!("a new instance is Unfinished, got {other:?}"),
+    }
+    let c = claim_one(store, &id, &wf, LONG).await;
+    let park = Transition::Park {
+        wake_at: None,
+        seen_inbox: c.inbox_seq,
+    };
+    assert_eq!(apply(store, commit(&c, vec![], park)).await, applied(false));
+    match lookup(id.clone()).await {
+        FinishedLookup::Unfinished => {}
+        other => panic!("a parked instance is Unfinished, got {other:?}"),
+    }
+    for transition in [
+        Transition::Complete {
+            output: b"out".to_vec(),
+        },
+        Transition::Fail {
+            failure: b"bad".to_vec(),
+        },
+        Transition::Cancel {
+            failure: b"stop".to_vec(),
+        },
+    ] {
+        let (_, id) = finished_instance(store, transition).await;
+        let expected = get(store, &id).await;
+        match lookup(id.clone()).await {
+            FinishedLookup::Finished(r) => {
+                assert_eq!(r.id, expected.id);
+                assert_eq!(r.status, expected.status);
+                assert_eq!(r.output, expected.output);
+                assert_eq!(r.failure, expected.failure);
+                assert_eq!(r.input, expected.input);
+            }
+            other => panic!(
+                "a {:?} instance is Finished, got {other:?}",
+                expected.status
+            ),
+        }
     }
 }

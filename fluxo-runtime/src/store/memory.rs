@@ -2,7 +2,7 @@
 //! workflows that need no durability across process restarts.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -18,14 +18,14 @@ pub struct MemoryStore {
 #[derive(Default)]
 struct State {
     /// By id. Hashed with a fast seeded hasher: every commit looks its
-    /// instance up.
-    instances: HashMap<String, Instance, foldhash::fast::RandomState>,
+    /// instance up. The id is shared with `order` and `live`.
+    instances: HashMap<Arc<str>, Instance, foldhash::fast::RandomState>,
     /// Creation order, for listing newest first.
-    order: Vec<String>,
+    order: Vec<Arc<str>>,
     /// The instances not finished, by position in `order`: all a claim or
     /// a lease renewal has to look at, so their cost does not grow with
     /// the number of finished instances kept.
-    live: BTreeMap<usize, String>,
+    live: BTreeMap<usize, Arc<str>>,
     next_signal_id: u64,
 }
 
@@ -100,14 +100,14 @@ impl Instance {
 
 impl State {
     fn insert(&mut self, new: NewInstance, now: Millis) -> CreateOutcome {
-        if let Some(existing) = self.instances.get(&new.id) {
+        if let Some(existing) = self.instances.get(new.id.as_str()) {
             return CreateOutcome::Existing(existing.record.clone());
         }
         let position = self.order.len();
-        self.order.push(new.id.clone());
-        self.live.insert(position, new.id.clone());
-        self.instances
-            .insert(new.id.clone(), Instance::new(new, position, now));
+        let id: Arc<str> = new.id.as_str().into();
+        self.order.push(Arc::clone(&id));
+        self.live.insert(position, Arc::clone(&id));
+        self.instances.insert(id, Instance::new(new, position, now));
         CreateOutcome::Created
     }
 
@@ -127,8 +127,8 @@ impl State {
     fn apply(&mut self, c: Commit, now: Millis) -> StoreResult<CommitOutcome> {
         let inst = self
             .instances
-            .get_mut(&c.instance_id)
-            .ok_or_else(|| StoreError::NotFound(c.instance_id.clone()))?;
+            .get_mut(&*c.instance_id)
+            .ok_or_else(|| StoreError::NotFound(c.instance_id.to_string()))?;
         if inst.lease_token != c.lease_token
             || inst.lease_owner.is_none()
             || inst.record.status.is_finished()
@@ -198,7 +198,7 @@ impl State {
             let _ = self.request_cancel(&id, now);
         }
         if let Some(parent) = finished_parent {
-            if let Some(p) = self.instances.get_mut(&parent) {
+            if let Some(p) = self.instances.get_mut(parent.as_str()) {
                 if !p.record.status.is_finished() {
                     p.wake(now);
                 }
@@ -220,6 +220,14 @@ impl Store for MemoryStore {
 
     async fn get_instance(&self, id: &str) -> StoreResult<Option<InstanceRecord>> {
         Ok(self.lock().instances.get(id).map(|i| i.record.clone()))
+    }
+
+    async fn get_if_finished(&self, id: &str) -> StoreResult<FinishedLookup> {
+        Ok(match self.lock().instances.get(id) {
+            None => FinishedLookup::NotFound,
+            Some(i) if i.record.status.is_finished() => FinishedLookup::Finished(i.record.clone()),
+            Some(_) => FinishedLookup::Unfinished,
+        })
     }
 
     async fn list_instances(&self, filter: ListFilter) -> StoreResult<Vec<InstanceRecord>> {

@@ -42,6 +42,7 @@ mod test_fixtures;
 
 use std::borrow::Cow;
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -135,6 +136,17 @@ pub enum CreateOutcome {
     Created,
     /// An instance with that id already existed; nothing was written.
     Existing(InstanceRecord),
+}
+
+/// Result of [`Store::get_if_finished`].
+#[derive(Debug, Clone)]
+pub enum FinishedLookup {
+    /// No instance has that id.
+    NotFound,
+    /// The instance exists and has not finished.
+    Unfinished,
+    /// The instance finished; its record.
+    Finished(InstanceRecord),
 }
 
 /// Everything stored about one instance except its journal.
@@ -267,8 +279,9 @@ pub enum Transition {
 /// A fenced, atomic change to one instance.
 #[derive(Debug, Clone, Default)]
 pub struct Commit {
-    /// The instance.
-    pub instance_id: String,
+    /// The instance. Shared, not owned: the engine hands the same id to
+    /// every commit of an instance without copying it.
+    pub instance_id: Arc<str>,
     /// Lease token the change is written under.
     pub lease_token: u64,
     /// Journal entries to append, with consecutive event ids starting at the
@@ -399,6 +412,18 @@ pub trait Store: Send + Sync + 'static {
 
     /// Reads one instance.
     async fn get_instance(&self, id: &str) -> StoreResult<Option<InstanceRecord>>;
+
+    /// Reads one instance's record if it has finished: what a caller waiting
+    /// for a result polls. The default reads the record with
+    /// [`Store::get_instance`]; a store that can tell the status more cheaply
+    /// than it copies the record overrides it.
+    async fn get_if_finished(&self, id: &str) -> StoreResult<FinishedLookup> {
+        Ok(match self.get_instance(id).await? {
+            None => FinishedLookup::NotFound,
+            Some(rec) if rec.status.is_finished() => FinishedLookup::Finished(rec),
+            Some(_) => FinishedLookup::Unfinished,
+        })
+    }
 
     /// Lists instances, newest first.
     async fn list_instances(&self, filter: ListFilter) -> StoreResult<Vec<InstanceRecord>>;

@@ -44,7 +44,7 @@ pub(crate) fn commit(
     transition: Transition,
 ) -> Commit {
     Commit {
-        instance_id: c.record.id.clone(),
+        instance_id: c.record.id.as_str().into(),
         lease_token: c.lease_token,
         events,
         transition,

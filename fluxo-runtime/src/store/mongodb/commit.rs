@@ -362,7 +362,7 @@ impl MongoStore {
         intent: Option<&Document>,
     ) -> Result<Option<Fenced>, Failure> {
         let mut filter = doc! {
-            ID: c.instance_id.as_str(),
+            ID: c.instance_id.as_ref(),
             LEASE_TOKEN: int(c.lease_token),
             LEASE_OWNER: { "$ne": null },
             STATUS: RUNNING,
@@ -526,11 +526,11 @@ impl MongoStore {
         let doc = self
             .inner
             .instances
-            .find_one(doc! { ID: c.instance_id.as_str() })
+            .find_one(doc! { ID: c.instance_id.as_ref() })
             .projection(doc! { LEASE_TOKEN: 1, LEASE_OWNER: 1, STATUS: 1, NEXT_EVENT_ID: 1 })
             .await
             .map_err(mongo_err)?
-            .ok_or_else(|| StoreError::NotFound(c.instance_id.clone()))?;
+            .ok_or_else(|| StoreError::NotFound(c.instance_id.to_string()))?;
         let f = Fields::new(&doc, "instance");
         let held = f.u64(LEASE_TOKEN)? == c.lease_token
             && f.opt_str(LEASE_OWNER)?.is_some()
@@ -563,7 +563,7 @@ impl MongoStore {
         let removed = delete_each(
             &self.inner.history,
             doc! {
-                INSTANCE_ID: c.instance_id.as_str(),
+                INSTANCE_ID: c.instance_id.as_ref(),
                 EVENT_ID: { "$gte": int(next) },
                 LEASE_TOKEN: { "$lt": int(c.lease_token) },
             },
@@ -911,7 +911,7 @@ impl MongoStore {
     async fn delete_written(&self, c: &Commit, writer: &str) -> StoreResult<()> {
         delete_each(
             &self.inner.history,
-            doc! { INSTANCE_ID: c.instance_id.as_str(), WRITER: writer },
+            doc! { INSTANCE_ID: c.instance_id.as_ref(), WRITER: writer },
         )
         .await
         .map_err(mongo_err)?;

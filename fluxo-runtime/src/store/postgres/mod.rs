@@ -369,7 +369,7 @@ impl PostgresStore {
         let mut tx = conn.begin().await.ok()?;
         let written = async {
             let rows = batch_query(sql, commits).fetch_all(&mut *tx).await?;
-            let in_group: HashSet<&str> = commits.iter().map(|c| c.instance_id.as_str()).collect();
+            let in_group: HashSet<&str> = commits.iter().map(|c| c.instance_id.as_ref()).collect();
             let mut applied = HashMap::with_capacity(rows.len());
             let mut parents = Vec::new();
             for row in &rows {
@@ -394,7 +394,7 @@ impl PostgresStore {
             }
             let mut results = Vec::with_capacity(commits.len());
             for c in commits {
-                results.push(match applied.get(c.instance_id.as_str()) {
+                results.push(match applied.get(c.instance_id.as_ref()) {
                     Some(&(inbox_seq, cancel_requested)) => {
                         Ok(outcome(c, inbox_seq, cancel_requested))
                     }
@@ -660,7 +660,7 @@ fn claimed_from_row(row: &PgRow) -> StoreResult<ClaimedInstance> {
 fn needs_own_cancel_statement(c: &Commit) -> bool {
     c.cancel_instances
         .iter()
-        .any(|id| *id == c.instance_id || c.new_instances.iter().any(|n| n.id == *id))
+        .any(|id| **id == *c.instance_id || c.new_instances.iter().any(|n| n.id == *id))
 }
 
 fn shape_of(c: &Commit) -> Shape {
@@ -689,7 +689,7 @@ fn commit_query<'q>(
     shape: Shape,
 ) -> Query<'q, Postgres, PgArguments> {
     let mut q = sqlx::query(sql.commit(shape))
-        .bind(c.instance_id.as_str())
+        .bind(c.instance_id.as_ref())
         .bind(sql_int(c.lease_token));
     if shape.events {
         q = q
@@ -820,7 +820,7 @@ fn fits_one_statement(commits: &[Commit]) -> bool {
         c.new_instances.is_empty()
             && c.cancel_instances.is_empty()
             && consecutive(&c.events)
-            && ids.insert(c.instance_id.as_str())
+            && ids.insert(c.instance_id.as_ref())
     })
 }
 
@@ -846,7 +846,7 @@ fn batch_query<'q>(sql: &'q Statements, commits: &'q [Commit]) -> Query<'q, Post
     let mut event_kinds = Vec::with_capacity(events);
     let mut event_data = Vec::with_capacity(events);
     for c in commits {
-        ids.push(c.instance_id.as_str());
+        ids.push(c.instance_id.as_ref());
         tokens.push(sql_int(c.lease_token));
         firsts.push(c.events.first().map(|e| sql_int(e.event_id)));
         counts.push(c.events.len() as i64);
@@ -881,7 +881,7 @@ fn batch_query<'q>(sql: &'q Statements, commits: &'q [Commit]) -> Query<'q, Post
         failures.push(finish.and_then(|(_, _, failure)| failure));
         consumes.push(c.consume_signal.map(sql_int));
         for e in &c.events {
-            event_instances.push(c.instance_id.as_str());
+            event_instances.push(c.instance_id.as_ref());
             event_ids.push(sql_int(e.event_id));
             event_seqs.push(sql_int(e.seq));
             event_kinds.push(e.kind.as_ref());
@@ -914,11 +914,11 @@ async fn diagnose(
     c: &Commit,
 ) -> Result<StoreResult<CommitOutcome>, sqlx::Error> {
     let row = sqlx::query(&sql.diagnose)
-        .bind(c.instance_id.as_str())
+        .bind(c.instance_id.as_ref())
         .fetch_optional(&mut *conn)
         .await?;
     Ok(match row {
-        None => Err(StoreError::NotFound(c.instance_id.clone())),
+        None => Err(StoreError::NotFound(c.instance_id.to_string())),
         Some(row) => explain(&row, c),
     })
 }

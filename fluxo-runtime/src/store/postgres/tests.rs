@@ -143,7 +143,7 @@ async fn two_stores_on_one_schema_never_share_an_instance() {
         let newest = *tokens.last().expect("claimed");
         for token in tokens {
             let c = Commit {
-                instance_id: id.clone(),
+                instance_id: id.as_str().into(),
                 lease_token: token,
                 ..Commit::default()
             };
@@ -827,7 +827,7 @@ async fn mixed_group(store: &dyn Store) -> Vec<String> {
             commit(&stale, vec![event(0)], Transition::None),
             commit(&gap, vec![event(3)], Transition::None),
             Commit {
-                instance_id: format!("{prefix}-missing-id"),
+                instance_id: format!("{prefix}-missing-id").into(),
                 lease_token: 1,
                 ..Commit::default()
             },

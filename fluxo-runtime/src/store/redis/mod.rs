@@ -377,7 +377,7 @@ impl RedisStore {
                 ("cancel", String::new(), String::new(), failure.as_slice())
             }
         };
-        call.arg(c.instance_id.as_str())
+        call.arg(c.instance_id.as_ref())
             .arg(c.lease_token)
             .arg(kind)
             .arg(seen)

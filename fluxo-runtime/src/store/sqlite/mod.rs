@@ -585,7 +585,7 @@ fn apply_commit(
         return clean(diagnose(conn, c));
     }
 
-    let id = c.instance_id.as_str();
+    let id = c.instance_id.as_ref();
     let token = sql_int(c.lease_token);
     let count = sql_int(c.events.len() as u64);
     let first = first.map(sql_int);
@@ -737,7 +737,7 @@ fn diagnose(conn: &Connection, c: &Commit) -> StoreResult<CommitOutcome> {
     let (token, leased, status, next) = fetch_optional(
         conn,
         FENCE_DIAGNOSE,
-        params![c.instance_id.as_str()],
+        params![c.instance_id.as_ref()],
         |row| {
             let status: String = col(row, 2)?;
             Ok((
@@ -748,7 +748,7 @@ fn diagnose(conn: &Connection, c: &Commit) -> StoreResult<CommitOutcome> {
             ))
         },
     )?
-    .ok_or_else(|| StoreError::NotFound(c.instance_id.clone()))?;
+    .ok_or_else(|| StoreError::NotFound(c.instance_id.to_string()))?;
     if token != c.lease_token || !leased || status.is_finished() {
         return Ok(CommitOutcome::LeaseLost);
     }
@@ -1181,7 +1181,7 @@ mod tests {
             .expect("open");
             let c = started(&store, wf).await;
             let commit = Commit {
-                instance_id: c.record.id.clone(),
+                instance_id: c.record.id.as_str().into(),
                 lease_token: c.lease_token,
                 events: vec![event(0), event(1)],
                 transition: Transition::Park {
@@ -1221,7 +1221,7 @@ mod tests {
         assert_eq!(batch.claimed[0].next_event_id, 2);
         // Signal ids keep increasing across restarts even when the newest was consumed.
         let commit = Commit {
-            instance_id: id.clone(),
+            instance_id: id.as_str().into(),
             lease_token: batch.claimed[0].lease_token,
             consume_signal: Some(sid),
             ..Commit::default()
@@ -1251,7 +1251,7 @@ mod tests {
         .await
         .expect("insert a stray row");
         let commit = |c: &ClaimedInstance, events: Vec<StoredEvent>| Commit {
-            instance_id: c.record.id.clone(),
+            instance_id: c.record.id.as_str().into(),
             lease_token: c.lease_token,
             events,
             transition: Transition::Complete { output: vec![] },
@@ -1347,7 +1347,7 @@ mod tests {
         let c = started(db, "recover").await;
         raw(db, "ALTER TABLE history RENAME TO history_moved").await;
         let commit = |events| Commit {
-            instance_id: c.record.id.clone(),
+            instance_id: c.record.id.as_str().into(),
             lease_token: c.lease_token,
             events,
             ..Commit::default()
@@ -1458,7 +1458,7 @@ mod tests {
         assert!(db.commits_here());
         let c = started(&db, "here").await;
         let commit = |token, events| Commit {
-            instance_id: c.record.id.clone(),
+            instance_id: c.record.id.as_str().into(),
             lease_token: token,
             events,
             ..Commit::default()
@@ -1511,7 +1511,7 @@ mod tests {
         let c = started(&db, "here-recover").await;
         raw(&db, "ALTER TABLE history RENAME TO history_moved").await;
         let commit = Commit {
-            instance_id: c.record.id.clone(),
+            instance_id: c.record.id.as_str().into(),
             lease_token: c.lease_token,
             events: vec![event(0)],
             ..Commit::default()
