@@ -97,15 +97,15 @@ pub async fn run(spec: &Spec) -> Result<CellResult> {
                 .start_with(Chain, p.seq_steps, WorkflowOptions::default())
                 .await?
                 .await?;
-            common::probe_record(p.seq_steps as usize);
-            let t = Instant::now();
-            engine
-                .start_with(Chain, p.seq_steps, WorkflowOptions::default())
-                .await?
-                .await?;
-            let e2e = t.elapsed();
-            common::probe_stop_recording();
-            common::sequential_metrics(&mut r, p.seq_steps, e2e);
+            let mut runs = common::SequentialRuns::new(p);
+            while runs.next().is_some() {
+                engine
+                    .start_with(Chain, p.seq_steps, WorkflowOptions::default())
+                    .await?
+                    .await?;
+                runs.finished();
+            }
+            runs.report(&mut r);
         }
         (Workload::Throughput, _) => {
             engine

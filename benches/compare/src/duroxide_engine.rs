@@ -163,15 +163,16 @@ pub async fn run(spec: &Spec) -> Result<CellResult> {
                 .start_orchestration("warm", "Chain", p.seq_steps.to_string())
                 .await?;
             wait_done(&client, "warm", budget).await?;
-            common::probe_record(p.seq_steps as usize);
-            let t = Instant::now();
-            client
-                .start_orchestration("seq", "Chain", p.seq_steps.to_string())
-                .await?;
-            wait_done(&client, "seq", budget).await?;
-            let e2e = t.elapsed();
-            common::probe_stop_recording();
-            common::sequential_metrics(&mut r, p.seq_steps, e2e);
+            let mut runs = common::SequentialRuns::new(p);
+            while let Some(i) = runs.next() {
+                let id = format!("seq-{i}");
+                client
+                    .start_orchestration(&id, "Chain", p.seq_steps.to_string())
+                    .await?;
+                wait_done(&client, &id, budget).await?;
+                runs.finished();
+            }
+            runs.report(&mut r);
         }
         (Workload::Throughput, _) => {
             client

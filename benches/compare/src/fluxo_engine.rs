@@ -117,12 +117,12 @@ pub async fn run(spec: &Spec) -> Result<CellResult> {
             let worker = fluxo.worker().spawn();
             // Warm-up: connections, statements, caches.
             Chain::start(&fluxo, p.seq_steps).await?.result().await?;
-            common::probe_record(p.seq_steps as usize);
-            let t = Instant::now();
-            Chain::start(&fluxo, p.seq_steps).await?.result().await?;
-            let e2e = t.elapsed();
-            common::probe_stop_recording();
-            common::sequential_metrics(&mut r, p.seq_steps, e2e);
+            let mut runs = common::SequentialRuns::new(p);
+            while runs.next().is_some() {
+                Chain::start(&fluxo, p.seq_steps).await?.result().await?;
+                runs.finished();
+            }
+            runs.report(&mut r);
             worker.shutdown().await;
         }
         (Workload::Throughput, _) => {

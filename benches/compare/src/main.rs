@@ -148,6 +148,7 @@ fn parent(args: Args) -> Result<()> {
     let budget = args.budget.unwrap_or(if quick { 60.0 } else { 300.0 });
     let params = Params {
         seq_steps: 100,
+        seq_runs: 9,
         tp_workflows: 1_000,
         tp_steps: 10,
         tp_in_flight: 100,
@@ -709,12 +710,12 @@ fn workload_rows(w: Workload) -> Vec<MetricRow> {
         Workload::Sequential => vec![
             m(
                 "step_us",
-                "per-step latency (µs; gap between step starts)",
+                "per-step latency (µs; gap between step starts, median run)",
                 true,
             ),
             m(
                 "e2e_step_us",
-                "end to end ÷ 100 incl. start and result (µs)",
+                "end to end ÷ 100 incl. start and result (µs, median run)",
                 true,
             ),
         ],
@@ -867,9 +868,9 @@ fn report(
     );
     let _ = writeln!(
         s,
-        "- sizes{}: sequential {} steps; throughput {} × {} steps, {} in flight; history {} steps (windows of {}); parked {}; recovery {} × {} steps, killed once half the steps ran",
+        "- sizes{}: sequential {} steps (median of {} workflows run one after another in each cell); throughput {} × {} steps, {} in flight; history {} steps (windows of {}); parked {}; recovery {} × {} steps, killed once half the steps ran",
         if run.args.quick { " (--quick)" } else { "" },
-        p.seq_steps, p.tp_workflows, p.tp_steps, p.tp_in_flight, p.hist_steps, p.hist_window,
+        p.seq_steps, p.seq_runs, p.tp_workflows, p.tp_steps, p.tp_in_flight, p.hist_steps, p.hist_window,
         p.parked, p.rec_workflows, p.rec_steps
     );
     let _ = writeln!(
