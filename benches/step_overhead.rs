@@ -7,6 +7,8 @@
 //! cargo bench --bench step_overhead -- throughput   # 20 rounds of 1,000 workflows x 10 steps, 100 in flight
 //! # instructions per step, which a noisy machine does not blur:
 //! N=20000 valgrind --tool=callgrind target/release/deps/step_overhead-* sequential
+//! # under a `fmt` subscriber at `info`, as a service that logs would run it:
+//! LOG=info cargo bench --bench step_overhead -- sequential
 //! ```
 
 use std::alloc::{GlobalAlloc, Layout, System};
@@ -61,6 +63,15 @@ async fn run_sequential(fluxo: &Fluxo, steps: u32) {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
+    // `LOG=info` (or any level): run under a `fmt` subscriber at that
+    // level, writing to nowhere, as a service that logs would.
+    if let Ok(level) = std::env::var("LOG") {
+        let level: tracing::Level = level.parse().expect("LOG: a tracing level");
+        tracing_subscriber::fmt()
+            .with_max_level(level)
+            .with_writer(std::io::sink)
+            .init();
+    }
     let mode = std::env::args()
         .skip(1)
         .find(|a| !a.starts_with("--"))

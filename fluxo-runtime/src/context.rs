@@ -195,7 +195,11 @@ impl WorkflowContext {
             if let Some(at) = retry_at.take() {
                 self.wait_until(&guard, at).await;
             }
-            let span = tracing::info_span!("step", step = name, seq, attempt);
+            // Debug level: a step is the hot path, and a subscriber that
+            // wants no debug spans skips this one for a load and a compare
+            // (an `info` span per step would cost a service logging at
+            // `info` more than the step itself).
+            let span = tracing::debug_span!("step", step = name, seq, attempt);
             let step = StepContext {
                 workflow_id: Arc::clone(&self.inst.id),
                 name: step_name.clone(),
@@ -222,17 +226,25 @@ impl WorkflowContext {
                 input: None,
             };
             let run = step.scope(self.attempt(&mut f, &info));
-            let result = match options.timeout {
-                Some(limit) => match tokio::time::timeout(limit, run)
-                    .instrument(span.clone())
-                    .await
-                {
-                    Ok(r) => r,
-                    Err(_) => Err(StepError::timed_out(limit)),
-                },
-                None => run.instrument(span.clone()).await,
+            // Each case awaited where it is: a wrapping future would be
+            // one more move of the step's future per attempt.
+            let result = match (options.timeout, span.is_disabled()) {
+                (None, true) => run.await,
+                (None, false) => run.instrument(span.clone()).await,
+                (Some(limit), disabled) => {
+                    let run = tokio::time::timeout(limit, run);
+                    let result = if disabled {
+                        run.await
+                    } else {
+                        run.instrument(span.clone()).await
+                    };
+                    match result {
+                        Ok(r) => r,
+                        Err(_) => Err(StepError::timed_out(limit)),
+                    }
+                }
             };
-            let _enter = span.enter();
+            let _enter = (!span.is_disabled()).then(|| span.enter());
             let error = match result.map(|v| serde_json::to_value(&v).map(|o| (v, o))) {
                 Ok(Ok((value, output))) => {
                     let entry = StepCompletedRef {
