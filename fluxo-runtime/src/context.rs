@@ -216,7 +216,13 @@ impl WorkflowContext {
                     attempt,
                 })
             });
-            let attempt_started = std::time::Instant::now();
+            // Only an observer reads the duration.
+            let attempt_started = self
+                .inst
+                .shared
+                .observer
+                .get()
+                .map(|_| std::time::Instant::now());
             let info = StepInfo {
                 workflow,
                 id,
@@ -261,7 +267,7 @@ impl WorkflowContext {
                             id,
                             step: name,
                             attempt,
-                            duration: attempt_started.elapsed(),
+                            duration: attempt_started.map(|t| t.elapsed()).unwrap_or_default(),
                         })
                     });
                     return Ok(value);

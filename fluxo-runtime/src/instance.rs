@@ -42,8 +42,10 @@ pub(crate) struct Instance {
     pub workflow: String,
     pub shared: Arc<Shared>,
     state: Mutex<State>,
-    /// Serializes commits so event ids stay consecutive.
-    commit_lock: tokio::sync::Mutex<()>,
+    /// Serializes commits so event ids stay consecutive. (`futures`'
+    /// lock: its uncontended lock and unlock are one atomic operation each,
+    /// where Tokio's takes its semaphore's mutex on every unlock.)
+    commit_lock: futures::lock::Mutex<()>,
     /// Wakes the runner: an abort was set, or the instance may be idle.
     pub wake_runner: Notify,
     /// Bumped on every resume; blocked operations then check again.
@@ -113,6 +115,16 @@ pub(crate) struct CommitExtra {
     pub transition: Transition,
 }
 
+impl CommitExtra {
+    /// Nothing but events: the default.
+    fn is_plain(&self) -> bool {
+        self.consume_signal.is_none()
+            && self.new_instances.is_empty()
+            && self.cancel_instances.is_empty()
+            && matches!(self.transition, Transition::None)
+    }
+}
+
 impl Instance {
     pub(crate) fn new(shared: Arc<Shared>, init: InstanceInit) -> Arc<Self> {
         let (resume_tx, resume_rx) = mpsc::unbounded_channel();
@@ -138,7 +150,7 @@ impl Instance {
                 patches: Vec::new(),
             }),
             cancel_token: watch::Sender::new(init.cancel_requested),
-            commit_lock: tokio::sync::Mutex::new(()),
+            commit_lock: futures::lock::Mutex::new(()),
             wake_runner: Notify::new(),
             epoch: watch::Sender::new(0),
             resume_tx,
@@ -332,9 +344,16 @@ impl Instance {
             }
             st.lazy.len()
         };
+        // A step's commit carries nothing extra: no copy of it to make.
+        let plain = extra.is_plain();
         let outcome = retry_transient(|| {
-            let commit = self.build_commit(lazy, seq, events, extra.clone());
-            self.shared.commit(commit)
+            let extra = if plain {
+                CommitExtra::default()
+            } else {
+                extra.clone()
+            };
+            self.shared
+                .commit(self.build_commit(lazy, seq, events, extra))
         })
         .await;
         let mut st = self.state();
@@ -397,13 +416,9 @@ impl Instance {
         .await
     }
 
-    /// Waits for this instance's other commit in flight, if any (the
-    /// uncontended case takes the lock without building a waiter).
-    async fn serialize_commits(&self) -> tokio::sync::MutexGuard<'_, ()> {
-        match self.commit_lock.try_lock() {
-            Ok(guard) => guard,
-            Err(_) => self.commit_lock.lock().await,
-        }
+    /// Waits for this instance's other commit in flight, if any.
+    async fn serialize_commits(&self) -> futures::lock::MutexGuard<'_, ()> {
+        self.commit_lock.lock().await
     }
 
     /// The commit of the first `lazy` lazily recorded events, then `events`

@@ -215,7 +215,10 @@ impl Store for MemoryStore {
     }
 
     async fn create_instance(&self, new: NewInstance) -> StoreResult<CreateOutcome> {
-        Ok(self.lock().insert(new, now_millis()))
+        // The clock is read before the lock is taken, here and below: the
+        // lock is held as briefly as can be.
+        let now = now_millis();
+        Ok(self.lock().insert(new, now))
     }
 
     async fn get_instance(&self, id: &str) -> StoreResult<Option<InstanceRecord>> {
@@ -323,7 +326,8 @@ impl Store for MemoryStore {
     }
 
     async fn commit(&self, commit: Commit) -> StoreResult<CommitOutcome> {
-        self.lock().apply(commit, now_millis())
+        let now = now_millis();
+        self.lock().apply(commit, now)
     }
 
     async fn send_signal(&self, id: &str, name: &str, payload: Vec<u8>) -> StoreResult<u64> {
@@ -364,7 +368,8 @@ impl Store for MemoryStore {
     }
 
     async fn request_cancel(&self, id: &str) -> StoreResult<InstanceStatus> {
-        self.lock().request_cancel(id, now_millis())
+        let now = now_millis();
+        self.lock().request_cancel(id, now)
     }
 
     async fn continue_as_new(
