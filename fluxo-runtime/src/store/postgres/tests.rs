@@ -302,7 +302,12 @@ async fn recovers_from_terminated_connections() {
     assert!(notified(&mut rx, Duration::from_secs(30)).await);
     let wf = "terminated";
     let c = started(&store, wf).await;
-    // Fill the pool with idle connections.
+    // Open the commit connection, and fill the pool with idle connections.
+    let first = commit(&c, vec![event(0)], Transition::None);
+    assert!(matches!(
+        store.commit(first).await,
+        Ok(CommitOutcome::Applied { .. })
+    ));
     futures::future::join_all((0..4).map(|_| store.get_instance(&c.record.id))).await;
 
     let mut admin = PgConnection::connect(&test_url()).await.expect("connect");
@@ -322,7 +327,7 @@ async fn recovers_from_terminated_connections() {
     tokio::time::sleep(Duration::from_millis(100)).await;
 
     let mut errors = 0;
-    let mut events = 0;
+    let mut events = 1;
     for _ in 0..10 {
         let next = commit(&c, vec![event(events)], Transition::None);
         match store.commit(next).await {
