@@ -419,20 +419,16 @@ impl SequentialRuns {
     /// The medians over the runs: the mean gap between step starts (engine
     /// latency per step) and the end-to-end time per step.
     pub fn report(mut self, r: &mut CellResult) {
-        if let Some(gap) = median(&mut self.gaps) {
-            r.set("step_us", gap);
+        if !self.gaps.is_empty() {
+            self.gaps.sort_by(f64::total_cmp);
+            r.set("step_us", percentile(&self.gaps, 50.0));
         }
-        if let Some(e2e) = median(&mut self.e2e) {
-            r.set("e2e_step_us", e2e);
+        if !self.e2e.is_empty() {
+            self.e2e.sort_by(f64::total_cmp);
+            r.set("e2e_step_us", percentile(&self.e2e, 50.0));
         }
         r.set("seq_runs", self.e2e.len() as f64);
     }
-}
-
-/// The median of `v` (the upper one of an even count).
-fn median(v: &mut [f64]) -> Option<f64> {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v.get(v.len() / 2).copied()
 }
 
 /// History metrics from the probe: the per-step cost over the first window

@@ -798,11 +798,6 @@ fn consecutive(events: &[StoredEvent]) -> bool {
         .all(|(e, expected)| e.event_id == expected)
 }
 
-/// Applies one commit on `conn` (in a transaction or not).
-///
-/// `Err` means a statement failed: inside a transaction, the transaction is
-/// aborted. `Ok` carries the commit's result: applied entirely, or (for
-/// `LeaseLost` and errors) nothing of it written.
 /// [`apply`] inside a transaction of its own, for a commit that takes more
 /// than one statement.
 async fn in_transaction(
@@ -824,6 +819,11 @@ async fn in_transaction(
     }
 }
 
+/// Applies one commit on `conn` (in a transaction or not).
+///
+/// `Err` means a statement failed: inside a transaction, the transaction is
+/// aborted. `Ok` carries the commit's result: applied entirely, or (for
+/// `LeaseLost` and errors) nothing of it written.
 async fn apply(
     conn: &mut PgConnection,
     sql: &Statements,
