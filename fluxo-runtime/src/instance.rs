@@ -3,7 +3,7 @@
 //! runner park it when every operation in flight is waiting.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit};
 
@@ -50,10 +50,27 @@ pub(crate) struct Instance {
     pub wake_runner: Notify,
     /// Bumped on every resume; blocked operations then check again.
     epoch: watch::Sender<u64>,
-    resume_tx: mpsc::UnboundedSender<Resume>,
-    resume_rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<Resume>>,
+    /// New leases for a parked instance, made on first use: most runs
+    /// never park.
+    resumes: OnceLock<Resumes>,
     /// `true` once a cancel was requested; running steps can watch it.
     cancel_token: watch::Sender<bool>,
+}
+
+/// The channel that hands new leases to a parked instance's runner.
+struct Resumes {
+    tx: mpsc::UnboundedSender<Resume>,
+    rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<Resume>>,
+}
+
+impl Resumes {
+    fn new() -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        Resumes {
+            tx,
+            rx: tokio::sync::Mutex::new(rx),
+        }
+    }
 }
 
 struct State {
@@ -127,7 +144,6 @@ impl CommitExtra {
 
 impl Instance {
     pub(crate) fn new(shared: Arc<Shared>, init: InstanceInit) -> Arc<Self> {
-        let (resume_tx, resume_rx) = mpsc::unbounded_channel();
         Arc::new(Instance {
             id: init.id.into(),
             workflow: init.workflow,
@@ -153,8 +169,7 @@ impl Instance {
             commit_lock: futures::lock::Mutex::new(()),
             wake_runner: Notify::new(),
             epoch: watch::Sender::new(0),
-            resume_tx,
-            resume_rx: tokio::sync::Mutex::new(resume_rx),
+            resumes: OnceLock::new(),
         })
     }
 
@@ -522,12 +537,13 @@ impl Instance {
     /// Hands a new lease to a parked instance.
     pub(crate) fn resume(&self, resume: Resume) {
         // A closed channel means the runner is gone; the worker notices.
-        let _ = self.resume_tx.send(resume);
+        let _ = self.resumes.get_or_init(Resumes::new).tx.send(resume);
     }
 
     /// Waits for [`Instance::resume`]; then blocked operations check again.
     pub(crate) async fn wait_resume(&self) -> bool {
-        let Some(r) = self.resume_rx.lock().await.recv().await else {
+        let resumes = self.resumes.get_or_init(Resumes::new);
+        let Some(r) = resumes.rx.lock().await.recv().await else {
             return false;
         };
         {

@@ -137,9 +137,9 @@ async fn drive(
     version: u32,
     input: &[u8],
 ) -> Result<RunOutcome, Abort> {
-    let def = shared_def(inst, workflow, version)?;
+    let run = registered_run(inst, workflow, version)?;
     let ctx = WorkflowContext::new(Arc::clone(inst));
-    let body = (def.run)(ctx.clone(), input).map_err(Abort::Fail)?;
+    let body = run(ctx.clone(), input).map_err(Abort::Fail)?;
     match drive_future(worker, inst, context::scope(ctx.clone(), body)).await {
         Err(Abort::Cancelled) => {}
         // A body that gives up with an error after a cancel request (e.g. a
@@ -232,16 +232,17 @@ async fn drive_future<T>(
     }
 }
 
+/// The run function registered for `workflow` at `version`.
 #[allow(clippy::result_large_err)] // once per run start
-fn shared_def(
+fn registered_run(
     inst: &Instance,
     workflow: &str,
     version: u32,
-) -> Result<crate::workflow::Definition, Abort> {
+) -> Result<crate::workflow::ErasedRun, Abort> {
     inst.shared
         .registry()
         .get(workflow, version)
-        .cloned()
+        .map(|def| Arc::clone(&def.run))
         .ok_or_else(|| {
             Abort::Fail(Failure::Workflow {
                 error: WorkflowError::new(format!(
