@@ -419,15 +419,14 @@ impl SequentialRuns {
     /// The medians over the runs: the mean gap between step starts (engine
     /// latency per step) and the end-to-end time per step.
     pub fn report(mut self, r: &mut CellResult) {
-        if !self.gaps.is_empty() {
-            self.gaps.sort_by(f64::total_cmp);
-            r.set("step_us", percentile(&self.gaps, 50.0));
+        let runs = self.e2e.len();
+        for (key, values) in [("step_us", &mut self.gaps), ("e2e_step_us", &mut self.e2e)] {
+            if !values.is_empty() {
+                values.sort_by(f64::total_cmp);
+                r.set(key, percentile(values, 50.0));
+            }
         }
-        if !self.e2e.is_empty() {
-            self.e2e.sort_by(f64::total_cmp);
-            r.set("e2e_step_us", percentile(&self.e2e, 50.0));
-        }
-        r.set("seq_runs", self.e2e.len() as f64);
+        r.set("seq_runs", runs as f64);
     }
 }
 
