@@ -201,17 +201,14 @@ impl WorkflowContext {
             // `info` more than the step itself). Not even built when no
             // subscriber takes debug: a disabled span still formats its
             // fields for the `log` crate, which costs more than the check.
-            let span = if tracing::level_enabled!(tracing::Level::DEBUG) {
-                tracing::debug_span!("step", step = name, seq, attempt)
-            } else {
-                tracing::Span::none()
-            };
+            let span = tracing::level_enabled!(tracing::Level::DEBUG)
+                .then(|| tracing::debug_span!("step", step = name, seq, attempt))
+                .filter(|span| !span.is_disabled());
             let step = StepContext {
-                workflow_id: Arc::clone(&self.inst.id),
+                instance: Arc::clone(&self.inst),
                 name: step_name.clone(),
                 seq,
                 attempt,
-                cancel: self.inst.cancel_watch(),
             };
             let (workflow, id) = (self.inst.workflow.as_str(), &*self.inst.id);
             self.inst.shared.observe(|o| {
@@ -237,18 +234,22 @@ impl WorkflowContext {
                 attempt,
                 input: None,
             };
-            let run = step.scope(self.attempt(&mut f, &info));
-            // Each case awaited where it is: a wrapping future would be
-            // one more move of the step's future per attempt.
-            let result = match (options.timeout, span.is_disabled()) {
-                (None, true) => run.await,
-                (None, false) => run.instrument(span.clone()).await,
-                (Some(limit), disabled) => {
-                    let run = tokio::time::timeout(limit, run);
-                    let result = if disabled {
-                        run.await
-                    } else {
-                        run.instrument(span.clone()).await
+            // Each case builds and awaits the step's future where it is: a
+            // wrapping future, or one built before the match, would be one
+            // more move of it per attempt.
+            macro_rules! run {
+                () => {
+                    step.scope(self.attempt(&mut f, &info))
+                };
+            }
+            let result = match (options.timeout, &span) {
+                (None, None) => run!().await,
+                (None, Some(span)) => run!().instrument(span.clone()).await,
+                (Some(limit), span) => {
+                    let run = tokio::time::timeout(limit, run!());
+                    let result = match span {
+                        None => run.await,
+                        Some(span) => run.instrument(span.clone()).await,
                     };
                     match result {
                         Ok(r) => r,
@@ -256,7 +257,7 @@ impl WorkflowContext {
                     }
                 }
             };
-            let _enter = (!span.is_disabled()).then(|| span.enter());
+            let _enter = span.as_ref().map(|span| span.enter());
             let error = match result.map(|v| serde_json::to_value(&v).map(|o| (v, o))) {
                 Ok(Ok((value, output))) => {
                     let entry = StepCompletedRef {

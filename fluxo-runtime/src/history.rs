@@ -198,11 +198,24 @@ impl Entry for StepCompletedRef<'_> {
     /// for the tag and field names.
     fn encode(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(br#"{"type":"step_completed","name":"#);
-        // Strings and JSON values encode into memory without failing.
-        let _ = serde_json::to_writer(&mut *out, self.name);
+        write_json_str(out, self.name);
         out.extend_from_slice(br#","output":"#);
+        // JSON values encode into memory without failing.
         let _ = serde_json::to_writer(&mut *out, self.output);
         out.push(b'}');
+    }
+}
+
+/// Appends `s` as a JSON string, as `serde_json` writes it: copied as it
+/// is when nothing in it needs escaping (a step's name, almost always).
+fn write_json_str(out: &mut Vec<u8>, s: &str) {
+    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        out.push(b'"');
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+    } else {
+        // Strings encode into memory without failing.
+        let _ = serde_json::to_writer(&mut *out, s);
     }
 }
 
@@ -350,6 +363,7 @@ mod tests {
             "back\\slash",
             "ctl\u{1}\n\t",
             "ünï😀",
+            "del\u{7f}",
         ];
         let outputs = [
             serde_json::json!(null),

@@ -10,7 +10,7 @@ use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit};
 use crate::error::Failure;
 use crate::history::{to_stored, Entry, Event, Operation, Replay};
 use crate::shared::Shared;
-use crate::store::{Commit, CommitOutcome, Millis, NewInstance, StoreError, Transition};
+use crate::store::{Commit, CommitNow, CommitOutcome, Millis, NewInstance, StoreError, Transition};
 
 /// Why an instance stopped running on this worker before its function
 /// returned.
@@ -217,6 +217,11 @@ impl Instance {
         self.cancel_token.subscribe()
     }
 
+    /// Whether a cancel was requested, as running steps see it.
+    pub(crate) fn cancel_requested(&self) -> bool {
+        *self.cancel_token.borrow()
+    }
+
     /// Drops the cancellation handlers. They may hold the instance's own
     /// context (a saga does), so the runner drops them when it ends to break
     /// that cycle.
@@ -350,31 +355,39 @@ impl Instance {
         extra: CommitExtra,
     ) -> Option<Committed> {
         let _serial = self.serialize_commits().await;
+        // A step's commit carries nothing extra: no copy of it to make.
+        let plain = extra.is_plain();
+        let fresh_extra = || {
+            if plain {
+                CommitExtra::default()
+            } else {
+                extra.clone()
+            }
+        };
         // The lazy events recorded by now ride along (ones recorded while
         // this commit is on its way wait for the next).
-        let lazy = {
+        let lazy;
+        let first = {
             let st = self.state();
             if st.abort.is_some() {
                 return None;
             }
-            st.lazy.len()
+            lazy = st.lazy.len();
+            self.build_commit(&st, lazy, seq, events, fresh_extra())
         };
-        // A step's commit carries nothing extra: no copy of it to make.
-        let plain = extra.is_plain();
-        let outcome = retry_transient(|| {
-            let extra = if plain {
-                CommitExtra::default()
-            } else {
-                extra.clone()
-            };
-            self.shared
-                .commit(self.build_commit(lazy, seq, events, extra))
-        })
-        .await;
+        let again = || self.build_commit(&self.state(), lazy, seq, events, fresh_extra());
+        // Matched here, not in a helper future: the commit is not moved
+        // into one when the store takes it at once.
+        let outcome = match self.shared.store.commit_now(first) {
+            CommitNow::Done(done) if !is_backend_error(&done) => done,
+            not_done => self.write_through(not_done, again).await,
+        };
         let mut st = self.state();
         let written = |st: &mut State| {
             st.next_event_id += (lazy + events.len()) as u64;
-            st.lazy.drain(..lazy);
+            if lazy > 0 {
+                st.lazy.drain(..lazy);
+            }
         };
         match outcome {
             Ok(CommitOutcome::Applied { cancel_requested }) => {
@@ -418,17 +431,38 @@ impl Instance {
         cancel_instances: Vec<String>,
     ) -> Result<CommitOutcome, StoreError> {
         let _serial = self.serialize_commits().await;
-        let lazy = self.state().lazy.len();
         let extra = CommitExtra {
             cancel_instances,
             transition,
             ..CommitExtra::default()
         };
-        retry_transient(|| {
-            self.shared
-                .commit(self.build_commit::<Event>(lazy, 0, &[], extra.clone()))
-        })
-        .await
+        let lazy;
+        let first = {
+            let st = self.state();
+            lazy = st.lazy.len();
+            self.build_commit::<Event>(&st, lazy, 0, &[], extra.clone())
+        };
+        let again = || self.build_commit::<Event>(&self.state(), lazy, 0, &[], extra.clone());
+        match self.shared.store.commit_now(first) {
+            CommitNow::Done(done) if !is_backend_error(&done) => done,
+            not_done => self.write_through(not_done, again).await,
+        }
+    }
+
+    /// Writes what [`Store::commit_now`](crate::store::Store::commit_now)
+    /// did not: the commit it handed back, or after a backend error the
+    /// commit `again` builds afresh, through [`Shared::commit`], retrying
+    /// backend errors.
+    async fn write_through(
+        &self,
+        not_done: CommitNow,
+        again: impl Fn() -> Commit,
+    ) -> Result<CommitOutcome, StoreError> {
+        let mut first = match not_done {
+            CommitNow::Later(commit) => Some(commit),
+            CommitNow::Done(_) => None,
+        };
+        retry_transient(|| self.shared.commit(first.take().unwrap_or_else(&again))).await
     }
 
     /// Waits for this instance's other commit in flight, if any.
@@ -437,22 +471,26 @@ impl Instance {
     }
 
     /// The commit of the first `lazy` lazily recorded events, then `events`
-    /// (of operation `seq`), and `extra`. Built afresh for every attempt, so
-    /// the store can take it whole.
+    /// (of operation `seq`), and `extra`, from the instance's state `st`.
+    /// Built afresh for every attempt, so the store can take it whole.
     fn build_commit<E: Entry>(
         &self,
+        st: &State,
         lazy: usize,
         seq: u64,
         events: &[E],
         extra: CommitExtra,
     ) -> Commit {
-        let st = self.state();
-        let lazy = st.lazy[..lazy].iter().map(|(s, e)| (*s, e as &dyn Entry));
-        let stored = lazy
-            .chain(events.iter().map(|e| (seq, e as &dyn Entry)))
-            .zip(st.next_event_id..)
-            .map(|((s, e), id)| to_stored(e, id, s))
-            .collect();
+        let mut stored = Vec::with_capacity(lazy + events.len());
+        let mut event_id = st.next_event_id;
+        for (s, e) in &st.lazy[..lazy] {
+            stored.push(to_stored(e, event_id, *s));
+            event_id += 1;
+        }
+        for e in events {
+            stored.push(to_stored(e, event_id, seq));
+            event_id += 1;
+        }
         Commit {
             instance_id: Arc::clone(&self.id),
             lease_token: st.lease_token,
@@ -596,6 +634,12 @@ impl Drop for OpGuard {
             self.inst.wake_runner.notify_one();
         }
     }
+}
+
+/// Whether `result` is a backend error (connection lost, server
+/// restarting), which [`retry_transient`] retries.
+fn is_backend_error<T>(result: &Result<T, StoreError>) -> bool {
+    matches!(result, Err(StoreError::Backend(_)))
 }
 
 /// How often a storage call that failed with a backend error (connection

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use crate::context::{self, WorkflowContext};
 use crate::error::StepError;
+use crate::instance::Instance;
 use crate::payload::Payload;
 use crate::retry::StepOptions;
 
@@ -30,13 +31,26 @@ fn take_override() -> Option<StepOptions> {
 
 /// What a running step knows about itself. Read it with
 /// [`StepContext::current`] from inside a step body.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct StepContext {
-    pub(crate) workflow_id: Arc<str>,
+    /// The instance running the step: its id and its cancel flag, read
+    /// when asked (a step that never asks costs one reference count).
+    pub(crate) instance: Arc<Instance>,
     pub(crate) name: Cow<'static, str>,
     pub(crate) seq: u64,
     pub(crate) attempt: u32,
-    pub(crate) cancel: tokio::sync::watch::Receiver<bool>,
+}
+
+impl std::fmt::Debug for StepContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StepContext")
+            .field("workflow_id", &self.workflow_id())
+            .field("name", &self.name)
+            .field("seq", &self.seq)
+            .field("attempt", &self.attempt)
+            .field("cancelled", &self.is_cancelled())
+            .finish()
+    }
 }
 
 impl StepContext {
@@ -49,7 +63,7 @@ impl StepContext {
     /// and different for every other step: use it to de-duplicate external
     /// effects (payment idempotency keys, message ids, ...).
     pub fn idempotency_key(&self) -> String {
-        format!("{}:{}", self.workflow_id, self.seq)
+        format!("{}:{}", self.workflow_id(), self.seq)
     }
 
     /// The attempt number, from 1.
@@ -59,7 +73,7 @@ impl StepContext {
 
     /// The id of the workflow instance running the step.
     pub fn workflow_id(&self) -> &str {
-        &self.workflow_id
+        &self.instance.id
     }
 
     /// The step's name.
@@ -76,13 +90,13 @@ impl StepContext {
     /// stop early; otherwise it is stopped after the worker's cancel grace
     /// period.
     pub fn is_cancelled(&self) -> bool {
-        *self.cancel.borrow()
+        self.instance.cancel_requested()
     }
 
     /// Resolves when the workflow is asked to cancel: `select!` on it in a
     /// long step to stop cleanly.
     pub async fn cancelled(&self) {
-        let mut rx = self.cancel.clone();
+        let mut rx = self.instance.cancel_watch();
         // The sender lives as long as the instance; if it is gone, so is
         // the workflow.
         let _ = rx.wait_for(|c| *c).await;

@@ -60,6 +60,7 @@ pub async fn run_all(store: &dyn Store) {
     continue_as_new_restarts_with_an_empty_journal(store).await;
     renewing_to_zero_ends_the_leases(store).await;
     get_if_finished_reads_only_finished_instances(store).await;
+    commit_now_commits_as_commit_does_or_hands_back(store).await;
 }
 
 /// Generates one `#[tokio::test]` per check of the store conformance suite.
@@ -136,6 +137,7 @@ macro_rules! store_conformance_tests {
             continue_as_new_restarts_with_an_empty_journal,
             renewing_to_zero_ends_the_leases,
             get_if_finished_reads_only_finished_instances,
+            commit_now_commits_as_commit_does_or_hands_back,
         );
     };
     (optional: $(#[$meta:meta])* $make:expr $(,)?) => {
@@ -1934,6 +1936,76 @@ pub async fn get_if_finished_reads_only_finished_instances(store: &dyn Store) {
                 "a {:?} instance is Finished, got {other:?}",
                 expected.status
             ),
+        }
+    }
+}
+
+/// [`Store::commit_now`] either hands the commit back untouched, writing
+/// nothing, or answers what [`Store::commit`] would have: applied, fenced
+/// out, or a conflict, with the same effects.
+pub async fn commit_now_commits_as_commit_does_or_hands_back(store: &dyn Store) {
+    let wf = unique("wf");
+    let id = create(store, &wf, 1).await;
+    let stale = claim_one(store, &id, &wf, EXPIRED).await;
+    let current = claim_one(store, &id, &wf, LONG).await;
+
+    let first = commit(&current, vec![event(0, 0, "first")], Transition::None);
+    assert_eq!(
+        commit_now(store, first).await.expect("commit_now"),
+        applied(false),
+        "a fenced commit under the current lease applies"
+    );
+    assert_eq!(history(store, &id).await, vec![event(0, 0, "first")]);
+
+    let fenced = commit(
+        &stale,
+        vec![event(1, 1, "stale")],
+        Transition::Complete {
+            output: b"stale".to_vec(),
+        },
+    );
+    assert_eq!(
+        commit_now(store, fenced).await.expect("commit_now"),
+        CommitOutcome::LeaseLost,
+        "a stale token is fenced out"
+    );
+    let gap = commit(&current, vec![event(5, 5, "gap")], Transition::None);
+    assert!(
+        matches!(commit_now(store, gap).await, Err(StoreError::Conflict(_))),
+        "an entry past the journal's end is a conflict"
+    );
+    assert_eq!(
+        history(store, &id).await,
+        vec![event(0, 0, "first")],
+        "neither the fenced-out nor the conflicting commit wrote"
+    );
+    assert_eq!(get(store, &id).await.status, InstanceStatus::Running);
+
+    let last = commit(
+        &current,
+        vec![event(1, 1, "last")],
+        Transition::Complete {
+            output: b"done".to_vec(),
+        },
+    );
+    assert_eq!(
+        commit_now(store, last).await.expect("commit_now"),
+        applied(false)
+    );
+    let r = get(store, &id).await;
+    assert_eq!(r.status, InstanceStatus::Completed);
+    assert_eq!(r.output.as_deref(), Some(&b"done"[..]));
+}
+
+/// `c` through [`Store::commit_now`], and through [`Store::commit`] if that
+/// hands it back, which it must do unchanged.
+async fn commit_now(store: &dyn Store, c: Commit) -> StoreResult<CommitOutcome> {
+    let sent = format!("{c:?}");
+    match store.commit_now(c) {
+        CommitNow::Done(outcome) => outcome,
+        CommitNow::Later(back) => {
+            assert_eq!(format!("{back:?}"), sent, "a commit handed back unchanged");
+            store.commit(back).await
         }
     }
 }

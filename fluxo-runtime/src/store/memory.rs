@@ -330,6 +330,11 @@ impl Store for MemoryStore {
         self.lock().apply(commit, now)
     }
 
+    fn commit_now(&self, commit: Commit) -> CommitNow {
+        let now = now_millis();
+        CommitNow::Done(self.lock().apply(commit, now))
+    }
+
     async fn send_signal(&self, id: &str, name: &str, payload: Vec<u8>) -> StoreResult<u64> {
         let now = now_millis();
         let mut state = self.lock();

@@ -318,6 +318,17 @@ pub enum CommitOutcome {
     LeaseLost,
 }
 
+/// What [`Store::commit_now`] did with a commit.
+#[derive(Debug)]
+pub enum CommitNow {
+    /// The commit was made, or refused, at once: what [`Store::commit`]
+    /// would have answered.
+    Done(StoreResult<CommitOutcome>),
+    /// Nothing was done: the store cannot commit without waiting. Here is
+    /// the commit back, for [`Store::commit`].
+    Later(Commit),
+}
+
 /// Filter for [`Store::list_instances`].
 #[derive(Debug, Clone, Default)]
 pub struct ListFilter {
@@ -445,6 +456,16 @@ pub trait Store: Send + Sync + 'static {
 
     /// Applies one fenced change atomically.
     async fn commit(&self, commit: Commit) -> StoreResult<CommitOutcome>;
+
+    /// Applies one fenced change, as [`Store::commit`] does, right here, when
+    /// the store can without I/O or waiting (the in-memory store). The
+    /// engine tries it before [`Store::commit`]: a commit made here needs no
+    /// future of its own. The default hands the commit back
+    /// ([`CommitNow::Later`]); a store that reaches a disk or a server
+    /// keeps it.
+    fn commit_now(&self, commit: Commit) -> CommitNow {
+        CommitNow::Later(commit)
+    }
 
     /// Applies several changes, each fenced and atomic on its own; a backend
     /// may group them in one transaction (group commit).
