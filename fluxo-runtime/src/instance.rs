@@ -467,7 +467,11 @@ impl Instance {
 
     /// Waits for this instance's other commit in flight, if any.
     async fn serialize_commits(&self) -> futures::lock::MutexGuard<'_, ()> {
-        self.commit_lock.lock().await
+        // Free almost always: taken without polling a lock future.
+        match self.commit_lock.try_lock() {
+            Some(guard) => guard,
+            None => self.commit_lock.lock().await,
+        }
     }
 
     /// The commit of the first `lazy` lazily recorded events, then `events`
