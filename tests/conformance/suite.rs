@@ -746,7 +746,21 @@ pub async fn observers_see_lifecycle_events(store: Arc<dyn Store>) {
     ok.result_timeout(WAIT).await.unwrap();
     let failed = Failing::start(&fluxo, ()).await.unwrap();
     failed.result_timeout(WAIT).await.unwrap_err();
-    let snap = metrics.snapshot();
+    // The worker reports a finish once it is durable, which a caller polling
+    // the store may see first: wait for both reports.
+    let mut snap = metrics.snapshot();
+    for _ in 0..500 {
+        let done = |name: &str| {
+            snap.workflows
+                .get(name)
+                .is_some_and(|w| w.completed + w.failed > 0)
+        };
+        if done("retrying") && done("failing") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        snap = metrics.snapshot();
+    }
     let retrying = &snap.workflows["retrying"];
     assert_eq!((retrying.started, retrying.completed), (1, 1));
     assert_eq!(retrying.latency.count, 1);

@@ -462,7 +462,7 @@ pub trait Store: Send + Sync + 'static {
     /// engine tries it before [`Store::commit`]: a commit made here needs no
     /// future of its own. The default hands the commit back
     /// ([`CommitNow::Later`]); a store that reaches a disk or a server
-    /// keeps it.
+    /// keeps that default.
     fn commit_now(&self, commit: Commit) -> CommitNow {
         CommitNow::Later(commit)
     }
