@@ -205,7 +205,8 @@ impl WorkflowContext {
                 .then(|| tracing::debug_span!("step", step = name, seq, attempt))
                 .filter(|span| !span.is_disabled());
             let step = StepContext {
-                instance: Arc::clone(&self.inst),
+                workflow_id: Arc::clone(&self.inst.id),
+                instance: Arc::downgrade(&self.inst),
                 name: step_name.clone(),
                 seq,
                 attempt,
@@ -246,10 +247,10 @@ impl WorkflowContext {
                 (None, None) => run!().await,
                 (None, Some(span)) => run!().instrument(span.clone()).await,
                 (Some(limit), span) => {
-                    let run = tokio::time::timeout(limit, run!());
+                    let timed = tokio::time::timeout(limit, run!());
                     let result = match span {
-                        None => run.await,
-                        Some(span) => run.instrument(span.clone()).await,
+                        None => timed.await,
+                        Some(span) => timed.instrument(span.clone()).await,
                     };
                     match result {
                         Ok(r) => r,

@@ -364,6 +364,8 @@ mod tests {
             "ctl\u{1}\n\t",
             "ünï😀",
             "del\u{7f}",
+            "unit\u{1f}sep",
+            "a b",
         ];
         let outputs = [
             serde_json::json!(null),

@@ -218,7 +218,7 @@ impl Instance {
     }
 
     /// Whether a cancel was requested, as running steps see it.
-    pub(crate) fn cancel_requested(&self) -> bool {
+    pub(crate) fn cancel_seen(&self) -> bool {
         *self.cancel_token.borrow()
     }
 
@@ -450,19 +450,22 @@ impl Instance {
     }
 
     /// Writes what [`Store::commit_now`](crate::store::Store::commit_now)
-    /// did not: the commit it handed back, or after a backend error the
-    /// commit `again` builds afresh, through [`Shared::commit`], retrying
-    /// backend errors.
+    /// did not: the commit it handed back, or after its backend error the
+    /// commit `again` builds afresh (that error counting as the first try),
+    /// through [`Shared::commit`], retrying backend errors.
     async fn write_through(
         &self,
         not_done: CommitNow,
         again: impl Fn() -> Commit,
     ) -> Result<CommitOutcome, StoreError> {
-        let mut first = match not_done {
-            CommitNow::Later(commit) => Some(commit),
-            CommitNow::Done(_) => None,
+        let (mut first, tried) = match not_done {
+            CommitNow::Later(commit) => (Some(commit), None),
+            CommitNow::Done(outcome) => (None, Some(outcome)),
         };
-        retry_transient(|| self.shared.commit(first.take().unwrap_or_else(&again))).await
+        retry_transient_after(tried, || {
+            self.shared.commit(first.take().unwrap_or_else(&again))
+        })
+        .await
     }
 
     /// Waits for this instance's other commit in flight, if any.
@@ -654,7 +657,20 @@ const TRANSIENT_RETRIES: u32 = 6;
 /// all). Retrying a commit is safe: if the first try was applied after all,
 /// the retry is refused by the fence (`Conflict`), and the instance is
 /// replayed from a journal that holds the entry.
-pub(crate) async fn retry_transient<T, F, Fut>(mut call: F) -> Result<T, StoreError>
+pub(crate) async fn retry_transient<T, F, Fut>(call: F) -> Result<T, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, StoreError>>,
+{
+    retry_transient_after(None, call).await
+}
+
+/// [`retry_transient`] whose first try, if `tried` is set, was made already
+/// (without `call`) and ended as `tried`: the same tries and pauses in all.
+async fn retry_transient_after<T, F, Fut>(
+    mut tried: Option<Result<T, StoreError>>,
+    mut call: F,
+) -> Result<T, StoreError>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, StoreError>>,
@@ -662,7 +678,11 @@ where
     let mut pause = std::time::Duration::from_millis(50);
     let mut tries = 0;
     loop {
-        match call().await {
+        let outcome = match tried.take() {
+            Some(outcome) => outcome,
+            None => call().await,
+        };
+        match outcome {
             Err(StoreError::Backend(e)) if tries < TRANSIENT_RETRIES => {
                 tries += 1;
                 tracing::warn!(error = %e, ?pause, "storage call failed; retrying");
@@ -671,5 +691,59 @@ where
             }
             other => return other,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    fn backend() -> StoreError {
+        StoreError::Backend("connection reset".into())
+    }
+
+    /// A first try made elsewhere counts: as many tries in all as
+    /// `retry_transient` makes, then its error.
+    #[tokio::test(start_paused = true)]
+    async fn a_try_made_already_counts_as_the_first() {
+        let calls = AtomicU32::new(0);
+        let failing = || {
+            calls.fetch_add(1, Ordering::SeqCst);
+            async { Err::<(), _>(backend()) }
+        };
+        let out = retry_transient_after(Some(Err(backend())), failing).await;
+        assert!(matches!(out, Err(StoreError::Backend(_))));
+        assert_eq!(calls.load(Ordering::SeqCst), TRANSIENT_RETRIES);
+
+        calls.store(0, Ordering::SeqCst);
+        let out = retry_transient(failing).await;
+        assert!(matches!(out, Err(StoreError::Backend(_))));
+        assert_eq!(calls.load(Ordering::SeqCst), TRANSIENT_RETRIES + 1);
+    }
+
+    /// After a backend error from the first try, the next try runs (after a
+    /// pause) and its success is the answer; a final answer from the first
+    /// try is returned without a call.
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_first_try_is_retried_and_a_final_one_is_not() {
+        let calls = AtomicU32::new(0);
+        let succeeding = || {
+            calls.fetch_add(1, Ordering::SeqCst);
+            async { Ok::<u32, StoreError>(7) }
+        };
+        let started = tokio::time::Instant::now();
+        let out = retry_transient_after(Some(Err(backend())), succeeding).await;
+        assert_eq!(out.unwrap(), 7);
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        assert!(started.elapsed() >= std::time::Duration::from_millis(50));
+
+        let out = retry_transient_after(Some(Ok(3)), succeeding).await;
+        assert_eq!(out.unwrap(), 3);
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            1,
+            "no call after a final answer"
+        );
     }
 }

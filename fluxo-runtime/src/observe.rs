@@ -3,10 +3,10 @@
 //! ([`CompositeObserver`]) and a no-op. With no observer installed the
 //! engine skips building events entirely.
 //!
-//! An event that reports a change (a step or workflow completed, failed,
-//! cancelled) is sent once the change is durable, by the worker that made
-//! it. So a caller waiting on the store (`result()`, say) may see a finish
-//! a moment before the observer hears of it.
+//! A step's completion and a workflow's completion, failure or
+//! cancellation are reported once they are durable, by the worker that
+//! made them. So a caller waiting on the store (`result()`, say) may see a
+//! finish a moment before the observer hears of it.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

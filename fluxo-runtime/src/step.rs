@@ -2,7 +2,7 @@
 
 use std::borrow::Cow;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use crate::context::{self, WorkflowContext};
 use crate::error::StepError;
@@ -33,9 +33,11 @@ fn take_override() -> Option<StepOptions> {
 /// [`StepContext::current`] from inside a step body.
 #[derive(Clone)]
 pub struct StepContext {
-    /// The instance running the step: its id and its cancel flag, read
-    /// when asked (a step that never asks costs one reference count).
-    pub(crate) instance: Arc<Instance>,
+    pub(crate) workflow_id: Arc<str>,
+    /// The run of the instance: its cancel flag, read when asked. Weak, so
+    /// a copy kept past the run (in a spawned task, say) neither keeps the
+    /// run alive nor waits on it forever.
+    pub(crate) instance: Weak<Instance>,
     pub(crate) name: Cow<'static, str>,
     pub(crate) seq: u64,
     pub(crate) attempt: u32,
@@ -63,7 +65,7 @@ impl StepContext {
     /// and different for every other step: use it to de-duplicate external
     /// effects (payment idempotency keys, message ids, ...).
     pub fn idempotency_key(&self) -> String {
-        format!("{}:{}", self.workflow_id(), self.seq)
+        format!("{}:{}", self.workflow_id, self.seq)
     }
 
     /// The attempt number, from 1.
@@ -73,7 +75,7 @@ impl StepContext {
 
     /// The id of the workflow instance running the step.
     pub fn workflow_id(&self) -> &str {
-        &self.instance.id
+        &self.workflow_id
     }
 
     /// The step's name.
@@ -86,19 +88,26 @@ impl StepContext {
         self.seq
     }
 
-    /// Whether the workflow was asked to cancel. A step that sees it may
-    /// stop early; otherwise it is stopped after the worker's cancel grace
-    /// period.
+    /// Whether the workflow was asked to cancel (or the run that started
+    /// the step is over). A step that sees it may stop early; otherwise it
+    /// is stopped after the worker's cancel grace period.
     pub fn is_cancelled(&self) -> bool {
-        self.instance.cancel_requested()
+        self.instance
+            .upgrade()
+            .is_none_or(|inst| inst.cancel_seen())
     }
 
-    /// Resolves when the workflow is asked to cancel: `select!` on it in a
-    /// long step to stop cleanly.
+    /// Resolves when the workflow is asked to cancel (or the run that
+    /// started the step is over): `select!` on it in a long step to stop
+    /// cleanly.
     pub async fn cancelled(&self) {
-        let mut rx = self.instance.cancel_watch();
-        // The sender lives as long as the instance; if it is gone, so is
-        // the workflow.
+        let Some(inst) = self.instance.upgrade() else {
+            return;
+        };
+        let mut rx = inst.cancel_watch();
+        drop(inst);
+        // The sender lives as long as the run; if it is gone, so is the
+        // workflow here.
         let _ = rx.wait_for(|c| *c).await;
     }
 

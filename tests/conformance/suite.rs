@@ -876,6 +876,24 @@ pub async fn saga_compensates_on_cancel(store: Arc<dyn Store>) {
     w.shutdown().await;
 }
 
+/// A step's context kept past the run (in a task the step spawned, say)
+/// does not wait on the finished run forever: `cancelled()` resolves and
+/// `is_cancelled()` is true once the run is over.
+pub async fn a_step_context_kept_past_its_run_sees_it_end(store: Arc<dyn Store>) {
+    let (fluxo, w) = setup(&store);
+    let h = KeepsStepContext::start(&fluxo, ()).await.unwrap();
+    h.result_timeout(WAIT).await.unwrap();
+    let kept = kept_step_contexts()
+        .remove(h.id())
+        .expect("the step kept its context");
+    assert_eq!(kept.workflow_id(), h.id());
+    tokio::time::timeout(WAIT, kept.cancelled())
+        .await
+        .expect("cancelled() resolves once the run is over");
+    assert!(kept.is_cancelled(), "the run is over");
+    w.shutdown().await;
+}
+
 pub async fn cancel_reaches_a_running_step(store: Arc<dyn Store>) {
     let (fluxo, w) = setup(&store);
     let h = LongRunning::start(&fluxo, ()).await.unwrap();

@@ -277,6 +277,31 @@ pub fn register_all(fluxo: &Fluxo) {
     fluxo.register(Trip).unwrap();
     fluxo.register(LongRunning).unwrap();
     fluxo.register(Countdown).unwrap();
+    fluxo.register(KeepsStepContext).unwrap();
+}
+
+/// Step contexts kept past their step, by workflow id.
+pub fn kept_step_contexts(
+) -> std::sync::MutexGuard<'static, std::collections::HashMap<String, StepContext>> {
+    static KEPT: std::sync::OnceLock<
+        std::sync::Mutex<std::collections::HashMap<String, StepContext>>,
+    > = std::sync::OnceLock::new();
+    KEPT.get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+}
+
+#[fluxo::step]
+pub async fn keep_context() -> Result<(), StepError> {
+    let s = StepContext::current().expect("inside a step");
+    kept_step_contexts().insert(s.workflow_id().to_owned(), s);
+    Ok(())
+}
+
+/// A step that keeps a copy of its context, as a task it spawned would.
+#[fluxo::workflow]
+pub async fn keeps_step_context(_ctx: WorkflowContext) -> Result<(), WorkflowError> {
+    Ok(keep_context().await?)
 }
 
 /// Overrides the step's attribute options at call time.

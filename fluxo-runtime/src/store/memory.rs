@@ -326,13 +326,11 @@ impl Store for MemoryStore {
     }
 
     async fn commit(&self, commit: Commit) -> StoreResult<CommitOutcome> {
-        let now = now_millis();
-        self.lock().apply(commit, now)
+        self.lock().apply(commit, now_millis())
     }
 
     fn commit_now(&self, commit: Commit) -> CommitNow {
-        let now = now_millis();
-        CommitNow::Done(self.lock().apply(commit, now))
+        CommitNow::Done(self.lock().apply(commit, now_millis()))
     }
 
     async fn send_signal(&self, id: &str, name: &str, payload: Vec<u8>) -> StoreResult<u64> {

@@ -459,10 +459,13 @@ pub trait Store: Send + Sync + 'static {
 
     /// Applies one fenced change, as [`Store::commit`] does, right here, when
     /// the store can without I/O or waiting (the in-memory store). The
-    /// engine tries it before [`Store::commit`]: a commit made here needs no
-    /// future of its own. The default hands the commit back
-    /// ([`CommitNow::Later`]); a store that reaches a disk or a server
-    /// keeps that default.
+    /// engine tries it before [`Store::commit`], on an async worker thread,
+    /// so it must never block: a commit made here needs no future of its
+    /// own. The default hands the commit back ([`CommitNow::Later`]); a
+    /// store that reaches a disk or a server keeps that default (a blocking
+    /// local store has [`Store::try_commit_here`] instead, which the engine
+    /// calls only where it may block). A backend error answered here is
+    /// retried through [`Store::commit`].
     fn commit_now(&self, commit: Commit) -> CommitNow {
         CommitNow::Later(commit)
     }
