@@ -134,13 +134,25 @@ pub fn mean_step_gap_us(from: usize, to: usize) -> Option<f64> {
 
 /// Median gap between consecutive step starts over steps `from..=to`, µs.
 pub fn median_gap_us(from: usize, to: usize) -> Option<f64> {
-    let mut gaps = Vec::new();
-    for i in from..to {
-        let (a, b) = (step_time(i)?, step_time(i + 1)?);
-        gaps.push(b.saturating_sub(a) as f64 / 1e3);
+    let mut gaps = step_gaps_us(from, to);
+    if gaps.len() < to.saturating_sub(from) {
+        return None;
     }
     gaps.sort_by(|a, b| a.partial_cmp(b).unwrap());
     gaps.get(gaps.len() / 2).copied()
+}
+
+/// The gaps between consecutive step starts over steps `from..=to`, µs,
+/// up to the first step not recorded.
+pub fn step_gaps_us(from: usize, to: usize) -> Vec<f64> {
+    let mut gaps = Vec::new();
+    for i in from..to {
+        let (Some(a), Some(b)) = (step_time(i), step_time(i + 1)) else {
+            break;
+        };
+        gaps.push(b.saturating_sub(a) as f64 / 1e3);
+    }
+    gaps
 }
 
 /// The highest step index recorded.
@@ -448,6 +460,17 @@ pub fn history_metrics(r: &mut CellResult, steps: u32, window: u32) {
     }
     if let (Some(e), Some(l)) = (r.metrics.get("early_us"), r.metrics.get("late_us")) {
         r.set("late_over_early", l / e);
+    }
+    // The tail over every step: what one slow commit (a WAL checkpoint in
+    // the step's commit, a busy disk) costs the workflow that waits on it.
+    let mut gaps = step_gaps_us(0, end);
+    if !gaps.is_empty() {
+        gaps.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        r.set(
+            "gap_p99_us",
+            gaps[(gaps.len() * 99 / 100).min(gaps.len() - 1)],
+        );
+        r.set("gap_max_ms", gaps[gaps.len() - 1] / 1e3);
     }
     // The same with the median step gap of each window, which one slow
     // commit (a WAL checkpoint, a busy disk) does not move.

@@ -738,6 +738,12 @@ fn workload_rows(w: Workload) -> Vec<MetricRow> {
                 "late ÷ early, median step gap of each window",
                 true,
             ),
+            m(
+                "gap_p99_us",
+                "p99 gap between step starts, whole workflow (µs)",
+                true,
+            ),
+            m("gap_max_ms", "slowest gap between step starts (ms)", true),
         ],
         Workload::Parked => vec![
             m("kib_per_wf", "RSS per parked workflow (KiB)", true),
