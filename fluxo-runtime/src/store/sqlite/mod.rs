@@ -10,6 +10,10 @@
 //! system crash may be lost (the database is never corrupted); it saves the
 //! flush on every commit.
 //!
+//! Opening a file extends its write-ahead log to the size it reaches between
+//! checkpoints, so that a flush overwrites blocks the file has instead of
+//! also recording a new file size (see `open::presize_wal`).
+//!
 //! # Several processes
 //!
 //! Several processes may open the same file (on a local file system; WAL does
@@ -1231,6 +1235,64 @@ mod tests {
         assert!(next > sid, "signal ids must not be reused");
         store.close().await;
         remove_db(&path);
+    }
+
+    /// The log is extended with zeros when a store opens; what a crash
+    /// leaves (the database file and a log of real frames followed by
+    /// zeros) reads back whole in the next process.
+    #[tokio::test]
+    async fn an_extended_log_left_by_a_crash_reads_back_whole() {
+        let db = TempDb::new().await;
+        let wal_of = |path: &Path| {
+            let mut p = path.as_os_str().to_owned();
+            p.push("-wal");
+            PathBuf::from(p)
+        };
+        let wal_len = std::fs::metadata(wal_of(&db.path)).expect("the log").len();
+        assert!(
+            wal_len >= open::WAL_BYTES as u64,
+            "the log is {wal_len} bytes after opening"
+        );
+        let c = started(&db, "extended-log").await;
+        let events: Vec<_> = (0..50).map(event).collect();
+        for chunk in events.chunks(5) {
+            let commit = Commit {
+                instance_id: c.record.id.as_str().into(),
+                lease_token: c.lease_token,
+                events: chunk.to_vec(),
+                ..Commit::default()
+            };
+            assert!(matches!(
+                db.commit(commit).await.expect("commit"),
+                CommitOutcome::Applied { .. }
+            ));
+        }
+        // What a process killed now leaves on disk: every commit is in the
+        // log (synchronous=FULL), nothing is checkpointed, and the log ends
+        // in zeros.
+        let crashed = TempDb::path();
+        std::fs::copy(&db.path, &crashed).expect("copy the database file");
+        std::fs::copy(wal_of(&db.path), wal_of(&crashed)).expect("copy the log");
+        let wal = std::fs::read(wal_of(&crashed)).expect("read the log");
+        assert!(wal.len() >= open::WAL_BYTES as usize);
+        assert!(
+            wal[wal.len() - 4096..].iter().all(|&b| b == 0),
+            "the log's tail is zeros"
+        );
+
+        let reopened = SqliteStore::open(&crashed).await.expect("open the copy");
+        assert_eq!(
+            reopened.load_history(&c.record.id).await.expect("history"),
+            events
+        );
+        let record = reopened
+            .get_instance(&c.record.id)
+            .await
+            .expect("get")
+            .expect("the instance");
+        assert_eq!(record.status, InstanceStatus::Running);
+        reopened.close().await;
+        remove_db(&crashed);
     }
 
     #[tokio::test]
