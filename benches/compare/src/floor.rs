@@ -50,10 +50,9 @@ pub fn sqlite(dir: &Path, full: bool) -> Result<f64> {
         // starts the log over, and the timed ones (some 400 pages) then
         // overwrite blocks the file has, with no checkpoint among them.
         // That is SQLite's cheapest commit: while the log still grows,
-        // each flush also commits the file's new size (Fluxo extends its
-        // log up front at FULL to skip that phase). An engine's step, timed over
-        // many, also pays its share of the checkpoints; this floor does
-        // not.
+        // each flush also commits the file's new size. An engine's step,
+        // timed over many, also pays its share of the checkpoints and, on
+        // a fresh file, of the growing log; this floor does not.
         for n in 0..WARM_UP as i64 {
             step(&mut conn, n)?;
         }

@@ -10,10 +10,6 @@
 //! system crash may be lost (the database is never corrupted); it saves the
 //! flush on every commit.
 //!
-//! Opening a file at `FULL` extends its write-ahead log to the size it
-//! reaches between checkpoints, so that a commit's flush overwrites blocks
-//! the file has instead of also recording a new file size.
-//!
 //! # Several processes
 //!
 //! Several processes may open the same file (on a local file system; WAL does
@@ -1234,86 +1230,6 @@ mod tests {
         let next = store.send_signal(&id, "go", vec![]).await.expect("signal");
         assert!(next > sid, "signal ids must not be reused");
         store.close().await;
-        remove_db(&path);
-    }
-
-    /// The log is extended with zeros when a store opens, both on a fresh
-    /// file (the schema's frames, then zeros) and on a file opened again
-    /// after its last connection closed (zeros from the first byte); what a
-    /// crash leaves in either case (the database file and a log of real
-    /// frames followed by zeros) reads back whole in the next process.
-    #[tokio::test]
-    async fn an_extended_log_left_by_a_crash_reads_back_whole() {
-        let wal_of = |path: &Path| {
-            let mut p = path.as_os_str().to_owned();
-            p.push("-wal");
-            PathBuf::from(p)
-        };
-        let wal = |path: &Path| std::fs::read(wal_of(path)).expect("read the log");
-        async fn commit_events(store: &SqliteStore, c: &ClaimedInstance, events: &[StoredEvent]) {
-            let commit = Commit {
-                instance_id: c.record.id.as_str().into(),
-                lease_token: c.lease_token,
-                events: events.to_vec(),
-                ..Commit::default()
-            };
-            assert!(matches!(
-                store.commit(commit).await.expect("commit"),
-                CommitOutcome::Applied { .. }
-            ));
-        }
-        // What a process killed now leaves on disk: every commit is in the
-        // log (synchronous=FULL), nothing is checkpointed (far fewer than
-        // 1,000 pages), and the log ends in zeros.
-        let crash_copy = |path: &Path| {
-            let copy = TempDb::path();
-            std::fs::copy(path, &copy).expect("copy the database file");
-            std::fs::copy(wal_of(path), wal_of(&copy)).expect("copy the log");
-            copy
-        };
-        let read_back = |copy: PathBuf, id: String, events: Vec<StoredEvent>| async move {
-            let store = SqliteStore::open(&copy).await.expect("open the copy");
-            assert_eq!(store.load_history(&id).await.expect("history"), events);
-            store.close().await;
-            remove_db(&copy);
-        };
-        let events: Vec<_> = (0..40).map(event).collect();
-        let path = TempDb::path();
-
-        let fresh = SqliteStore::open(&path).await.expect("open");
-        let log = wal(&path);
-        assert!(
-            log.len() >= open::WAL_BYTES as usize,
-            "log of {} bytes",
-            log.len()
-        );
-        assert!(log[log.len() - 4096..].iter().all(|&b| b == 0));
-        let c = started(&fresh, "extended-log").await;
-        for chunk in events[..20].chunks(5) {
-            commit_events(&fresh, &c, chunk).await;
-        }
-        read_back(
-            crash_copy(&path),
-            c.record.id.clone(),
-            events[..20].to_vec(),
-        )
-        .await;
-        fresh.close().await;
-
-        // Every connection closed: the log was checkpointed and deleted.
-        let again = SqliteStore::open(&path).await.expect("open again");
-        let log = wal(&path);
-        assert!(
-            log.len() >= open::WAL_BYTES as usize,
-            "log of {} bytes",
-            log.len()
-        );
-        assert!(log.iter().all(|&b| b == 0), "a log of zeros only");
-        for chunk in events[20..].chunks(5) {
-            commit_events(&again, &c, chunk).await;
-        }
-        read_back(crash_copy(&path), c.record.id.clone(), events).await;
-        again.close().await;
         remove_db(&path);
     }
 

@@ -1,10 +1,9 @@
 //! Opening connections and migrating the schema.
 
-use std::ffi::c_int;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use rusqlite::{ffi, Connection, OpenFlags, Transaction, TransactionBehavior};
+use rusqlite::{Connection, OpenFlags, TransactionBehavior};
 
 use super::{db_err, Synchronous};
 use crate::store::{StoreError, StoreResult};
@@ -69,22 +68,17 @@ impl Opener {
                 ));
             }
         }
-        let tx = conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(db_err)?;
-        migrate(&tx)?;
-        if self.path.is_some() && self.synchronous == Synchronous::Full {
-            presize_wal(&tx);
-        }
-        tx.commit().map_err(db_err)?;
+        migrate(&mut conn)?;
         Ok(conn)
     }
 }
 
-/// Applies the migrations the file lacks. Runs under the write lock (in a
-/// `BEGIN IMMEDIATE` transaction), so that processes opening a fresh file
-/// together apply each one once.
-fn migrate(tx: &Transaction<'_>) -> StoreResult<()> {
+/// Applies the migrations the file lacks, under the write lock, so that
+/// processes opening a fresh file together apply each one once.
+fn migrate(conn: &mut Connection) -> StoreResult<()> {
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(db_err)?;
     let applied: i64 = tx
         .pragma_query_value(None, "user_version", |row| row.get(0))
         .map_err(db_err)?;
@@ -100,82 +94,5 @@ fn migrate(tx: &Transaction<'_>) -> StoreResult<()> {
         tx.pragma_update(None, "user_version", i as i64 + 1)
             .map_err(db_err)?;
     }
-    Ok(())
-}
-
-/// The size the write-ahead log reaches between two automatic checkpoints
-/// of a file Fluxo created (4 KiB pages, SQLite's default of 1,000 pages
-/// per checkpoint, and their frame headers); it grows past it only when a
-/// checkpoint cannot finish (a long read) or one transaction writes more.
-pub(super) const WAL_BYTES: i64 = 4 << 20;
-
-/// Extends the write-ahead log file, with zeros, to the size it reaches
-/// between checkpoints anyway. For files at `synchronous=FULL`.
-///
-/// A commit at `FULL` flushes the log. While the log grows (a fresh file,
-/// or the first checkpoint interval after the last connection closed,
-/// which deletes the log), each flush also has the file system commit the
-/// file's new size and blocks: a bare SQLite commit cost 1.4–1.7× what it
-/// costs once the log, after a checkpoint, starts over and overwrites
-/// blocks the file has (BENCHMARKS.md). Extending it up front gives every
-/// commit the cheaper kind.
-///
-/// SQLite does the extending, through its own file controls on the log's
-/// open file: a chunk size (which only arms the size hint for this
-/// connection's handle) and a size hint, which writes one byte at the end
-/// of every block past the file's end, then a flush. Nothing before the
-/// end is written, and zeros past the log's end are never read as frames
-/// (a frame of page 0 is invalid, and a zero header is no log), so the
-/// extension, whole or cut short by a crash, is as harmless as the stale
-/// frames a log that started over keeps. The caller holds the write lock:
-/// no writer (and no restart of the log) runs meanwhile, and a connection
-/// of ours keeps the file's shared lock, so no other process deletes or
-/// truncates the log. Best effort: a file system that refuses (say, when
-/// full) leaves the log partly or not extended, and commits work as
-/// before.
-///
-/// The extension would also map the log into memory if SQLite were set up
-/// with a memory-map size (`SQLITE_DEFAULT_MMAP_SIZE`, `SQLITE_CONFIG_MMAP_SIZE`),
-/// which Fluxo does not do.
-fn presize_wal(tx: &Transaction<'_>) {
-    let mut file: *mut ffi::sqlite3_file = std::ptr::null_mut();
-    // SAFETY: the handle is live and used on its own thread; the file
-    // control writes one pointer, to the log's open file, into `file`.
-    let rc = unsafe {
-        ffi::sqlite3_file_control(
-            tx.handle(),
-            c"main".as_ptr(),
-            ffi::SQLITE_FCNTL_JOURNAL_POINTER,
-            (&raw mut file).cast(),
-        )
-    };
-    if rc != ffi::SQLITE_OK || file.is_null() {
-        return;
-    }
-    // SAFETY: `file` is the log's open file, owned by the connection and
-    // used here only on the connection's thread, under the write lock; its
-    // methods are SQLite's own for this file, and the arguments are the
-    // types the two file controls read (an `int` and an `i64`).
-    let rc = unsafe {
-        let Some(methods) = (*file).pMethods.as_ref() else {
-            return;
-        };
-        let (Some(control), Some(sync)) = (methods.xFileControl, methods.xSync) else {
-            return;
-        };
-        let mut chunk = WAL_BYTES as c_int;
-        let mut size = WAL_BYTES;
-        match control(file, ffi::SQLITE_FCNTL_CHUNK_SIZE, (&raw mut chunk).cast()) {
-            ffi::SQLITE_OK => {
-                match control(file, ffi::SQLITE_FCNTL_SIZE_HINT, (&raw mut size).cast()) {
-                    ffi::SQLITE_OK => sync(file, ffi::SQLITE_SYNC_NORMAL),
-                    rc => rc,
-                }
-            }
-            rc => rc,
-        }
-    };
-    if rc != ffi::SQLITE_OK {
-        tracing::debug!(code = rc, "extending the SQLite write-ahead log failed");
-    }
+    tx.commit().map_err(db_err)
 }
