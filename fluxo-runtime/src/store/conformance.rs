@@ -41,6 +41,7 @@ pub async fn run_all(store: &dyn Store) {
     commit_without_lease_is_refused(store).await;
     commit_to_unknown_instance_is_not_found(store).await;
     event_ids_continue_without_gaps(store).await;
+    single_entry_commits_are_fenced(store).await;
     history_round_trips(store).await;
     park_and_wake_by_signal(store).await;
     park_refused_when_inbox_moved(store).await;
@@ -118,6 +119,7 @@ macro_rules! store_conformance_tests {
             commit_without_lease_is_refused,
             commit_to_unknown_instance_is_not_found,
             event_ids_continue_without_gaps,
+            single_entry_commits_are_fenced,
             history_round_trips,
             park_and_wake_by_signal,
             park_refused_when_inbox_moved,
@@ -847,6 +849,62 @@ pub async fn event_ids_continue_without_gaps(store: &dyn Store) {
         .map(|e| e.event_id)
         .collect();
     assert_eq!(stored, vec![0, 1, 2]);
+}
+
+/// The commit of a step's completion, one journal entry and nothing else
+/// (a store may write it with a statement of its own), is fenced like any
+/// other: by lease token and by journal position, writing nothing when
+/// refused, and it reports a pending cancel request.
+pub async fn single_entry_commits_are_fenced(store: &dyn Store) {
+    let wf = unique("wf");
+    let id = create(store, &wf, 1).await;
+    let stale = claim_one(store, &id, &wf, EXPIRED).await;
+    let c = claim_one(store, &id, &wf, LONG).await;
+    let one = |claimed: &ClaimedInstance, event_id: u64, kind: &str| {
+        commit(
+            claimed,
+            vec![event(event_id, event_id, kind)],
+            Transition::None,
+        )
+    };
+    assert_eq!(
+        apply(store, one(&stale, 0, "stale")).await,
+        CommitOutcome::LeaseLost,
+        "a stale token must be fenced out"
+    );
+    assert_eq!(apply(store, one(&c, 0, "a")).await, applied(false));
+    assert_eq!(apply(store, one(&c, 1, "b")).await, applied(false));
+    for (what, event_id) in [("a duplicate id", 1), ("a gap", 3)] {
+        match store.commit(one(&c, event_id, "bad")).await {
+            Err(StoreError::Conflict(_)) => {}
+            other => panic!("{what} must be a Conflict, got {other:?}"),
+        }
+    }
+    assert_eq!(
+        apply(store, one(&stale, 2, "stale")).await,
+        CommitOutcome::LeaseLost,
+        "a stale token stays fenced out at the right position"
+    );
+    store.request_cancel(&id).await.expect("request_cancel");
+    assert_eq!(
+        apply(store, one(&c, 2, "c")).await,
+        applied(true),
+        "the commit reports the cancel request"
+    );
+    assert_eq!(
+        history(store, &id).await,
+        vec![event(0, 0, "a"), event(1, 1, "b"), event(2, 2, "c")],
+        "refused commits must write nothing"
+    );
+    assert_eq!(
+        apply(store, commit(&c, vec![], Transition::Release)).await,
+        applied(true)
+    );
+    let again = claim_one(store, &id, &wf, LONG).await;
+    assert_eq!(
+        again.next_event_id, 3,
+        "next_event_id counts the stored entries"
+    );
 }
 
 /// The journal reads back exactly as written, ordered by event id.

@@ -34,7 +34,11 @@
 //!
 //! Most operations are one statement, so one round trip and one WAL flush;
 //! [`Store::commit_batch`] writes a whole group of commits in one
-//! transaction, usually with one statement. Statements are prepared once per
+//! transaction, usually with one statement. A step's own commit (one
+//! journal entry, nothing else) has a statement of its own with scalar
+//! parameters, which the server binds and runs for less than the general
+//! commit statement's arrays (about 4 % of a sequential step on a local
+//! server). Statements are prepared once per
 //! connection: behind PgBouncer, use session pooling (or a PgBouncer that
 //! tracks prepared statements in transaction pooling).
 //!
@@ -791,6 +795,21 @@ fn commit_query<'q>(
     q
 }
 
+/// [`Statements::single_entry`] for `c`, whose one journal entry is `e`.
+fn single_entry_query<'q>(
+    sql: &'q Statements,
+    c: &'q Commit,
+    e: &'q StoredEvent,
+) -> Query<'q, Postgres, PgArguments> {
+    sqlx::query(&sql.single_entry)
+        .bind(c.instance_id.as_ref())
+        .bind(sql_int(c.lease_token))
+        .bind(sql_int(e.event_id))
+        .bind(sql_int(e.seq))
+        .bind(e.kind.as_ref())
+        .bind(e.data.as_slice())
+}
+
 fn consecutive(events: &[StoredEvent]) -> bool {
     events
         .iter()
@@ -833,10 +852,11 @@ async fn apply(
         return diagnose(conn, sql, c).await;
     }
     let shape = shape_of(c);
-    let Some(row) = commit_query(sql, c, shape)
-        .fetch_optional(&mut *conn)
-        .await?
-    else {
+    let query = match c.events.as_slice() {
+        [e] if shape == Shape::SINGLE_ENTRY => single_entry_query(sql, c, e),
+        _ => commit_query(sql, c, shape),
+    };
+    let Some(row) = query.fetch_optional(&mut *conn).await? else {
         return diagnose(conn, sql, c).await;
     };
     let decoded = u64_col(&row, 0, "inbox sequence")

@@ -68,6 +68,15 @@ pub(super) struct Shape {
 impl Shape {
     const COUNT: usize = 64;
 
+    /// Journal entries and nothing else: a step's completion.
+    pub const SINGLE_ENTRY: Shape = Shape {
+        kind: Kind::None,
+        events: true,
+        consume: false,
+        children: false,
+        cancels: false,
+    };
+
     fn index(self) -> usize {
         (self.kind as usize) << 4
             | usize::from(self.events) << 3
@@ -114,6 +123,12 @@ pub(super) struct Statements {
     pub wake_many: String,
     pub batch: String,
     pub continue_as_new: String,
+    /// The commit of one journal entry and nothing else (a step's
+    /// completion, the most common commit), with scalar parameters: the
+    /// server binds and plans it for less than the array form
+    /// [`Statements::commit`] gives the same shape (see
+    /// [`Shape::is_single_entry`]).
+    pub single_entry: String,
     commits: Vec<String>,
 }
 
@@ -136,7 +151,9 @@ impl Statements {
         for shape in Shape::all() {
             commits[shape.index()] = commit_sql(&s, &notify, shape);
         }
+        let single_entry = single_entry_sql(&s);
         Statements {
+            single_entry,
             continue_as_new: format!(
                 "WITH upd AS (UPDATE {s}.instances SET input = $1, next_event_id = 0, \
                  lease_owner = NULL, ready_at = {NOW}, updated_at = {NOW} \
@@ -263,6 +280,22 @@ impl Statements {
     pub(super) fn commit(&self, shape: Shape) -> &str {
         &self.commits[shape.index()]
     }
+}
+
+/// [`Statements::single_entry`]: what [`commit_sql`] builds for
+/// [`Shape::SINGLE_ENTRY`], with the entry's event id, sequence number,
+/// kind and data as `$3`..`$6` instead of arrays.
+fn single_entry_sql(s: &str) -> String {
+    format!(
+        "WITH f AS (UPDATE {s}.instances AS i \
+           SET updated_at = {NOW}, next_event_id = i.next_event_id + 1 \
+           WHERE i.id = $1 AND i.lease_token = $2 AND i.lease_owner IS NOT NULL \
+             AND i.status = 'running' AND i.next_event_id = $3::bigint \
+           RETURNING i.id, i.inbox_seq, i.cancel_requested), \
+         h AS (INSERT INTO {s}.history (instance_id, event_id, seq, kind, data, created_at) \
+           SELECT f.id, $3::bigint, $4::bigint, $5::text, $6::bytea, {NOW} FROM f) \
+         SELECT f.inbox_seq, f.cancel_requested FROM f"
+    )
 }
 
 /// Builds the commit statement of one shape: the fenced update `f`, then the
