@@ -5,7 +5,7 @@
 //! and their ratio (how far the engine is from its store's own commit).
 
 use std::path::Path;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
 use rusqlite::{params, Connection};
@@ -68,39 +68,133 @@ pub fn sqlite(dir: &Path, full: bool) -> Result<f64> {
     out
 }
 
-/// µs per autocommit INSERT of one row through one sqlx connection to the
-/// Postgres at `url` (the server's `synchronous_commit`): one durable round
-/// trip, the least a sequential step on Postgres costs.
-pub async fn postgres(url: &str) -> Result<f64> {
+/// What a sequential step's commit costs Postgres at `url` (the server's
+/// `synchronous_commit`), with no engine around it, each timed over the
+/// same connection in alternating blocks.
+pub struct PostgresFloor {
+    /// µs per autocommit INSERT of one row: one durable round trip, the
+    /// least any step on Postgres costs.
+    pub insert_us: f64,
+    /// µs per fenced step commit: one autocommit statement that updates
+    /// the run's row only under its lease token and inserts the journal
+    /// row, the least a step costs when a stale worker's commit must be
+    /// refused (what every engine here does in some form).
+    pub fenced_us: f64,
+}
+
+/// Measures a [`PostgresFloor`].
+pub async fn postgres(url: &str) -> Result<PostgresFloor> {
     let mut conn = sqlx::PgConnection::connect(url)
         .await
         .context("Postgres floor probe: connecting")?;
-    // A table of its own (not a temporary one: those skip the WAL, so
+    // Tables of their own (not temporary ones: those skip the WAL, so
     // their commits flush nothing).
-    let table = format!("fluxo_compare_floor_{}", std::process::id());
-    sqlx::query(&format!(
-        "CREATE TABLE {table} (n BIGINT PRIMARY KEY, data BYTEA NOT NULL)"
-    ))
-    .execute(&mut conn)
-    .await?;
-    let timed = timed_inserts(&mut conn, &table).await;
-    sqlx::query(&format!("DROP TABLE {table}"))
-        .execute(&mut conn)
-        .await
-        .ok();
+    let tables = Tables::new();
+    for create in tables.create() {
+        sqlx::query(&create).execute(&mut conn).await?;
+    }
+    let timed = timed_commits(&mut conn, &tables).await;
+    for drop in tables.drop() {
+        sqlx::query(&drop).execute(&mut conn).await.ok();
+    }
     conn.close().await.ok();
     timed
 }
 
-async fn timed_inserts(conn: &mut sqlx::PgConnection, table: &str) -> Result<f64> {
-    let sql = format!("INSERT INTO {table} VALUES ($1, $2)");
-    let insert = |n: i64| sqlx::query(&sql).bind(n).bind(&[0x5au8; 48][..]);
-    for n in 0..COMMITS as i64 {
-        insert(n).execute(&mut *conn).await?;
+/// The probe's tables, named after this process.
+struct Tables {
+    rows: String,
+    runs: String,
+    journal: String,
+}
+
+impl Tables {
+    fn new() -> Self {
+        let pid = std::process::id();
+        Tables {
+            rows: format!("fluxo_compare_floor_{pid}"),
+            runs: format!("fluxo_compare_floor_runs_{pid}"),
+            journal: format!("fluxo_compare_floor_journal_{pid}"),
+        }
     }
-    let t = Instant::now();
-    for n in COMMITS as i64..2 * COMMITS as i64 {
-        insert(n).execute(&mut *conn).await?;
+
+    fn create(&self) -> [String; 3] {
+        [
+            format!(
+                "CREATE TABLE {} (n BIGINT PRIMARY KEY, data BYTEA NOT NULL)",
+                self.rows
+            ),
+            format!(
+                "CREATE TABLE {} (id TEXT PRIMARY KEY, token BIGINT NOT NULL, \
+                   next BIGINT NOT NULL, updated_at BIGINT NOT NULL)",
+                self.runs
+            ),
+            format!(
+                "CREATE TABLE {} (run TEXT NOT NULL, n BIGINT NOT NULL, data BYTEA NOT NULL, \
+                   PRIMARY KEY (run, n))",
+                self.journal
+            ),
+        ]
     }
-    Ok(t.elapsed().as_secs_f64() * 1e6 / COMMITS as f64)
+
+    fn drop(&self) -> [String; 3] {
+        [&self.rows, &self.runs, &self.journal].map(|t| format!("DROP TABLE {t}"))
+    }
+}
+
+/// Blocks of each kind of commit, alternated so that a drift of the disk
+/// weighs on both alike.
+const BLOCKS: usize = 4;
+
+async fn timed_commits(conn: &mut sqlx::PgConnection, t: &Tables) -> Result<PostgresFloor> {
+    // A run id as long as an engine's (a UUID).
+    let run = "0b5cf1d2-4c5e-4f7e-9a53-7d2f0c6f1e2a";
+    sqlx::query(&format!(
+        "INSERT INTO {} VALUES ($1, 1, 0, 0)",
+        t.runs
+    ))
+    .bind(run)
+    .execute(&mut *conn)
+    .await?;
+    let insert_sql = format!("INSERT INTO {} VALUES ($1, $2)", t.rows);
+    let fenced_sql = format!(
+        "WITH f AS (UPDATE {} SET next = next + 1, updated_at = $3 \
+           WHERE id = $1 AND token = $2 RETURNING id, next) \
+         INSERT INTO {} (run, n, data) SELECT f.id, f.next, $4 FROM f",
+        t.runs, t.journal
+    );
+    let data = &[0x5au8; 48][..];
+    let (mut n, mut insert, mut fenced) = (0i64, Duration::ZERO, Duration::ZERO);
+    // The first block of each warms up (statements, caches) untimed.
+    for block in 0..=BLOCKS {
+        let t0 = Instant::now();
+        for _ in 0..COMMITS / BLOCKS {
+            n += 1;
+            sqlx::query(&insert_sql)
+                .bind(n)
+                .bind(data)
+                .execute(&mut *conn)
+                .await?;
+        }
+        let t1 = Instant::now();
+        for _ in 0..COMMITS / BLOCKS {
+            let done = sqlx::query(&fenced_sql)
+                .bind(run)
+                .bind(1i64)
+                .bind(n)
+                .bind(data)
+                .execute(&mut *conn)
+                .await?;
+            anyhow::ensure!(done.rows_affected() == 1, "the fenced commit wrote nothing");
+        }
+        if block > 0 {
+            insert += t1 - t0;
+            fenced += t1.elapsed();
+        }
+    }
+    let us = |d: Duration| d.as_secs_f64() * 1e6 / COMMITS as f64;
+    Ok(PostgresFloor {
+        insert_us: us(insert),
+        fenced_us: us(fenced),
+    })
 }

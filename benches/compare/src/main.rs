@@ -398,15 +398,19 @@ impl Run {
         };
         // And, before a sequential cell, what the store's own commit of a
         // step costs without any engine.
-        let floor = match (workload, backend) {
-            (Workload::Sequential, Backend::SqliteFull | Backend::SqliteNormal) => {
-                floor::sqlite(&self.dir, backend == Backend::SqliteFull).ok()
+        // (Postgres: also the least a step whose commit is fenced costs.)
+        let (floor, fenced_floor) = match (workload, backend) {
+            (Workload::Sequential, Backend::SqliteFull | Backend::SqliteNormal) => (
+                floor::sqlite(&self.dir, backend == Backend::SqliteFull).ok(),
+                None,
+            ),
+            (Workload::Sequential, Backend::Postgres) => {
+                match self.admin.block_on(floor::postgres(&self.args.postgres_url)) {
+                    Ok(f) => (Some(f.insert_us), Some(f.fenced_us)),
+                    Err(_) => (None, None),
+                }
             }
-            (Workload::Sequential, Backend::Postgres) => self
-                .admin
-                .block_on(floor::postgres(&self.args.postgres_url))
-                .ok(),
-            _ => None,
+            _ => (None, None),
         };
         let result = if workload == Workload::Recovery {
             self.recovery(spec)
@@ -419,10 +423,17 @@ impl Run {
             if let Some(us) = fsync_before {
                 r.set("fsync_us", us);
             }
+            let step = r.metrics.get("step_us").copied();
             if let Some(us) = floor {
                 r.set("floor_us", us);
-                if let Some(step) = r.metrics.get("step_us").copied() {
+                if let Some(step) = step {
                     r.set("step_over_floor", step / us);
+                }
+            }
+            if let Some(us) = fenced_floor {
+                r.set("fenced_floor_us", us);
+                if let Some(step) = step {
+                    r.set("step_over_fenced", step / us);
                 }
             }
             r
@@ -686,6 +697,18 @@ fn metric_rows(w: Workload) -> Vec<MetricRow> {
         rows.push(MetricRow {
             key: "step_over_floor",
             label: "per-step latency ÷ bare store commit (1.0 = the store's own cost)",
+            lower_better: true,
+            variant: None,
+        });
+        rows.push(MetricRow {
+            key: "fenced_floor_us",
+            label: "fenced step commit just before the engine's cells, no engine (µs; Postgres: one statement, UPDATE of the run's row under its lease token + INSERT of the journal row)",
+            lower_better: true,
+            variant: None,
+        });
+        rows.push(MetricRow {
+            key: "step_over_fenced",
+            label: "per-step latency ÷ fenced step commit (1.0 = the least a fenced step costs this store)",
             lower_better: true,
             variant: None,
         });
@@ -982,7 +1005,14 @@ fn report(
                         }
                     }
                 }
-                let probe_row = matches!(row.key, "fsync_us" | "floor_us" | "step_over_floor");
+                let probe_row = matches!(
+                    row.key,
+                    "fsync_us"
+                        | "floor_us"
+                        | "step_over_floor"
+                        | "fenced_floor_us"
+                        | "step_over_fenced"
+                );
                 if !any || (probe_row && !has_value) {
                     continue;
                 }
@@ -995,6 +1025,8 @@ fn report(
                         | "fsync_us"
                         | "floor_us"
                         | "step_over_floor"
+                        | "fenced_floor_us"
+                        | "step_over_fenced"
                         | "steps_rerun"
                 );
                 let mut line = format!(
