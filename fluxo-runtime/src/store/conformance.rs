@@ -30,6 +30,7 @@ use super::*;
 pub async fn run_all(store: &dyn Store) {
     create_instance_and_get(store).await;
     create_existing_instance_reports_it(store).await;
+    concurrent_creates_each_get_their_outcome(store).await;
     claim_filters_by_workflow_and_version(store).await;
     claim_respects_limit(store).await;
     claim_skips_leased_instances(store).await;
@@ -108,6 +109,7 @@ macro_rules! store_conformance_tests {
         $crate::store_conformance_tests!(@tests $mode $attrs ($make)
             create_instance_and_get,
             create_existing_instance_reports_it,
+            concurrent_creates_each_get_their_outcome,
             claim_filters_by_workflow_and_version,
             claim_respects_limit,
             claim_skips_leased_instances,
@@ -414,6 +416,73 @@ pub async fn create_existing_instance_reports_it(store: &dyn Store) {
         "the existing instance must be left as it is"
     );
     assert_eq!(r.input, format!("input of {wf}").into_bytes());
+}
+
+/// Creates made at the same time (which a store may write together) each
+/// get their own outcome: a new id is created with its own input, an id
+/// that exists is reported with its stored record, and of two creates of
+/// one new id exactly one creates it.
+pub async fn concurrent_creates_each_get_their_outcome(store: &dyn Store) {
+    let wf = unique("wf");
+    let existing = create(store, &wf, 1).await;
+    let twice = unique("inst");
+    let fresh: Vec<String> = (0..20).map(|_| unique("inst")).collect();
+    let ids: Vec<String> = fresh
+        .iter()
+        .cloned()
+        .chain([existing.clone(), twice.clone(), twice.clone()])
+        .collect();
+    let creates = ids.iter().enumerate().map(|(i, id)| {
+        store.create_instance(NewInstance {
+            id: id.clone(),
+            workflow: wf.clone(),
+            version: 2,
+            input: format!("input #{i}").into_bytes(),
+            parent_id: None,
+        })
+    });
+    let outcomes = futures::future::join_all(creates).await;
+    for (i, (id, outcome)) in ids.iter().zip(&outcomes).enumerate().take(fresh.len()) {
+        assert!(
+            matches!(outcome, Ok(CreateOutcome::Created)),
+            "a new id must be created, got {outcome:?}"
+        );
+        let r = get(store, id).await;
+        assert_eq!(r.input, format!("input #{i}").into_bytes(), "its own input");
+        assert_eq!((r.version, r.status), (2, InstanceStatus::Running));
+    }
+    match &outcomes[fresh.len()] {
+        Ok(CreateOutcome::Existing(r)) => {
+            assert_eq!((r.id.as_str(), r.version), (existing.as_str(), 1));
+        }
+        other => panic!("an existing id must answer Existing, got {other:?}"),
+    }
+    let twice_outcomes = &outcomes[fresh.len() + 1..];
+    let created = twice_outcomes
+        .iter()
+        .filter(|o| matches!(o, Ok(CreateOutcome::Created)))
+        .count();
+    let found = twice_outcomes
+        .iter()
+        .filter(|o| matches!(o, Ok(CreateOutcome::Existing(r)) if r.id == twice))
+        .count();
+    assert_eq!(
+        (created, found),
+        (1, 1),
+        "of two creates of one id, one creates it and the other finds it: {twice_outcomes:?}"
+    );
+    let listed = store
+        .list_instances(ListFilter {
+            workflow: Some(wf.clone()),
+            ..ListFilter::default()
+        })
+        .await
+        .expect("list_instances");
+    assert_eq!(
+        listed.len(),
+        fresh.len() + 2,
+        "each id once: the fresh ones, the existing one and the one created twice"
+    );
 }
 
 /// Claims only hand out instances of the listed (workflow, version) pairs.

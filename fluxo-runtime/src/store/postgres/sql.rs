@@ -106,6 +106,10 @@ pub(super) struct Statements {
     /// The LISTEN/NOTIFY channel of the schema.
     pub channel: String,
     pub create: String,
+    /// [`Statements::create`] for many instances at once: the same
+    /// parameters as arrays, one row (the id) per instance created, in
+    /// the order given.
+    pub create_many: String,
     pub get: String,
     pub list_all: String,
     pub list_by_workflow: String,
@@ -161,6 +165,17 @@ impl Statements {
                  AND status = 'running' RETURNING id, cancel_requested), \
                  del AS (DELETE FROM {s}.history WHERE instance_id IN (SELECT id FROM upd)) \
                  SELECT cancel_requested, {notify} FROM upd"
+            ),
+            create_many: format!(
+                "WITH ins AS (INSERT INTO {s}.instances (id, workflow, version, status, input, \
+                   parent_id, history_format, ready_at, created_at, updated_at) \
+                 SELECT n.id, n.workflow, n.version, 'running', n.input, n.parent_id, \
+                   {HISTORY_FORMAT}, {NOW}, {NOW}, {NOW} \
+                 FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bytea[], $5::text[]) \
+                   WITH ORDINALITY AS n(id, workflow, version, input, parent_id, ord) \
+                 ORDER BY n.ord \
+                 ON CONFLICT (id) DO NOTHING RETURNING id) \
+                 SELECT id, {notify} FROM ins"
             ),
             create: format!(
                 "WITH ins AS (INSERT INTO {s}.instances (id, workflow, version, status, input, \

@@ -947,3 +947,78 @@ async fn a_parent_in_the_group_of_its_finishing_child_is_woken() {
         ref other => panic!("{other:?}"),
     }
 }
+
+/// Creates made at the same time are written by one statement.
+#[tokio::test]
+async fn concurrent_creates_are_written_together() {
+    let Some(db) = test_store_from_env().await else {
+        return;
+    };
+    let mut rx = db.work_notifications().expect("notifications");
+    // Let the listener start before the creates.
+    db.create_instance(new_instance("tp-warm"))
+        .await
+        .expect("create");
+    notified(&mut rx, Duration::from_secs(5)).await;
+    let groups = db.inner.creates.groups.written.load(Ordering::Relaxed);
+    let news: Vec<NewInstance> = (0..40).map(|_| new_instance("tp-group")).collect();
+    let outcomes =
+        futures::future::join_all(news.iter().cloned().map(|n| db.create_instance(n))).await;
+    for outcome in &outcomes {
+        assert!(matches!(outcome, Ok(CreateOutcome::Created)), "{outcome:?}");
+    }
+    assert!(
+        db.inner.creates.groups.written.load(Ordering::Relaxed) > groups,
+        "the creates queued together went in one statement"
+    );
+    assert!(
+        notified(&mut rx, Duration::from_secs(5)).await,
+        "a group of creates notifies the workers"
+    );
+    let batch = db
+        .claim(&claim_request("tp-group", 100, Duration::from_secs(600)))
+        .await
+        .expect("claim");
+    let claimed: HashSet<&str> = batch.claimed.iter().map(|c| c.record.id.as_str()).collect();
+    let created: HashSet<&str> = news.iter().map(|n| n.id.as_str()).collect();
+    assert_eq!(claimed, created, "every create of the group is runnable");
+}
+
+/// A create Postgres refuses fails alone: the others of its group are
+/// written one by one instead.
+#[tokio::test]
+async fn a_refused_create_fails_alone() {
+    let Some(db) = test_store_from_env().await else {
+        return;
+    };
+    let counts = &db.inner.creates.groups;
+    let (written, failed) = (
+        counts.written.load(Ordering::Relaxed),
+        counts.failed.load(Ordering::Relaxed),
+    );
+    let mut news: Vec<NewInstance> = (0..10).map(|_| new_instance("refused")).collect();
+    // Postgres text cannot hold a NUL byte: the group statement fails.
+    news[4].workflow = "refused\0".to_owned();
+    let outcomes =
+        futures::future::join_all(news.iter().cloned().map(|n| db.create_instance(n))).await;
+    for (i, outcome) in outcomes.iter().enumerate() {
+        if i == 4 {
+            assert!(outcome.is_err(), "the refused create fails: {outcome:?}");
+        } else {
+            assert!(
+                matches!(outcome, Ok(CreateOutcome::Created)),
+                "create {i}: {outcome:?}"
+            );
+            let r = db.get_instance(&news[i].id).await.expect("get");
+            assert!(r.is_some(), "create {i} was written");
+        }
+    }
+    assert_eq!(
+        (
+            counts.written.load(Ordering::Relaxed),
+            counts.failed.load(Ordering::Relaxed)
+        ),
+        (written, failed + 1),
+        "the group statement was tried and failed"
+    );
+}
