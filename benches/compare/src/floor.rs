@@ -90,10 +90,14 @@ pub async fn postgres(url: &str) -> Result<PostgresFloor> {
     // Tables of their own (not temporary ones: those skip the WAL, so
     // their commits flush nothing).
     let tables = Tables::new();
-    for create in tables.create() {
-        sqlx::query(&create).execute(&mut conn).await?;
+    let timed = async {
+        for create in tables.create() {
+            sqlx::query(&create).execute(&mut conn).await?;
+        }
+        timed_commits(&mut conn, &tables).await
     }
-    let timed = timed_commits(&mut conn, &tables).await;
+    .await;
+    // Also after a failure half-way: what was created goes.
     for drop in tables.drop() {
         sqlx::query(&drop).execute(&mut conn).await.ok();
     }
@@ -109,6 +113,7 @@ struct Tables {
 }
 
 impl Tables {
+    /// Names unique to this process.
     fn new() -> Self {
         let pid = std::process::id();
         Tables {
@@ -118,6 +123,8 @@ impl Tables {
         }
     }
 
+    /// Statements creating the tables: one for the bare inserts, a run's
+    /// row and its journal for the fenced commits.
     fn create(&self) -> [String; 3] {
         [
             format!(
@@ -137,8 +144,9 @@ impl Tables {
         ]
     }
 
+    /// Statements dropping the tables (those that exist).
     fn drop(&self) -> [String; 3] {
-        [&self.rows, &self.runs, &self.journal].map(|t| format!("DROP TABLE {t}"))
+        [&self.rows, &self.runs, &self.journal].map(|t| format!("DROP TABLE IF EXISTS {t}"))
     }
 }
 
@@ -146,16 +154,15 @@ impl Tables {
 /// weighs on both alike.
 const BLOCKS: usize = 4;
 
+/// Times [`COMMITS`] bare inserts and as many fenced commits, in
+/// [`BLOCKS`] alternating blocks after one untimed block of each.
 async fn timed_commits(conn: &mut sqlx::PgConnection, t: &Tables) -> Result<PostgresFloor> {
     // A run id as long as an engine's (a UUID).
     let run = "0b5cf1d2-4c5e-4f7e-9a53-7d2f0c6f1e2a";
-    sqlx::query(&format!(
-        "INSERT INTO {} VALUES ($1, 1, 0, 0)",
-        t.runs
-    ))
-    .bind(run)
-    .execute(&mut *conn)
-    .await?;
+    sqlx::query(&format!("INSERT INTO {} VALUES ($1, 1, 0, 0)", t.runs))
+        .bind(run)
+        .execute(&mut *conn)
+        .await?;
     let insert_sql = format!("INSERT INTO {} VALUES ($1, $2)", t.rows);
     let fenced_sql = format!(
         "WITH f AS (UPDATE {} SET next = next + 1, updated_at = $3 \

@@ -405,9 +405,15 @@ impl Run {
                 None,
             ),
             (Workload::Sequential, Backend::Postgres) => {
-                match self.admin.block_on(floor::postgres(&self.args.postgres_url)) {
+                match self
+                    .admin
+                    .block_on(floor::postgres(&self.args.postgres_url))
+                {
                     Ok(f) => (Some(f.insert_us), Some(f.fenced_us)),
-                    Err(_) => (None, None),
+                    Err(e) => {
+                        eprintln!("Postgres floor probe failed: {e:#}");
+                        (None, None)
+                    }
                 }
             }
             _ => (None, None),

@@ -36,13 +36,13 @@
 //! [`Store::commit_batch`] writes a whole group of commits in one
 //! transaction, usually with one statement, and instances started at the
 //! same time are inserted together by one statement (one flush and one
-//! notification for all; one that Postgres refuses fails alone). A step's own commit (one
-//! journal entry, nothing else) has a statement of its own with scalar
-//! parameters, which the server binds and runs for less than the general
-//! commit statement's arrays (about 4 % of a sequential step on a local
-//! server). Statements are prepared once per
-//! connection: behind PgBouncer, use session pooling (or a PgBouncer that
-//! tracks prepared statements in transaction pooling).
+//! notification for all; one that Postgres refuses fails alone). A step's
+//! own commit (one journal entry, nothing else) has a statement of its own
+//! with scalar parameters, which the server binds and runs for less than
+//! the general commit statement's arrays (about 4 % of a sequential step
+//! on a local server). Statements are prepared once per connection: behind
+//! PgBouncer, use session pooling (or a PgBouncer that tracks prepared
+//! statements in transaction pooling).
 //!
 //! Commits are made on a connection the store keeps for them, out of the
 //! pool: a pooled connection is tested with a round trip to the server each
@@ -280,25 +280,11 @@ impl PostgresStore {
     /// and replaced now, so that the next operations do not fail on them one
     /// after the other.
     async fn fail(&self, e: sqlx::Error) -> StoreError {
-        if connection_lost(&e) {
-            self.drop_dead_connections().await;
-        }
-        db_err(e)
+        fail_on(&self.inner.pool, e).await
     }
 
     async fn drop_dead_connections(&self) {
-        let pool = &self.inner.pool;
-        let mut healthy = Vec::new();
-        for _ in 0..pool.num_idle() {
-            let Some(mut conn) = pool.try_acquire() else {
-                break;
-            };
-            if conn.ping().await.is_err() {
-                conn.close_on_drop();
-            } else {
-                healthy.push(conn);
-            }
-        }
+        drop_dead_connections(&self.inner.pool).await
     }
 
     /// Applies one commit in its own transaction.
@@ -612,6 +598,30 @@ fn invalid(message: String) -> StoreError {
 
 // ---------------------------------------------------------------------------
 // Conversions
+
+/// [`PostgresStore::fail`] on `pool`: a store error for `e`, after
+/// replacing the pool's dead connections if `e` means the connection went.
+async fn fail_on(pool: &PgPool, e: sqlx::Error) -> StoreError {
+    if connection_lost(&e) {
+        drop_dead_connections(pool).await;
+    }
+    db_err(e)
+}
+
+/// Tests the idle connections of `pool` and closes those that are gone.
+async fn drop_dead_connections(pool: &PgPool) {
+    let mut healthy = Vec::new();
+    for _ in 0..pool.num_idle() {
+        let Some(mut conn) = pool.try_acquire() else {
+            break;
+        };
+        if conn.ping().await.is_err() {
+            conn.close_on_drop();
+        } else {
+            healthy.push(conn);
+        }
+    }
+}
 
 fn db_err(e: sqlx::Error) -> StoreError {
     match e {
@@ -1039,15 +1049,8 @@ impl Store for PostgresStore {
 
     async fn create_instance(&self, new: NewInstance) -> StoreResult<CreateOutcome> {
         let id = new.id.clone();
-        match self.inner.creates.create(new).await {
-            Some(Ok(true)) => return Ok(CreateOutcome::Created),
-            Some(Ok(false)) => {}
-            Some(Err(e)) => return Err(self.fail(e).await),
-            None => {
-                return Err(StoreError::Backend(
-                    "the Postgres create writer stopped (its runtime shut down)".into(),
-                ))
-            }
+        if self.inner.creates.create(new).await? {
+            return Ok(CreateOutcome::Created);
         }
         // Instances are never deleted: the one in the way is still there.
         match self.get_instance(&id).await? {

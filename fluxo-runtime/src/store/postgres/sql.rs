@@ -107,8 +107,9 @@ pub(super) struct Statements {
     pub channel: String,
     pub create: String,
     /// [`Statements::create`] for many instances at once: the same
-    /// parameters as arrays, one row (the id) per instance created, in
-    /// the order given.
+    /// parameters as arrays, one row (the id) per instance created, and
+    /// one notification if any was. Rows are inserted in id order, so two
+    /// groups with ids in common lock them in the same order.
     pub create_many: String,
     pub get: String,
     pub list_all: String,
@@ -130,8 +131,8 @@ pub(super) struct Statements {
     /// The commit of one journal entry and nothing else (a step's
     /// completion, the most common commit), with scalar parameters: the
     /// server binds and plans it for less than the array form
-    /// [`Statements::commit`] gives the same shape (see
-    /// [`Shape::is_single_entry`]).
+    /// [`Statements::commit`] gives [`Shape::SINGLE_ENTRY`] (for a commit
+    /// of exactly one entry).
     pub single_entry: String,
     commits: Vec<String>,
 }
@@ -172,10 +173,11 @@ impl Statements {
                  SELECT n.id, n.workflow, n.version, 'running', n.input, n.parent_id, \
                    {HISTORY_FORMAT}, {NOW}, {NOW}, {NOW} \
                  FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bytea[], $5::text[]) \
-                   WITH ORDINALITY AS n(id, workflow, version, input, parent_id, ord) \
-                 ORDER BY n.ord \
-                 ON CONFLICT (id) DO NOTHING RETURNING id) \
-                 SELECT id, {notify} FROM ins"
+                   AS n(id, workflow, version, input, parent_id) \
+                 ORDER BY n.id \
+                 ON CONFLICT (id) DO NOTHING RETURNING id), \
+                 woken AS (SELECT {notify} AS notified WHERE EXISTS (SELECT 1 FROM ins)) \
+                 SELECT ins.id, woken.notified FROM ins LEFT JOIN woken ON true"
             ),
             create: format!(
                 "WITH ins AS (INSERT INTO {s}.instances (id, workflow, version, status, input, \

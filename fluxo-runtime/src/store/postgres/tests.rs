@@ -959,16 +959,17 @@ async fn concurrent_creates_are_written_together() {
     db.create_instance(new_instance("tp-warm"))
         .await
         .expect("create");
-    notified(&mut rx, Duration::from_secs(5)).await;
-    let groups = db.inner.creates.groups.written.load(Ordering::Relaxed);
+    assert!(notified(&mut rx, Duration::from_secs(5)).await);
+    let written = db.inner.creates.counts.written.load(Ordering::Relaxed);
     let news: Vec<NewInstance> = (0..40).map(|_| new_instance("tp-group")).collect();
     let outcomes =
         futures::future::join_all(news.iter().cloned().map(|n| db.create_instance(n))).await;
     for outcome in &outcomes {
         assert!(matches!(outcome, Ok(CreateOutcome::Created)), "{outcome:?}");
     }
-    assert!(
-        db.inner.creates.groups.written.load(Ordering::Relaxed) > groups,
+    assert_eq!(
+        db.inner.creates.counts.written.load(Ordering::Relaxed),
+        written + 1,
         "the creates queued together went in one statement"
     );
     assert!(
@@ -991,10 +992,10 @@ async fn a_refused_create_fails_alone() {
     let Some(db) = test_store_from_env().await else {
         return;
     };
-    let counts = &db.inner.creates.groups;
-    let (written, failed) = (
+    let counts = &db.inner.creates.counts;
+    let (written, refused) = (
         counts.written.load(Ordering::Relaxed),
-        counts.failed.load(Ordering::Relaxed),
+        counts.refused.load(Ordering::Relaxed),
     );
     let mut news: Vec<NewInstance> = (0..10).map(|_| new_instance("refused")).collect();
     // Postgres text cannot hold a NUL byte: the group statement fails.
@@ -1016,9 +1017,52 @@ async fn a_refused_create_fails_alone() {
     assert_eq!(
         (
             counts.written.load(Ordering::Relaxed),
-            counts.failed.load(Ordering::Relaxed)
+            counts.refused.load(Ordering::Relaxed)
         ),
-        (written, failed + 1),
-        "the group statement was tried and failed"
+        (written, refused + 1),
+        "the group statement was tried and refused"
     );
+}
+
+/// A group that cannot be written at all (no connection free) fails as a
+/// whole after one wait, instead of each create waiting in turn.
+#[tokio::test]
+async fn creates_without_a_connection_fail_together() {
+    let Some(db) = test_store_from_env().await else {
+        return;
+    };
+    let small = PostgresStore::connect_with(
+        PostgresOptions::new(test_url())
+            .schema(db.schema())
+            .max_connections(1)
+            .acquire_timeout(Duration::from_millis(300)),
+    )
+    .await
+    .expect("open a store with one connection");
+    let held = small.pool().acquire().await.expect("the only connection");
+    let started = Instant::now();
+    let outcomes = futures::future::join_all(
+        (0..5).map(|_| small.create_instance(new_instance("no-connection"))),
+    )
+    .await;
+    let took = started.elapsed();
+    drop(held);
+    for outcome in &outcomes {
+        assert!(
+            matches!(outcome, Err(StoreError::Backend(_))),
+            "{outcome:?}"
+        );
+    }
+    assert!(
+        took < Duration::from_millis(1_200),
+        "one wait for the group, not one per create: {took:?}"
+    );
+    assert_eq!(
+        small.inner.creates.counts.refused.load(Ordering::Relaxed),
+        0
+    );
+    assert!(matches!(
+        small.create_instance(new_instance("no-connection")).await,
+        Ok(CreateOutcome::Created)
+    ));
 }
