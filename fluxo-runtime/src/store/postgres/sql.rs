@@ -517,14 +517,20 @@ mod tests {
     #[test]
     fn parameters_are_numbered_densely() {
         let sql = Statements::new("fluxo");
-        for shape in Shape::all() {
-            let text = sql.commit(shape);
+        let texts = Shape::all()
+            .map(|shape| (format!("{shape:?}"), sql.commit(shape)))
+            .chain([
+                ("single_entry".to_owned(), sql.single_entry.as_str()),
+                ("create_many".to_owned(), sql.create_many.as_str()),
+            ]);
+        for (name, text) in texts {
             let max = (1..40)
                 .filter(|i| text.contains(&format!("${i}")))
                 .max()
                 .unwrap_or(0);
+            assert!(max > 0, "{name} takes parameters");
             for i in 1..=max {
-                assert!(text.contains(&format!("${i}")), "{shape:?} misses ${i}");
+                assert!(text.contains(&format!("${i}")), "{name} misses ${i}");
             }
         }
     }
