@@ -1,7 +1,7 @@
 //! In-memory backend: everything behind one mutex. For tests and for
 //! workflows that need no durability across process restarts.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -18,15 +18,66 @@ pub struct MemoryStore {
 #[derive(Default)]
 struct State {
     /// By id. Hashed with a fast seeded hasher: every commit looks its
-    /// instance up. The id is shared with `order` and `live`.
+    /// instance up. The id is shared with `order`.
     instances: HashMap<Arc<str>, Instance, foldhash::fast::RandomState>,
     /// Creation order, for listing newest first.
     order: Vec<Arc<str>>,
-    /// The instances not finished, by position in `order`: all a claim or
-    /// a lease renewal has to look at, so their cost does not grow with
-    /// the number of finished instances kept.
-    live: BTreeMap<usize, Arc<str>>,
+    /// When each unfinished instance can next be claimed: all a claim or a
+    /// lease renewal looks at, so their cost grows with what is due, not
+    /// with the number of instances kept (parked or finished).
+    due: DueIndex,
     next_signal_id: u64,
+}
+
+/// When an instance can be claimed next: the key it has in [`DueIndex`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Due {
+    /// Finished, or parked until a signal wakes it.
+    Never,
+    /// Not leased, runnable from then on.
+    Ready(Millis),
+    /// Leased until then.
+    LeaseEnds(Millis),
+}
+
+/// The unfinished instances by [`Due`] time, then position in
+/// [`State::order`] (creation order among instances due at once).
+#[derive(Default)]
+struct DueIndex {
+    /// [`Due::Ready`] instances.
+    ready: BTreeSet<(Millis, usize)>,
+    /// [`Due::LeaseEnds`] instances.
+    leases: BTreeSet<(Millis, usize)>,
+}
+
+impl DueIndex {
+    /// Files `inst` under what its state says now, if that changed.
+    fn update(&mut self, inst: &mut Instance) {
+        let due = inst.due();
+        if due == inst.indexed {
+            return;
+        }
+        let key = |t| (t, inst.position);
+        match inst.indexed {
+            Due::Never => {}
+            Due::Ready(t) => {
+                self.ready.remove(&key(t));
+            }
+            Due::LeaseEnds(t) => {
+                self.leases.remove(&key(t));
+            }
+        }
+        match due {
+            Due::Never => {}
+            Due::Ready(t) => {
+                self.ready.insert(key(t));
+            }
+            Due::LeaseEnds(t) => {
+                self.leases.insert(key(t));
+            }
+        }
+        inst.indexed = due;
+    }
 }
 
 struct Instance {
@@ -40,6 +91,8 @@ struct Instance {
     lease_expires_at: Millis,
     lease_token: u64,
     inbox_seq: u64,
+    /// Where [`State::due`] files it.
+    indexed: Due,
 }
 
 impl MemoryStore {
@@ -80,6 +133,18 @@ impl Instance {
             lease_expires_at: 0,
             lease_token: 0,
             inbox_seq: 0,
+            indexed: Due::Never,
+        }
+    }
+
+    /// When it can be claimed next, from its state.
+    fn due(&self) -> Due {
+        if self.record.status.is_finished() {
+            Due::Never
+        } else if self.lease_owner.is_some() {
+            Due::LeaseEnds(self.lease_expires_at)
+        } else {
+            self.ready_at.map_or(Due::Never, Due::Ready)
         }
     }
 
@@ -106,8 +171,9 @@ impl State {
         let position = self.order.len();
         let id: Arc<str> = new.id.as_str().into();
         self.order.push(Arc::clone(&id));
-        self.live.insert(position, Arc::clone(&id));
-        self.instances.insert(id, Instance::new(new, position, now));
+        let mut inst = Instance::new(new, position, now);
+        self.due.update(&mut inst);
+        self.instances.insert(id, inst);
         CreateOutcome::Created
     }
 
@@ -121,6 +187,7 @@ impl State {
         }
         inst.record.cancel_requested = true;
         inst.wake(now);
+        self.due.update(inst);
         Ok(inst.record.status)
     }
 
@@ -187,9 +254,7 @@ impl State {
                 finished_parent = inst.record.parent_id.clone();
             }
         }
-        if inst.record.status.is_finished() {
-            self.live.remove(&inst.position);
-        }
+        self.due.update(inst);
         for new in c.new_instances {
             self.insert(new, now);
         }
@@ -201,6 +266,7 @@ impl State {
             if let Some(p) = self.instances.get_mut(parent.as_str()) {
                 if !p.record.status.is_finished() {
                     p.wake(now);
+                    self.due.update(p);
                 }
             }
         }
@@ -262,38 +328,45 @@ impl Store for MemoryStore {
         let now = now_millis();
         let mut state = self.lock();
         let State {
-            instances, live, ..
+            instances,
+            order,
+            due,
+            ..
         } = &mut *state;
-        let mut batch = ClaimBatch::default();
-        for id in live.values() {
-            let Some(inst) = instances.get_mut(id) else {
+        let wanted = |position: usize| {
+            instances.get(&order[position]).is_some_and(|inst| {
+                req.workflows
+                    .iter()
+                    .any(|(w, v)| *w == inst.record.workflow && *v == inst.record.version)
+            })
+        };
+        // Runnable now: ready ones first, then those whose lease ran out.
+        let up_to_now = ..=(now, usize::MAX);
+        let claimable: Vec<usize> = due
+            .ready
+            .range(up_to_now)
+            .chain(due.leases.range(up_to_now))
+            .map(|&(_, position)| position)
+            .filter(|&position| wanted(position))
+            .take(req.limit)
+            .collect();
+        let next_wake = due
+            .ready
+            .range((now + 1, 0)..)
+            .find(|&&(_, position)| wanted(position))
+            .map(|&(t, _)| t);
+        let mut batch = ClaimBatch {
+            next_wake,
+            ..ClaimBatch::default()
+        };
+        for position in claimable {
+            let Some(inst) = instances.get_mut(&order[position]) else {
                 continue;
             };
-            // `live` holds no finished instance.
-            if !req
-                .workflows
-                .iter()
-                .any(|(w, v)| *w == inst.record.workflow && *v == inst.record.version)
-            {
-                continue;
-            }
-            let runnable = match &inst.lease_owner {
-                Some(_) => inst.lease_expires_at <= now,
-                None => match inst.ready_at {
-                    Some(t) if t <= now => true,
-                    Some(t) => {
-                        batch.next_wake = Some(batch.next_wake.map_or(t, |w: Millis| w.min(t)));
-                        false
-                    }
-                    None => false,
-                },
-            };
-            if !runnable || batch.claimed.len() >= req.limit {
-                continue;
-            }
             inst.lease_token += 1;
             inst.lease_owner = Some(req.owner.clone());
             inst.lease_expires_at = now + req.lease.as_millis() as Millis;
+            due.update(inst);
             batch.claimed.push(ClaimedInstance {
                 record: inst.record.clone(),
                 lease_token: inst.lease_token,
@@ -308,15 +381,20 @@ impl Store for MemoryStore {
         let now = now_millis();
         let mut state = self.lock();
         let State {
-            instances, live, ..
+            instances,
+            order,
+            due,
+            ..
         } = &mut *state;
+        let leased: Vec<usize> = due.leases.iter().map(|&(_, position)| position).collect();
         let mut cancelled = Vec::new();
-        for id in live.values() {
-            let Some(inst) = instances.get_mut(id) else {
+        for position in leased {
+            let Some(inst) = instances.get_mut(&order[position]) else {
                 continue;
             };
             if inst.lease_owner.as_deref() == Some(owner) {
                 inst.lease_expires_at = now + lease.as_millis() as Millis;
+                due.update(inst);
                 if inst.record.cancel_requested {
                     cancelled.push(inst.record.id.clone());
                 }
@@ -338,8 +416,8 @@ impl Store for MemoryStore {
         let mut state = self.lock();
         state.next_signal_id += 1;
         let sid = state.next_signal_id;
-        let inst = state
-            .instances
+        let State { instances, due, .. } = &mut *state;
+        let inst = instances
             .get_mut(id)
             .ok_or_else(|| StoreError::NotFound(id.to_owned()))?;
         if inst.record.status.is_finished() {
@@ -350,6 +428,7 @@ impl Store for MemoryStore {
         }
         inst.inbox.insert(sid, (name.to_owned(), payload));
         inst.wake(now);
+        due.update(inst);
         Ok(sid)
     }
 
@@ -383,8 +462,8 @@ impl Store for MemoryStore {
     ) -> StoreResult<CommitOutcome> {
         let now = now_millis();
         let mut state = self.lock();
-        let inst = state
-            .instances
+        let State { instances, due, .. } = &mut *state;
+        let inst = instances
             .get_mut(id)
             .ok_or_else(|| StoreError::NotFound(id.to_owned()))?;
         if inst.lease_token != lease_token
@@ -398,8 +477,196 @@ impl Store for MemoryStore {
         inst.record.updated_at = now;
         inst.lease_owner = None;
         inst.ready_at = Some(now);
+        due.update(inst);
         Ok(CommitOutcome::Applied {
             cancel_requested: inst.record.cancel_requested,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use futures::executor::block_on;
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::store::test_fixtures::{commit, new_instance};
+
+    const HOUR: Duration = Duration::from_secs(3_600);
+
+    /// An operation on the store, its targets picked by index among the
+    /// instances created (or claimed) so far.
+    #[derive(Debug, Clone)]
+    enum Op {
+        Create {
+            workflow: usize,
+        },
+        Claim {
+            workflow: usize,
+            limit: usize,
+            expired: bool,
+        },
+        Park {
+            claim: usize,
+            wake: Option<bool>,
+        },
+        Release {
+            claim: usize,
+        },
+        Complete {
+            claim: usize,
+        },
+        Signal {
+            instance: usize,
+        },
+        Cancel {
+            instance: usize,
+        },
+        Renew {
+            claim: usize,
+            to_zero: bool,
+        },
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            3 => (0..2usize).prop_map(|workflow| Op::Create { workflow }),
+            3 => (0..2usize, 1..6usize, any::<bool>())
+                .prop_map(|(workflow, limit, expired)| Op::Claim { workflow, limit, expired }),
+            2 => (any::<usize>(), proptest::option::of(any::<bool>()))
+                .prop_map(|(claim, wake)| Op::Park { claim, wake }),
+            1 => any::<usize>().prop_map(|claim| Op::Release { claim }),
+            1 => any::<usize>().prop_map(|claim| Op::Complete { claim }),
+            1 => any::<usize>().prop_map(|instance| Op::Signal { instance }),
+            1 => any::<usize>().prop_map(|instance| Op::Cancel { instance }),
+            1 => (any::<usize>(), any::<bool>())
+                .prop_map(|(claim, to_zero)| Op::Renew { claim, to_zero }),
+        ]
+    }
+
+    /// The index as rebuilt from every instance's state.
+    fn rebuilt(state: &State) -> (BTreeSet<(Millis, usize)>, BTreeSet<(Millis, usize)>) {
+        let mut index = DueIndex::default();
+        for inst in state.instances.values() {
+            match inst.due() {
+                Due::Never => {}
+                Due::Ready(t) => {
+                    index.ready.insert((t, inst.position));
+                }
+                Due::LeaseEnds(t) => {
+                    index.leases.insert((t, inst.position));
+                }
+            }
+        }
+        (index.ready, index.leases)
+    }
+
+    /// What a claim by brute force over every instance may hand out, and
+    /// the wake-up time it reports.
+    fn expected_claim(
+        state: &State,
+        req: &ClaimRequest,
+        now: Millis,
+    ) -> (Vec<String>, Option<Millis>) {
+        let mut claimable = Vec::new();
+        let mut next_wake: Option<Millis> = None;
+        for inst in state.instances.values() {
+            let wanted = req
+                .workflows
+                .iter()
+                .any(|(w, v)| *w == inst.record.workflow && *v == inst.record.version);
+            if !wanted || inst.record.status.is_finished() {
+                continue;
+            }
+            match (&inst.lease_owner, inst.ready_at) {
+                (Some(_), _) if inst.lease_expires_at <= now => {
+                    claimable.push(inst.record.id.clone())
+                }
+                (Some(_), _) => {}
+                (None, Some(t)) if t <= now => claimable.push(inst.record.id.clone()),
+                (None, Some(t)) => next_wake = Some(next_wake.map_or(t, |w| w.min(t))),
+                (None, None) => {}
+            }
+        }
+        (claimable, next_wake)
+    }
+
+    proptest! {
+        /// After any sequence of operations, the due index is what the
+        /// instances' states say, and claims hand out exactly what a walk
+        /// over every instance would allow.
+        #[test]
+        fn claims_match_a_walk_over_every_instance(ops in proptest::collection::vec(op(), 1..80)) {
+            let store = MemoryStore::new();
+            let workflows = ["a", "b"];
+            let mut ids: Vec<String> = Vec::new();
+            let mut claims: Vec<ClaimedInstance> = Vec::new();
+            let mut owners: HashMap<String, String> = HashMap::new();
+            for op in ops {
+                match op {
+                    Op::Create { workflow } => {
+                        let new = new_instance(workflows[workflow]);
+                        ids.push(new.id.clone());
+                        block_on(store.create_instance(new)).unwrap();
+                    }
+                    Op::Claim { workflow, limit, expired } => {
+                        let req = ClaimRequest {
+                            owner: format!("owner-{}", claims.len()),
+                            workflows: vec![(workflows[workflow].to_owned(), 1)],
+                            limit,
+                            lease: if expired { Duration::ZERO } else { HOUR },
+                        };
+                        // Every time in play is the past or an hour ahead,
+                        // so the clock moving on changes nothing here.
+                        let (claimable, next_wake) = expected_claim(&store.lock(), &req, now_millis());
+                        let batch = block_on(store.claim(&req)).unwrap();
+                        prop_assert_eq!(batch.claimed.len(), claimable.len().min(limit));
+                        for c in &batch.claimed {
+                            prop_assert!(claimable.contains(&c.record.id));
+                            owners.insert(c.record.id.clone(), req.owner.clone());
+                        }
+                        prop_assert_eq!(batch.next_wake, next_wake);
+                        claims.extend(batch.claimed);
+                    }
+                    Op::Park { claim, wake } if !claims.is_empty() => {
+                        let c = &claims[claim % claims.len()];
+                        let wake_at = wake.map(|later| {
+                            if later { now_millis() + HOUR.as_millis() as Millis } else { 0 }
+                        });
+                        let park = Transition::Park { wake_at, seen_inbox: c.inbox_seq };
+                        let _ = block_on(store.commit(commit(c, vec![], park)));
+                    }
+                    Op::Release { claim } if !claims.is_empty() => {
+                        let c = &claims[claim % claims.len()];
+                        let _ = block_on(store.commit(commit(c, vec![], Transition::Release)));
+                    }
+                    Op::Complete { claim } if !claims.is_empty() => {
+                        let c = &claims[claim % claims.len()];
+                        let done = Transition::Complete { output: vec![] };
+                        let _ = block_on(store.commit(commit(c, vec![], done)));
+                    }
+                    Op::Signal { instance } if !ids.is_empty() => {
+                        let _ = block_on(store.send_signal(&ids[instance % ids.len()], "s", vec![]));
+                    }
+                    Op::Cancel { instance } if !ids.is_empty() => {
+                        let _ = block_on(store.request_cancel(&ids[instance % ids.len()]));
+                    }
+                    Op::Renew { claim, to_zero } if !claims.is_empty() => {
+                        let c = &claims[claim % claims.len()];
+                        if let Some(owner) = owners.get(&c.record.id) {
+                            let lease = if to_zero { Duration::ZERO } else { HOUR };
+                            block_on(store.renew_leases(owner, lease)).unwrap();
+                        }
+                    }
+                    _ => {}
+                }
+                let state = store.lock();
+                let (ready, leases) = rebuilt(&state);
+                prop_assert_eq!(&state.due.ready, &ready);
+                prop_assert_eq!(&state.due.leases, &leases);
+            }
+        }
     }
 }
