@@ -1485,14 +1485,7 @@ mod tests {
             .await
             .expect("send");
 
-        // A job on the write thread holds the connection until released.
-        let (held_tx, held_rx) = tokio::sync::oneshot::channel();
-        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
-        let job = db.write(move |_conn| {
-            held_tx.send(()).expect("test waits");
-            release_rx.recv().expect("test releases");
-            Ok(())
-        });
+        let (job, held_rx, release_tx) = holding_job(&db);
         let queued = async {
             held_rx.await.expect("job started");
             assert!(
@@ -1535,6 +1528,25 @@ mod tests {
         db.close().await;
     }
 
+    /// A job on the write thread that holds the connection from when it
+    /// reports on the receiver until the sender releases it.
+    fn holding_job(
+        db: &SqliteStore,
+    ) -> (
+        impl std::future::Future<Output = StoreResult<()>> + '_,
+        tokio::sync::oneshot::Receiver<()>,
+        std::sync::mpsc::Sender<()>,
+    ) {
+        let (held_tx, held_rx) = tokio::sync::oneshot::channel();
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        let job = db.write(move |_conn| {
+            held_tx.send(()).expect("test waits");
+            release_rx.recv().expect("test releases");
+            Ok(())
+        });
+        (job, held_rx, release_tx)
+    }
+
     /// A current-thread runtime may not block: nothing is written here.
     #[tokio::test]
     async fn nothing_is_written_here_on_a_current_thread_runtime() {
@@ -1568,14 +1580,7 @@ mod tests {
             "{stale:?}"
         );
 
-        // A job on the write thread holds the connection until released.
-        let (held_tx, held_rx) = tokio::sync::oneshot::channel();
-        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
-        let job = db.write(move |_conn| {
-            held_tx.send(()).expect("test waits");
-            release_rx.recv().expect("test releases");
-            Ok(())
-        });
+        let (job, held_rx, release_tx) = holding_job(&db);
         let check = async {
             held_rx.await.expect("job started");
             let busy = db.try_commit_here(&commit(c.lease_token, vec![event(1)]));
