@@ -205,22 +205,6 @@ impl SqliteStore {
         self.writer.run(f).await
     }
 
-    /// Runs `f` on the write connection on this thread, inside
-    /// `block_in_place`, if the connection is free and this is a worker of
-    /// a multi-threaded Tokio runtime (which may block): a lone write
-    /// without the hand-off to the connection's thread and back, as a lone
-    /// commit is made. `None` (nothing run) otherwise.
-    fn try_write_here<T>(
-        &self,
-        f: impl FnOnce(&mut Connection) -> StoreResult<T>,
-    ) -> Option<StoreResult<T>> {
-        let flavor = tokio::runtime::Handle::try_current().ok()?.runtime_flavor();
-        if flavor != tokio::runtime::RuntimeFlavor::MultiThread {
-            return None;
-        }
-        tokio::task::block_in_place(|| self.writer.try_run_here(f))
-    }
-
     /// Runs `f` on a read connection.
     async fn read<T, F>(&self, f: F) -> StoreResult<T>
     where
@@ -935,9 +919,6 @@ impl Store for SqliteStore {
     }
 
     async fn send_signal(&self, id: &str, name: &str, payload: Vec<u8>) -> StoreResult<u64> {
-        if let Some(sent) = self.try_write_here(|conn| send_signal_tx(conn, id, name, &payload)) {
-            return sent;
-        }
         let (id, name) = (id.to_owned(), name.to_owned());
         self.write(move |conn| send_signal_tx(conn, &id, &name, &payload))
             .await
@@ -1468,93 +1449,6 @@ mod tests {
         remove_db(&path);
     }
 
-    /// On a multi-threaded runtime a signal is written on the caller's
-    /// thread when the connection is free, and through the write thread
-    /// when a job holds it: the same transaction either way.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn signals_are_written_here_or_on_the_write_thread() {
-        let db = TempDb::new().await;
-        let c = started(&db, "signal-here").await;
-        let id = c.record.id.clone();
-        assert!(
-            matches!(db.try_write_here(|_conn| Ok(7)), Some(Ok(7))),
-            "a free connection is used here"
-        );
-        let here = db
-            .send_signal(&id, "go", b"1".to_vec())
-            .await
-            .expect("send");
-
-        let (job, held_rx, release_tx) = holding_job(&db);
-        let queued = async {
-            held_rx.await.expect("job started");
-            assert!(
-                db.try_write_here(|_conn| Ok(())).is_none(),
-                "the job holds it"
-            );
-            let send = db.send_signal(&id, "go", b"2".to_vec());
-            tokio::pin!(send);
-            // Not written here: it waits for the job.
-            let early = tokio::time::timeout(Duration::from_millis(50), &mut send).await;
-            assert!(
-                early.is_err(),
-                "a signal waits while a job holds the connection"
-            );
-            release_tx.send(()).expect("job waits");
-            send.await
-        };
-        let (job, queued) = tokio::join!(job, queued);
-        job.expect("job");
-        let queued = queued.expect("send after the job");
-        assert!(queued > here, "signal ids grow: {here} then {queued}");
-
-        let (first, inbox_seq) = db.next_signal(&id, "go").await.expect("next");
-        assert_eq!(
-            first.map(|s| (s.signal_id, s.payload)),
-            Some((here, b"1".to_vec()))
-        );
-        assert_eq!(inbox_seq, 2, "each signal bumped the inbox");
-
-        let done = crate::store::test_fixtures::commit(
-            &c,
-            vec![],
-            Transition::Complete { output: vec![] },
-        );
-        db.commit(done).await.expect("complete");
-        assert!(matches!(
-            db.send_signal(&id, "go", vec![]).await,
-            Err(StoreError::Finished { .. })
-        ));
-        db.close().await;
-    }
-
-    /// A job on the write thread that holds the connection from when it
-    /// reports on the receiver until the sender releases it.
-    fn holding_job(
-        db: &SqliteStore,
-    ) -> (
-        impl std::future::Future<Output = StoreResult<()>> + '_,
-        tokio::sync::oneshot::Receiver<()>,
-        std::sync::mpsc::Sender<()>,
-    ) {
-        let (held_tx, held_rx) = tokio::sync::oneshot::channel();
-        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
-        let job = db.write(move |_conn| {
-            held_tx.send(()).expect("test waits");
-            release_rx.recv().expect("test releases");
-            Ok(())
-        });
-        (job, held_rx, release_tx)
-    }
-
-    /// A current-thread runtime may not block: nothing is written here.
-    #[tokio::test]
-    async fn nothing_is_written_here_on_a_current_thread_runtime() {
-        let db = TempDb::new().await;
-        assert!(db.try_write_here(|_conn| Ok(())).is_none());
-        db.close().await;
-    }
-
     /// A commit on the caller's thread is the same fenced transaction as
     /// one on the write thread: applied under the lease, refused with a
     /// stale token, and not made at all while a job holds the connection.
@@ -1580,7 +1474,14 @@ mod tests {
             "{stale:?}"
         );
 
-        let (job, held_rx, release_tx) = holding_job(&db);
+        // A job on the write thread holds the connection until released.
+        let (held_tx, held_rx) = tokio::sync::oneshot::channel();
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        let job = db.write(move |_conn| {
+            held_tx.send(()).expect("test waits");
+            release_rx.recv().expect("test releases");
+            Ok(())
+        });
         let check = async {
             held_rx.await.expect("job started");
             let busy = db.try_commit_here(&commit(c.lease_token, vec![event(1)]));
