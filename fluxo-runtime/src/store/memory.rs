@@ -23,8 +23,10 @@ struct State {
     /// Creation order, for listing newest first.
     order: Vec<Arc<str>>,
     /// When each unfinished instance can next be claimed: all a claim or a
-    /// lease renewal looks at, so their cost grows with what is due, not
-    /// with the number of instances kept (parked or finished).
+    /// lease renewal looks at, so their cost grows with the instances due
+    /// (a claim) or leased (a renewal), not with those parked until a
+    /// signal or finished. (Instances due of workflows no claim names are
+    /// passed over by each claim.)
     due: DueIndex,
     next_signal_id: u64,
 }
@@ -340,12 +342,14 @@ impl Store for MemoryStore {
                     .any(|(w, v)| *w == inst.record.workflow && *v == inst.record.version)
             })
         };
-        // Runnable now: ready ones first, then those whose lease ran out.
+        // Runnable now: those whose lease ran out first (their worker is
+        // gone; a backlog of ready ones must not keep them waiting), then
+        // the ready ones, each in due order, as the SQL stores take them.
         let up_to_now = ..=(now, usize::MAX);
         let claimable: Vec<usize> = due
-            .ready
+            .leases
             .range(up_to_now)
-            .chain(due.leases.range(up_to_now))
+            .chain(due.ready.range(up_to_now))
             .map(|&(_, position)| position)
             .filter(|&position| wanted(position))
             .take(req.limit)
@@ -492,19 +496,33 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::store::test_fixtures::{commit, new_instance};
+    use crate::store::test_fixtures::commit;
 
     const HOUR: Duration = Duration::from_secs(3_600);
+
+    /// The `(workflow, version)` pairs an instance is created with.
+    const KINDS: [(&str, u32); 3] = [("a", 1), ("b", 1), ("a", 2)];
+
+    /// The pairs a claim may name.
+    fn claim_kinds(pick: usize) -> Vec<(String, u32)> {
+        let kinds: &[(&str, u32)] = match pick % 4 {
+            0 => &[("a", 1)],
+            1 => &[("b", 1)],
+            2 => &[("a", 1), ("b", 1)],
+            _ => &[("a", 2), ("b", 1)],
+        };
+        kinds.iter().map(|(w, v)| ((*w).to_owned(), *v)).collect()
+    }
 
     /// An operation on the store, its targets picked by index among the
     /// instances created (or claimed) so far.
     #[derive(Debug, Clone)]
     enum Op {
         Create {
-            workflow: usize,
+            kind: usize,
         },
         Claim {
-            workflow: usize,
+            kinds: usize,
             limit: usize,
             expired: bool,
         },
@@ -514,8 +532,21 @@ mod tests {
         },
         Release {
             claim: usize,
+            now: bool,
         },
-        Complete {
+        Finish {
+            claim: usize,
+            failed: bool,
+        },
+        StartChild {
+            claim: usize,
+            kind: usize,
+        },
+        CancelOther {
+            claim: usize,
+            instance: usize,
+        },
+        ContinueAsNew {
             claim: usize,
         },
         Signal {
@@ -532,18 +563,34 @@ mod tests {
 
     fn op() -> impl Strategy<Value = Op> {
         prop_oneof![
-            3 => (0..2usize).prop_map(|workflow| Op::Create { workflow }),
-            3 => (0..2usize, 1..6usize, any::<bool>())
-                .prop_map(|(workflow, limit, expired)| Op::Claim { workflow, limit, expired }),
+            3 => (0..3usize).prop_map(|kind| Op::Create { kind }),
+            3 => (0..4usize, 1..6usize, any::<bool>())
+                .prop_map(|(kinds, limit, expired)| Op::Claim { kinds, limit, expired }),
             2 => (any::<usize>(), proptest::option::of(any::<bool>()))
                 .prop_map(|(claim, wake)| Op::Park { claim, wake }),
-            1 => any::<usize>().prop_map(|claim| Op::Release { claim }),
-            1 => any::<usize>().prop_map(|claim| Op::Complete { claim }),
+            1 => (any::<usize>(), any::<bool>()).prop_map(|(claim, now)| Op::Release { claim, now }),
+            1 => (any::<usize>(), any::<bool>())
+                .prop_map(|(claim, failed)| Op::Finish { claim, failed }),
+            1 => (any::<usize>(), 0..3usize).prop_map(|(claim, kind)| Op::StartChild { claim, kind }),
+            1 => (any::<usize>(), any::<usize>())
+                .prop_map(|(claim, instance)| Op::CancelOther { claim, instance }),
+            1 => any::<usize>().prop_map(|claim| Op::ContinueAsNew { claim }),
             1 => any::<usize>().prop_map(|instance| Op::Signal { instance }),
             1 => any::<usize>().prop_map(|instance| Op::Cancel { instance }),
             1 => (any::<usize>(), any::<bool>())
                 .prop_map(|(claim, to_zero)| Op::Renew { claim, to_zero }),
         ]
+    }
+
+    fn new_instance(kind: usize, n: usize, parent_id: Option<String>) -> NewInstance {
+        let (workflow, version) = KINDS[kind];
+        NewInstance {
+            id: format!("inst-{n}"),
+            workflow: workflow.to_owned(),
+            version,
+            input: vec![],
+            parent_id,
+        }
     }
 
     /// The index as rebuilt from every instance's state.
@@ -563,15 +610,20 @@ mod tests {
         (index.ready, index.leases)
     }
 
-    /// What a claim by brute force over every instance may hand out, and
-    /// the wake-up time it reports.
-    fn expected_claim(
-        state: &State,
-        req: &ClaimRequest,
-        now: Millis,
-    ) -> (Vec<String>, Option<Millis>) {
-        let mut claimable = Vec::new();
-        let mut next_wake: Option<Millis> = None;
+    /// What a walk over every instance finds a claim may hand out: those
+    /// whose lease ran out, those ready, and the next wake-up.
+    struct Walk {
+        expired: Vec<String>,
+        ready: Vec<String>,
+        next_wake: Option<Millis>,
+    }
+
+    fn walk(state: &State, req: &ClaimRequest, now: Millis) -> Walk {
+        let mut found = Walk {
+            expired: Vec::new(),
+            ready: Vec::new(),
+            next_wake: None,
+        };
         for inst in state.instances.values() {
             let wanted = req
                 .workflows
@@ -580,86 +632,120 @@ mod tests {
             if !wanted || inst.record.status.is_finished() {
                 continue;
             }
+            let id = inst.record.id.clone();
             match (&inst.lease_owner, inst.ready_at) {
-                (Some(_), _) if inst.lease_expires_at <= now => {
-                    claimable.push(inst.record.id.clone())
-                }
+                (Some(_), _) if inst.lease_expires_at <= now => found.expired.push(id),
                 (Some(_), _) => {}
-                (None, Some(t)) if t <= now => claimable.push(inst.record.id.clone()),
-                (None, Some(t)) => next_wake = Some(next_wake.map_or(t, |w| w.min(t))),
+                (None, Some(t)) if t <= now => found.ready.push(id),
+                (None, Some(t)) => {
+                    found.next_wake = Some(found.next_wake.map_or(t, |w| w.min(t)));
+                }
                 (None, None) => {}
             }
         }
-        (claimable, next_wake)
+        found
     }
 
     proptest! {
         /// After any sequence of operations, the due index is what the
-        /// instances' states say, and claims hand out exactly what a walk
-        /// over every instance would allow.
+        /// instances' states say, and claims hand out what a walk over
+        /// every instance allows: expired leases first, then ready ones,
+        /// with the same next wake-up.
         #[test]
         fn claims_match_a_walk_over_every_instance(ops in proptest::collection::vec(op(), 1..80)) {
             let store = MemoryStore::new();
-            let workflows = ["a", "b"];
             let mut ids: Vec<String> = Vec::new();
             let mut claims: Vec<ClaimedInstance> = Vec::new();
             let mut owners: HashMap<String, String> = HashMap::new();
+            let pick = |claims: &[ClaimedInstance], i: usize| claims.get(i % claims.len().max(1)).cloned();
             for op in ops {
                 match op {
-                    Op::Create { workflow } => {
-                        let new = new_instance(workflows[workflow]);
+                    Op::Create { kind } => {
+                        let new = new_instance(kind, ids.len(), None);
                         ids.push(new.id.clone());
                         block_on(store.create_instance(new)).unwrap();
                     }
-                    Op::Claim { workflow, limit, expired } => {
+                    Op::Claim { kinds, limit, expired } => {
                         let req = ClaimRequest {
                             owner: format!("owner-{}", claims.len()),
-                            workflows: vec![(workflows[workflow].to_owned(), 1)],
+                            workflows: claim_kinds(kinds),
                             limit,
                             lease: if expired { Duration::ZERO } else { HOUR },
                         };
                         // Every time in play is the past or an hour ahead,
                         // so the clock moving on changes nothing here.
-                        let (claimable, next_wake) = expected_claim(&store.lock(), &req, now_millis());
+                        let found = walk(&store.lock(), &req, now_millis());
                         let batch = block_on(store.claim(&req)).unwrap();
-                        prop_assert_eq!(batch.claimed.len(), claimable.len().min(limit));
+                        let due = found.expired.len() + found.ready.len();
+                        prop_assert_eq!(batch.claimed.len(), due.min(limit));
+                        let taken_expired = batch
+                            .claimed
+                            .iter()
+                            .filter(|c| found.expired.contains(&c.record.id))
+                            .count();
+                        prop_assert_eq!(taken_expired, found.expired.len().min(limit));
                         for c in &batch.claimed {
-                            prop_assert!(claimable.contains(&c.record.id));
+                            prop_assert!(
+                                found.expired.contains(&c.record.id) || found.ready.contains(&c.record.id)
+                            );
                             owners.insert(c.record.id.clone(), req.owner.clone());
                         }
-                        prop_assert_eq!(batch.next_wake, next_wake);
+                        prop_assert_eq!(batch.next_wake, found.next_wake);
                         claims.extend(batch.claimed);
                     }
-                    Op::Park { claim, wake } if !claims.is_empty() => {
-                        let c = &claims[claim % claims.len()];
+                    Op::Park { claim, wake } => if let Some(c) = pick(&claims, claim) {
                         let wake_at = wake.map(|later| {
                             if later { now_millis() + HOUR.as_millis() as Millis } else { 0 }
                         });
                         let park = Transition::Park { wake_at, seen_inbox: c.inbox_seq };
-                        let _ = block_on(store.commit(commit(c, vec![], park)));
-                    }
-                    Op::Release { claim } if !claims.is_empty() => {
-                        let c = &claims[claim % claims.len()];
-                        let _ = block_on(store.commit(commit(c, vec![], Transition::Release)));
-                    }
-                    Op::Complete { claim } if !claims.is_empty() => {
-                        let c = &claims[claim % claims.len()];
-                        let done = Transition::Complete { output: vec![] };
-                        let _ = block_on(store.commit(commit(c, vec![], done)));
-                    }
+                        let _ = block_on(store.commit(commit(&c, vec![], park)));
+                    },
+                    Op::Release { claim, now } => if let Some(c) = pick(&claims, claim) {
+                        let release = commit(&c, vec![], Transition::Release);
+                        let _ = if now {
+                            match store.commit_now(release) {
+                                CommitNow::Done(r) => r,
+                                CommitNow::Later(_) => unreachable!("the memory store commits at once"),
+                            }
+                        } else {
+                            block_on(store.commit(release))
+                        };
+                    },
+                    Op::Finish { claim, failed } => if let Some(c) = pick(&claims, claim) {
+                        let end = if failed {
+                            Transition::Fail { failure: vec![] }
+                        } else {
+                            Transition::Complete { output: vec![] }
+                        };
+                        let _ = block_on(store.commit(commit(&c, vec![], end)));
+                    },
+                    Op::StartChild { claim, kind } => if let Some(c) = pick(&claims, claim) {
+                        let child = new_instance(kind, ids.len(), Some(c.record.id.clone()));
+                        ids.push(child.id.clone());
+                        let mut start = commit(&c, vec![], Transition::None);
+                        start.new_instances = vec![child];
+                        let _ = block_on(store.commit(start));
+                    },
+                    Op::CancelOther { claim, instance } => if let Some(c) = pick(&claims, claim) {
+                        let mut cancel = commit(&c, vec![], Transition::None);
+                        cancel.cancel_instances = vec![ids[instance % ids.len()].clone()];
+                        let _ = block_on(store.commit(cancel));
+                    },
+                    Op::ContinueAsNew { claim } => if let Some(c) = pick(&claims, claim) {
+                        let _ = block_on(store.continue_as_new(&c.record.id, c.lease_token, vec![]));
+                    },
                     Op::Signal { instance } if !ids.is_empty() => {
                         let _ = block_on(store.send_signal(&ids[instance % ids.len()], "s", vec![]));
                     }
                     Op::Cancel { instance } if !ids.is_empty() => {
                         let _ = block_on(store.request_cancel(&ids[instance % ids.len()]));
                     }
-                    Op::Renew { claim, to_zero } if !claims.is_empty() => {
-                        let c = &claims[claim % claims.len()];
+                    Op::Renew { claim, to_zero } => if let Some(c) = pick(&claims, claim) {
                         if let Some(owner) = owners.get(&c.record.id) {
                             let lease = if to_zero { Duration::ZERO } else { HOUR };
                             block_on(store.renew_leases(owner, lease)).unwrap();
                         }
-                    }
+                    },
                     _ => {}
                 }
                 let state = store.lock();
