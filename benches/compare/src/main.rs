@@ -430,16 +430,15 @@ impl Run {
                 r.set("fsync_us", us);
             }
             let step = r.metrics.get("step_us").copied();
-            if let Some(us) = floor {
-                r.set("floor_us", us);
-                if let Some(step) = step {
-                    r.set("step_over_floor", step / us);
-                }
-            }
-            if let Some(us) = fenced_floor {
-                r.set("fenced_floor_us", us);
-                if let Some(step) = step {
-                    r.set("step_over_fenced", step / us);
+            for (floor, key, ratio) in [
+                (floor, "floor_us", "step_over_floor"),
+                (fenced_floor, "fenced_floor_us", "step_over_fenced"),
+            ] {
+                if let Some(us) = floor {
+                    r.set(key, us);
+                    if let Some(step) = step {
+                        r.set(ratio, step / us);
+                    }
                 }
             }
             r
@@ -690,6 +689,16 @@ struct MetricRow {
     /// Only for this column variant (Fluxo's parked variants).
     variant: Option<&'static str>,
 }
+
+/// The rows the probes fill (the disk, the store's own commits), shown
+/// only where a probe ran and not compared between engines.
+const PROBE_KEYS: [&str; 5] = [
+    "fsync_us",
+    "floor_us",
+    "step_over_floor",
+    "fenced_floor_us",
+    "step_over_fenced",
+];
 
 fn metric_rows(w: Workload) -> Vec<MetricRow> {
     let mut rows = workload_rows(w);
@@ -1011,30 +1020,13 @@ fn report(
                         }
                     }
                 }
-                let probe_row = matches!(
-                    row.key,
-                    "fsync_us"
-                        | "floor_us"
-                        | "step_over_floor"
-                        | "fenced_floor_us"
-                        | "step_over_fenced"
-                );
+                let probe_row = PROBE_KEYS.contains(&row.key);
                 if !any || (probe_row && !has_value) {
                     continue;
                 }
                 let arrow = if row.lower_better { "↓" } else { "↑" };
-                let informational = matches!(
-                    row.key,
-                    "late_at"
-                        | "parked"
-                        | "steps_left"
-                        | "fsync_us"
-                        | "floor_us"
-                        | "step_over_floor"
-                        | "fenced_floor_us"
-                        | "step_over_fenced"
-                        | "steps_rerun"
-                );
+                let informational = probe_row
+                    || matches!(row.key, "late_at" | "parked" | "steps_left" | "steps_rerun");
                 let mut line = format!(
                     "| {} | {} | {}{} |",
                     w.name(),

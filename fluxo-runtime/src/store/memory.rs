@@ -59,26 +59,22 @@ impl DueIndex {
         if due == inst.indexed {
             return;
         }
-        let key = |t| (t, inst.position);
-        match inst.indexed {
-            Due::Never => {}
-            Due::Ready(t) => {
-                self.ready.remove(&key(t));
-            }
-            Due::LeaseEnds(t) => {
-                self.leases.remove(&key(t));
-            }
+        if let Some((set, t)) = self.set_of(inst.indexed) {
+            set.remove(&(t, inst.position));
         }
-        match due {
-            Due::Never => {}
-            Due::Ready(t) => {
-                self.ready.insert(key(t));
-            }
-            Due::LeaseEnds(t) => {
-                self.leases.insert(key(t));
-            }
+        if let Some((set, t)) = self.set_of(due) {
+            set.insert((t, inst.position));
         }
         inst.indexed = due;
+    }
+
+    /// The set an instance due at `due` is filed in, and its time there.
+    fn set_of(&mut self, due: Due) -> Option<(&mut BTreeSet<(Millis, usize)>, Millis)> {
+        match due {
+            Due::Never => None,
+            Due::Ready(t) => Some((&mut self.ready, t)),
+            Due::LeaseEnds(t) => Some((&mut self.leases, t)),
+        }
     }
 }
 
@@ -597,14 +593,8 @@ mod tests {
     fn rebuilt(state: &State) -> (BTreeSet<(Millis, usize)>, BTreeSet<(Millis, usize)>) {
         let mut index = DueIndex::default();
         for inst in state.instances.values() {
-            match inst.due() {
-                Due::Never => {}
-                Due::Ready(t) => {
-                    index.ready.insert((t, inst.position));
-                }
-                Due::LeaseEnds(t) => {
-                    index.leases.insert((t, inst.position));
-                }
+            if let Some((set, t)) = index.set_of(inst.due()) {
+                set.insert((t, inst.position));
             }
         }
         (index.ready, index.leases)

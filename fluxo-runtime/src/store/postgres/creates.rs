@@ -54,11 +54,9 @@ pub(super) struct CreateStatements {
 
 /// The queue of creates for the store's writer task.
 pub(super) struct Creates {
-    pool: PgPool,
-    sql: CreateStatements,
+    /// What the writer writes with.
+    group: Group,
     writer: Mutex<Option<mpsc::UnboundedSender<Request>>>,
-    /// How the group statement fared.
-    pub(super) counts: Arc<GroupCounts>,
 }
 
 /// How often the group statement wrote a group, and how often Postgres
@@ -75,11 +73,19 @@ impl Creates {
     /// Creates written with the statements `sql` on connections of `pool`.
     pub(super) fn new(pool: PgPool, sql: CreateStatements) -> Self {
         Creates {
-            pool,
-            sql,
+            group: Group {
+                pool,
+                sql,
+                counts: Arc::default(),
+            },
             writer: Mutex::new(None),
-            counts: Arc::default(),
         }
+    }
+
+    /// How the group statement fared.
+    #[cfg(test)]
+    pub(super) fn counts(&self) -> &GroupCounts {
+        &self.group.counts
     }
 
     /// Inserts `new`, grouped with the creates queued alongside it:
@@ -88,7 +94,7 @@ impl Creates {
         let (reply, result) = oneshot::channel();
         if let Err((new, _)) = self.queue((new, reply)) {
             // No Tokio runtime to run a writer on: written here, alone.
-            return insert_one(&self.pool, &self.sql.one, &new).await;
+            return insert_one(&self.group.pool, &self.group.sql.one, &new).await;
         }
         result.await.unwrap_or_else(|_| {
             Err(StoreError::Backend(
@@ -116,12 +122,7 @@ impl Creates {
         let (tx, rx) = mpsc::unbounded_channel();
         // Cannot fail: `rx` is alive.
         let _ = tx.send(request);
-        let group = Group {
-            pool: self.pool.clone(),
-            sql: self.sql.clone(),
-            counts: Arc::clone(&self.counts),
-        };
-        runtime.spawn(write_creates(group, rx));
+        runtime.spawn(write_creates(self.group.clone(), rx));
         *writer = Some(tx);
         Ok(())
     }

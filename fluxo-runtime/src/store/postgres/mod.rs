@@ -283,10 +283,6 @@ impl PostgresStore {
         fail_on(&self.inner.pool, e).await
     }
 
-    async fn drop_dead_connections(&self) {
-        drop_dead_connections(&self.inner.pool).await
-    }
-
     /// Applies one commit in its own transaction.
     async fn commit_one(&self, c: &Commit) -> StoreResult<CommitOutcome> {
         let mut attempt = 0;
@@ -440,7 +436,7 @@ impl PostgresStore {
                 if connection_lost(&e) {
                     // Nothing was committed; the commits go on other
                     // connections, which must not be dead ones.
-                    self.drop_dead_connections().await;
+                    drop_dead_connections(&self.inner.pool).await;
                 }
                 #[cfg(test)]
                 self.inner

@@ -168,16 +168,10 @@ impl Statements {
                  SELECT cancel_requested, {notify} FROM upd"
             ),
             create_many: format!(
-                "WITH ins AS (INSERT INTO {s}.instances (id, workflow, version, status, input, \
-                   parent_id, history_format, ready_at, created_at, updated_at) \
-                 SELECT n.id, n.workflow, n.version, 'running', n.input, n.parent_id, \
-                   {HISTORY_FORMAT}, {NOW}, {NOW}, {NOW} \
-                 FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bytea[], $5::text[]) \
-                   AS n(id, workflow, version, input, parent_id) \
-                 ORDER BY n.id \
-                 ON CONFLICT (id) DO NOTHING RETURNING id), \
+                "WITH ins AS ({}), \
                  woken AS (SELECT {notify} AS notified WHERE EXISTS (SELECT 1 FROM ins)) \
-                 SELECT ins.id, woken.notified FROM ins LEFT JOIN woken ON true"
+                 SELECT ins.id, woken.notified FROM ins LEFT JOIN woken ON true",
+                insert_new_instances(&s, ["$1", "$2", "$3", "$4", "$5"], "ORDER BY n.id", "id")
             ),
             create: format!(
                 "WITH ins AS (INSERT INTO {s}.instances (id, workflow, version, status, input, \
@@ -299,6 +293,24 @@ impl Statements {
     }
 }
 
+/// Inserts running instances from the arrays `params` (ids, workflows,
+/// versions, inputs, parent ids; rows `n`), filtered or ordered by
+/// `clause`, skipping ids that exist, returning `returning` per row
+/// inserted.
+fn insert_new_instances(s: &str, params: [&str; 5], clause: &str, returning: &str) -> String {
+    let [ids, workflows, versions, inputs, parents] = params;
+    format!(
+        "INSERT INTO {s}.instances (id, workflow, version, status, input, parent_id, \
+           history_format, ready_at, created_at, updated_at) \
+         SELECT n.id, n.workflow, n.version, 'running', n.input, n.parent_id, \
+           {HISTORY_FORMAT}, {NOW}, {NOW}, {NOW} \
+         FROM unnest({ids}::text[], {workflows}::text[], {versions}::bigint[], \
+           {inputs}::bytea[], {parents}::text[]) AS n(id, workflow, version, input, parent_id) \
+         {clause} \
+         ON CONFLICT (id) DO NOTHING RETURNING {returning}"
+    )
+}
+
 /// [`Statements::single_entry`]: what [`commit_sql`] builds for
 /// [`Shape::SINGLE_ENTRY`], with the entry's event id, sequence number,
 /// kind and data as `$3`..`$6` instead of arrays.
@@ -385,14 +397,13 @@ fn commit_sql(s: &str, notify: &str, shape: Shape) -> String {
         let (ids, workflows, versions, inputs, parents) =
             (param(), param(), param(), param(), param());
         parts.push(format!(
-            "c AS (INSERT INTO {s}.instances (id, workflow, version, status, input, parent_id, \
-               history_format, ready_at, created_at, updated_at) \
-             SELECT n.id, n.workflow, n.version, 'running', n.input, n.parent_id, \
-               {HISTORY_FORMAT}, {NOW}, {NOW}, {NOW} \
-             FROM unnest({ids}::text[], {workflows}::text[], {versions}::bigint[], \
-               {inputs}::bytea[], {parents}::text[]) AS n(id, workflow, version, input, parent_id) \
-             WHERE EXISTS (SELECT 1 FROM f) \
-             ON CONFLICT (id) DO NOTHING RETURNING 1)"
+            "c AS ({})",
+            insert_new_instances(
+                s,
+                [&ids, &workflows, &versions, &inputs, &parents],
+                "WHERE EXISTS (SELECT 1 FROM f)",
+                "1"
+            )
         ));
         wakes.push("EXISTS (SELECT 1 FROM c)".to_owned());
     }

@@ -960,7 +960,7 @@ async fn concurrent_creates_are_written_together() {
         .await
         .expect("create");
     assert!(notified(&mut rx, Duration::from_secs(5)).await);
-    let written = db.inner.creates.counts.written.load(Ordering::Relaxed);
+    let written = db.inner.creates.counts().written.load(Ordering::Relaxed);
     let news: Vec<NewInstance> = (0..40).map(|_| new_instance("tp-group")).collect();
     let outcomes =
         futures::future::join_all(news.iter().cloned().map(|n| db.create_instance(n))).await;
@@ -968,7 +968,7 @@ async fn concurrent_creates_are_written_together() {
         assert!(matches!(outcome, Ok(CreateOutcome::Created)), "{outcome:?}");
     }
     assert_eq!(
-        db.inner.creates.counts.written.load(Ordering::Relaxed),
+        db.inner.creates.counts().written.load(Ordering::Relaxed),
         written + 1,
         "the creates queued together went in one statement"
     );
@@ -992,7 +992,7 @@ async fn a_refused_create_fails_alone() {
     let Some(db) = test_store_from_env().await else {
         return;
     };
-    let counts = &db.inner.creates.counts;
+    let counts = &db.inner.creates.counts();
     let (written, refused) = (
         counts.written.load(Ordering::Relaxed),
         counts.refused.load(Ordering::Relaxed),
@@ -1058,7 +1058,7 @@ async fn creates_without_a_connection_fail_together() {
         "one wait for the group, not one per create: {took:?}"
     );
     assert_eq!(
-        small.inner.creates.counts.refused.load(Ordering::Relaxed),
+        small.inner.creates.counts().refused.load(Ordering::Relaxed),
         0
     );
     assert!(matches!(
