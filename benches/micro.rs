@@ -170,7 +170,8 @@ fn bench_store(c: &mut Criterion) {
                         event_id,
                         seq: event_id,
                         ..entry.clone()
-                    }],
+                    }]
+                    .into(),
                     transition: Transition::None,
                     ..Commit::default()
                 };

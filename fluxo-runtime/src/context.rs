@@ -21,7 +21,7 @@ use crate::middleware::{Next, StepInfo};
 use crate::observe::LifecycleEvent;
 use crate::payload::{self, Payload};
 use crate::retry::{RetryPolicy, StepOptions};
-use crate::step::StepContext;
+use crate::step::StepScope;
 use crate::store::{now_millis, InstanceStatus, Millis, NewInstance};
 use crate::workflow::{Signal, Workflow};
 
@@ -36,6 +36,11 @@ const PARK_THRESHOLD_MS: Millis = 1_000;
 /// The workflow running on this task, if any.
 pub(crate) fn current() -> Option<WorkflowContext> {
     CURRENT.try_with(|c| c.clone()).ok()
+}
+
+/// `f` on the workflow running on this task, if any, without a copy of it.
+pub(crate) fn with_current<R>(f: impl FnOnce(&WorkflowContext) -> R) -> Option<R> {
+    CURRENT.try_with(f).ok()
 }
 
 /// Runs `fut` with `ctx` as the current workflow (so `#[step]` calls inside
@@ -101,6 +106,16 @@ impl WorkflowContext {
             .is_some()
     }
 
+    /// The run of the instance this context belongs to.
+    pub(crate) fn instance(&self) -> &Arc<Instance> {
+        &self.inst
+    }
+
+    /// Whether this is the workflow running on this task.
+    fn is_current(&self) -> bool {
+        with_current(|c| Arc::ptr_eq(&c.inst, &self.inst)).unwrap_or(false)
+    }
+
     fn fail(&self, failure: Failure) {
         self.inst.abort(Abort::Fail(failure));
     }
@@ -164,6 +179,13 @@ impl WorkflowContext {
         F: FnMut() -> Fut + Send,
         Fut: Future<Output = Result<T, StepError>> + Send,
     {
+        // The step's body finds its workflow in the task's scope (see
+        // `StepContext::current`): a step run from outside it (a context
+        // moved to another task) runs in one of its own.
+        if !self.is_current() {
+            let scoped = scope(self.clone(), self.run_step(step_name, options, f));
+            return Box::pin(scoped).await;
+        }
         let name: &str = &step_name;
         let Some((guard, recorded)) = self.inst.begin(|| Operation::Step(name.to_owned())) else {
             return halt().await;
@@ -204,9 +226,7 @@ impl WorkflowContext {
             let span = tracing::level_enabled!(tracing::Level::DEBUG)
                 .then(|| tracing::debug_span!("step", step = name, seq, attempt))
                 .filter(|span| !span.is_disabled());
-            let step = StepContext {
-                workflow_id: Arc::clone(&self.inst.id),
-                instance: Arc::downgrade(&self.inst),
+            let step = StepScope {
                 name: step_name.clone(),
                 seq,
                 attempt,
@@ -266,7 +286,17 @@ impl WorkflowContext {
                         output: &output,
                     };
                     drop(_enter);
-                    if !self.commit_event(seq, entry).await {
+                    // The step ends with its entry written: the same lock
+                    // records both.
+                    let ending = Some(guard);
+                    let extra = CommitExtra::default();
+                    let slice = std::slice::from_ref(&entry);
+                    if self
+                        .inst
+                        .commit_ending(ending, seq, slice, extra)
+                        .await
+                        .is_none()
+                    {
                         return halt().await;
                     }
                     self.inst.shared.observe(|o| {
@@ -377,7 +407,7 @@ impl WorkflowContext {
     }
 
     /// Waits until `at`: in memory for short waits, parked otherwise.
-    async fn wait_until(&self, guard: &OpGuard, at: Millis) {
+    async fn wait_until(&self, guard: &OpGuard<'_>, at: Millis) {
         loop {
             let now = now_millis();
             if now >= at {

@@ -10,6 +10,8 @@ use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit};
 use crate::error::Failure;
 use crate::history::{to_stored, Entry, Event, Operation, Replay};
 use crate::shared::Shared;
+use smallvec::SmallVec;
+
 use crate::store::{Commit, CommitNow, CommitOutcome, Millis, NewInstance, StoreError, Transition};
 
 /// Why an instance stopped running on this worker before its function
@@ -42,10 +44,8 @@ pub(crate) struct Instance {
     pub workflow: String,
     pub shared: Arc<Shared>,
     state: Mutex<State>,
-    /// Serializes commits so event ids stay consecutive. (`futures`'
-    /// lock: its uncontended lock and unlock are one atomic operation each,
-    /// where Tokio's takes its semaphore's mutex on every unlock.)
-    commit_lock: futures::lock::Mutex<()>,
+    /// Wakes commits waiting for their turn ([`State::committing`]).
+    commit_done: Notify,
     /// Wakes the runner: an abort was set, or the instance may be idle.
     pub wake_runner: Notify,
     /// Bumped on every resume; blocked operations then check again.
@@ -82,6 +82,13 @@ struct State {
     replay: Replay,
     /// Events recorded but not yet written; they ride along the next commit.
     lazy: Vec<(u64, Event)>,
+    /// A commit is on its way to the store. Commits take turns, so event
+    /// ids stay consecutive; the turn is a flag under this lock, not a lock
+    /// of its own, so taking it costs nothing beyond building the commit.
+    committing: bool,
+    /// A commit waits for the turn: passing it on must wake
+    /// [`Instance::commit_done`].
+    commit_waited: bool,
     /// Operations started and not finished.
     in_flight: usize,
     /// Operations waiting on a timer, signal or child: seq -> (wake time, epoch).
@@ -156,6 +163,8 @@ impl Instance {
                 next_seq: 0,
                 replay: init.replay,
                 lazy: Vec::new(),
+                committing: false,
+                commit_waited: false,
                 in_flight: 0,
                 blocked: BTreeMap::new(),
                 children: init.children,
@@ -166,7 +175,7 @@ impl Instance {
                 patches: Vec::new(),
             }),
             cancel_token: watch::Sender::new(init.cancel_requested),
-            commit_lock: futures::lock::Mutex::new(()),
+            commit_done: Notify::new(),
             wake_runner: Notify::new(),
             epoch: watch::Sender::new(0),
             resumes: OnceLock::new(),
@@ -274,9 +283,9 @@ impl Instance {
     /// means the instance was aborted (non-determinism or a cancel request)
     /// and the caller must halt.
     pub(crate) fn begin(
-        self: &Arc<Self>,
+        &self,
         op: impl FnOnce() -> Operation,
-    ) -> Option<(OpGuard, Vec<Event>)> {
+    ) -> Option<(OpGuard<'_>, Vec<Event>)> {
         let mut st = self.state();
         if st.abort.is_some() {
             return None;
@@ -307,13 +316,7 @@ impl Instance {
             }
         }
         st.in_flight += 1;
-        Some((
-            OpGuard {
-                inst: Arc::clone(self),
-                seq,
-            },
-            recorded,
-        ))
+        Some((OpGuard { inst: self, seq }, recorded))
     }
 
     /// The first journaled operation the code has not issued, if any.
@@ -354,7 +357,19 @@ impl Instance {
         events: &[E],
         extra: CommitExtra,
     ) -> Option<Committed> {
-        let _serial = self.serialize_commits().await;
+        self.commit_ending(None, seq, events, extra).await
+    }
+
+    /// [`Instance::commit`], which also ends operation `ending` once it is
+    /// written (its journal entry is its last), under the same lock as the
+    /// bookkeeping of the write. Aborted, the operation stays in flight.
+    pub(crate) async fn commit_ending<E: Entry + Sync>(
+        &self,
+        ending: Option<OpGuard<'_>>,
+        seq: u64,
+        events: &[E],
+        extra: CommitExtra,
+    ) -> Option<Committed> {
         // A step's commit carries nothing extra: no copy of it to make.
         let plain = extra.is_plain();
         let fresh_extra = || {
@@ -365,16 +380,26 @@ impl Instance {
             }
         };
         // The lazy events recorded by now ride along (ones recorded while
-        // this commit is on its way wait for the next).
-        let lazy;
-        let first = {
-            let st = self.state();
-            if st.abort.is_some() {
-                return None;
+        // this commit is on its way wait for the next). The turn is taken
+        // under the lock that builds the commit: the common case, no other
+        // commit on its way, costs no lock of its own.
+        let (first, lazy) = loop {
+            {
+                let mut st = self.state();
+                if st.abort.is_some() {
+                    return None;
+                }
+                if take_turn(&mut st) {
+                    let lazy = st.lazy.len();
+                    break (
+                        self.build_commit(&st, lazy, seq, events, fresh_extra()),
+                        lazy,
+                    );
+                }
             }
-            lazy = st.lazy.len();
-            self.build_commit(&st, lazy, seq, events, fresh_extra())
+            self.turn_passed().await;
         };
+        let turn = CommitTurn(self);
         let again = || self.build_commit(&self.state(), lazy, seq, events, fresh_extra());
         // Matched here, not in a helper future: the commit is not moved
         // into one when the store takes it at once.
@@ -383,46 +408,59 @@ impl Instance {
             not_done => self.write_through(not_done, again).await,
         };
         let mut st = self.state();
-        let written = |st: &mut State| {
-            st.next_event_id += (lazy + events.len()) as u64;
-            if lazy > 0 {
-                st.lazy.drain(..lazy);
-            }
-        };
-        match outcome {
+        let wake_committers = turn.pass(&mut st);
+        let committed = match outcome {
             Ok(CommitOutcome::Applied { cancel_requested }) => {
-                written(&mut st);
-                drop(st);
-                if cancel_requested {
-                    self.request_cancel();
-                }
-                Some(Committed::Applied)
+                Ok((Committed::Applied, cancel_requested))
             }
             Ok(CommitOutcome::InboxChanged {
                 inbox_seq,
                 cancel_requested,
             }) => {
-                written(&mut st);
                 st.inbox_seq = inbox_seq;
-                drop(st);
+                Ok((Committed::InboxChanged, cancel_requested))
+            }
+            Ok(CommitOutcome::LeaseLost) => Err(Abort::LeaseLost),
+            Err(e) => Err(Abort::Store(e)),
+        };
+        let mut others_wait = false;
+        let ending = match (&committed, ending) {
+            (Ok(_), Some(op)) => {
+                others_wait = op.end(&mut st);
+                None
+            }
+            (_, ending) => ending,
+        };
+        if committed.is_ok() {
+            st.next_event_id += (lazy + events.len()) as u64;
+            if lazy > 0 {
+                st.lazy.drain(..lazy);
+            }
+        }
+        drop(st);
+        if wake_committers {
+            self.commit_done.notify_waiters();
+        }
+        if others_wait {
+            self.wake_runner.notify_one();
+        }
+        match committed {
+            Ok((committed, cancel_requested)) => {
                 if cancel_requested {
                     self.request_cancel();
                 }
-                Some(Committed::InboxChanged)
+                Some(committed)
             }
-            Ok(CommitOutcome::LeaseLost) => {
-                drop(st);
-                self.abort(Abort::LeaseLost);
-                None
-            }
-            Err(e) => {
-                drop(st);
-                self.abort(Abort::Store(e));
+            Err(reason) => {
+                self.abort(reason);
+                // Ends after the abort is set, as when the runner drops the
+                // halted operation: the runner never sees the instance idle
+                // without it.
+                drop(ending);
                 None
             }
         }
     }
-
     /// The final commit of a run: `transition` finishes or releases the
     /// instance. Errors are returned instead of aborting.
     pub(crate) async fn commit_final(
@@ -430,7 +468,7 @@ impl Instance {
         transition: Transition,
         cancel_instances: Vec<String>,
     ) -> Result<CommitOutcome, StoreError> {
-        let _serial = self.serialize_commits().await;
+        let _turn = self.commit_turn().await;
         let extra = CommitExtra {
             cancel_instances,
             transition,
@@ -468,13 +506,27 @@ impl Instance {
         .await
     }
 
-    /// Waits for this instance's other commit in flight, if any.
-    async fn serialize_commits(&self) -> futures::lock::MutexGuard<'_, ()> {
-        // Free almost always: taken without polling a lock future.
-        match self.commit_lock.try_lock() {
-            Some(guard) => guard,
-            None => self.commit_lock.lock().await,
+    /// Takes this instance's turn to commit, waiting for its other commit
+    /// on its way, if any.
+    async fn commit_turn(&self) -> CommitTurn<'_> {
+        while !take_turn(&mut self.state()) {
+            self.turn_passed().await;
         }
+        CommitTurn(self)
+    }
+
+    /// Waits until the commit on its way passes the turn on (at once if
+    /// it has by now).
+    async fn turn_passed(&self) {
+        let passed = self.commit_done.notified();
+        {
+            let mut st = self.state();
+            if !st.committing {
+                return;
+            }
+            st.commit_waited = true;
+        }
+        passed.await;
     }
 
     /// The commit of the first `lazy` lazily recorded events, then `events`
@@ -488,7 +540,7 @@ impl Instance {
         events: &[E],
         extra: CommitExtra,
     ) -> Commit {
-        let mut stored = Vec::with_capacity(lazy + events.len());
+        let mut stored = SmallVec::with_capacity(lazy + events.len());
         let mut event_id = st.next_event_id;
         for (s, e) in &st.lazy[..lazy] {
             stored.push(to_stored(e, event_id, *s));
@@ -514,7 +566,7 @@ impl Instance {
         &self,
         input: Vec<u8>,
     ) -> Result<CommitOutcome, StoreError> {
-        let _serial = self.serialize_commits().await;
+        let _turn = self.commit_turn().await;
         let token = self.state().lease_token;
         let store = &self.shared.store;
         retry_transient(|| store.continue_as_new(&self.id, token, input.clone())).await
@@ -616,29 +668,76 @@ impl Instance {
 }
 
 /// Marks an operation in flight; dropping it (completion or cancellation of
-/// the operation's future) ends it.
-pub(crate) struct OpGuard {
-    inst: Arc<Instance>,
+/// the operation's future) ends it. It borrows the instance from the
+/// operation's context, which outlives it.
+pub(crate) struct OpGuard<'a> {
+    inst: &'a Instance,
     /// The operation's sequence number.
     pub seq: u64,
 }
 
-impl OpGuard {
-    pub(crate) fn instance(&self) -> &Arc<Instance> {
-        &self.inst
+impl<'a> OpGuard<'a> {
+    pub(crate) fn instance(&self) -> &'a Instance {
+        self.inst
+    }
+
+    /// Ends the operation under the lock `st` the caller holds. `true`:
+    /// other operations wait, so the runner must be woken (once the lock
+    /// is let go) to see whether the instance is idle.
+    fn end(self, st: &mut State) -> bool {
+        let seq = self.seq;
+        std::mem::forget(self);
+        end_operation(st, seq)
     }
 }
 
-impl Drop for OpGuard {
+impl Drop for OpGuard<'_> {
     fn drop(&mut self) {
-        let mut st = self.inst.state();
-        st.in_flight = st.in_flight.saturating_sub(1);
-        st.blocked.remove(&self.seq);
-        // Only operations still waiting can make the instance idle now.
-        let others_wait = !st.blocked.is_empty();
-        drop(st);
+        let others_wait = end_operation(&mut self.inst.state(), self.seq);
         if others_wait {
             self.inst.wake_runner.notify_one();
+        }
+    }
+}
+
+/// Takes operation `seq` out of those in flight; see [`OpGuard::end`].
+fn end_operation(st: &mut State, seq: u64) -> bool {
+    st.in_flight = st.in_flight.saturating_sub(1);
+    st.blocked.remove(&seq);
+    // Only operations still waiting can make the instance idle now.
+    !st.blocked.is_empty()
+}
+
+/// Takes the turn to commit ([`State::committing`]) unless another commit
+/// has it.
+fn take_turn(st: &mut State) -> bool {
+    !std::mem::replace(&mut st.committing, true)
+}
+
+/// An instance's turn to commit, held while its commit is on its way.
+/// Dropped (a commit dropped half-way, or a commit that needs no lock
+/// after its write), it passes the turn on itself.
+struct CommitTurn<'a>(&'a Instance);
+
+impl CommitTurn<'_> {
+    /// Passes the turn on under the lock `st` the caller holds. `true`: a
+    /// commit waits, so [`Instance::commit_done`] must be notified once
+    /// the lock is let go.
+    fn pass(self, st: &mut State) -> bool {
+        std::mem::forget(self);
+        st.committing = false;
+        std::mem::take(&mut st.commit_waited)
+    }
+}
+
+impl Drop for CommitTurn<'_> {
+    fn drop(&mut self) {
+        let mut st = self.0.state();
+        st.committing = false;
+        let waited = std::mem::take(&mut st.commit_waited);
+        drop(st);
+        if waited {
+            self.0.commit_done.notify_waiters();
         }
     }
 }
@@ -698,6 +797,126 @@ where
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicU32, Ordering};
+    use std::time::Duration;
+
+    use crate::store::memory::MemoryStore;
+    use crate::store::{ClaimRequest, Store};
+
+    /// Instance `id` of a fresh workflow on `store`, claimed, as a runner
+    /// holds it.
+    async fn claimed(store: &Arc<dyn Store>, id: &str) -> Arc<Instance> {
+        let new = NewInstance {
+            id: id.to_owned(),
+            workflow: "w".to_owned(),
+            version: 1,
+            input: Vec::new(),
+            parent_id: None,
+        };
+        store.create_instance(new).await.expect("create");
+        let req = ClaimRequest {
+            owner: "here".to_owned(),
+            workflows: vec![("w".to_owned(), 1)],
+            limit: 1,
+            lease: Duration::from_secs(30),
+        };
+        let batch = store.claim(&req).await.expect("claim");
+        let c = batch.claimed.into_iter().next().expect("claimed");
+        let slots = Arc::new(tokio::sync::Semaphore::new(1));
+        Instance::new(
+            Shared::new(Arc::clone(store)),
+            InstanceInit {
+                id: c.record.id,
+                workflow: c.record.workflow,
+                lease_token: c.lease_token,
+                next_event_id: c.next_event_id,
+                inbox_seq: c.inbox_seq,
+                cancel_requested: false,
+                replay: Replay::new(Vec::new()),
+                children: Vec::new(),
+                permit: slots.try_acquire_owned().expect("permit"),
+            },
+        )
+    }
+
+    /// Journal `(event id, operation)` pairs of instance `id`.
+    async fn journal(store: &Arc<dyn Store>, id: &str) -> Vec<(u64, u64)> {
+        let history = store.load_history(id).await.expect("history");
+        history.iter().map(|e| (e.event_id, e.seq)).collect()
+    }
+
+    /// Commits wait while another holds the turn, go on when that one is
+    /// dropped half-way (its future cancelled), and write densely; the
+    /// turn is free again after them.
+    #[tokio::test]
+    async fn commits_take_turns() {
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        let inst = claimed(&store, "turns").await;
+        let held = inst.commit_turn().await;
+        let commits: Vec<_> = (0..3)
+            .map(|seq| {
+                let inst = Arc::clone(&inst);
+                tokio::spawn(async move {
+                    let events = [Event::TimerFired];
+                    inst.commit(seq, &events, CommitExtra::default())
+                        .await
+                        .is_some()
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            journal(&store, "turns").await.is_empty(),
+            "written out of turn"
+        );
+
+        drop(held);
+        for commit in commits {
+            let done = tokio::time::timeout(Duration::from_secs(5), commit);
+            let committed = done.await.expect("the turn was not passed on");
+            assert!(committed.expect("commit task"), "commit aborted");
+        }
+        let mut written = journal(&store, "turns").await;
+        let ids: Vec<u64> = written.iter().map(|(id, _)| *id).collect();
+        assert_eq!(ids, [0, 1, 2]);
+        written.sort_by_key(|(_, seq)| *seq);
+        assert_eq!(
+            written.iter().map(|(_, seq)| *seq).collect::<Vec<_>>(),
+            [0, 1, 2]
+        );
+        assert_eq!(inst.next_event_id(), 3);
+
+        let after = tokio::time::timeout(
+            Duration::from_secs(5),
+            inst.commit(3, &[Event::TimerFired], CommitExtra::default()),
+        );
+        assert!(after.await.expect("turn left taken").is_some());
+        assert_eq!(journal(&store, "turns").await.len(), 4);
+    }
+
+    /// A step's commit that ends its operation takes it out of those in
+    /// flight, written or aborted.
+    #[tokio::test]
+    async fn a_written_commit_ends_its_operation() {
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        let inst = claimed(&store, "ends").await;
+        let (op, _) = inst.begin(|| Operation::Timer).expect("begin");
+        assert_eq!(inst.state().in_flight, 1);
+        let events = [Event::TimerFired];
+        let committed = inst.commit_ending(Some(op), 0, &events, CommitExtra::default());
+        assert!(committed.await.is_some());
+        assert_eq!(inst.state().in_flight, 0);
+
+        let (op, _) = inst.begin(|| Operation::Timer).expect("begin");
+        inst.state().lease_token += 1; // as if another worker took it over
+        let committed = inst.commit_ending(Some(op), 1, &events, CommitExtra::default());
+        assert!(committed.await.is_none(), "written under a stale lease");
+        assert!(matches!(inst.take_abort(), Some(Abort::LeaseLost)));
+        assert_eq!(
+            inst.state().in_flight,
+            0,
+            "the aborted operation's guard is gone"
+        );
+    }
 
     fn backend() -> StoreError {
         StoreError::Backend("connection reset".into())

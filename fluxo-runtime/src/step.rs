@@ -11,7 +11,7 @@ use crate::payload::Payload;
 use crate::retry::StepOptions;
 
 tokio::task_local! {
-    static STEP: StepContext;
+    static STEP: StepScope;
     static OVERRIDE: std::cell::Cell<Option<StepOptions>>;
 }
 
@@ -55,10 +55,34 @@ impl std::fmt::Debug for StepContext {
     }
 }
 
+/// The step running on this task: what is its own. Its workflow is the one
+/// in the task's scope ([`context::with_current`]), which
+/// [`WorkflowContext::run_step`] makes sure of, so entering a step copies
+/// no handle to it.
+pub(crate) struct StepScope {
+    pub name: Cow<'static, str>,
+    pub seq: u64,
+    pub attempt: u32,
+}
+
+impl StepScope {
+    /// Runs `fut` as this step's body.
+    pub(crate) async fn scope<F: Future>(self, fut: F) -> F::Output {
+        STEP.scope(self, fut).await
+    }
+}
+
 impl StepContext {
     /// The context of the step running on this task, if any.
     pub fn current() -> Option<StepContext> {
-        STEP.try_with(|s| s.clone()).ok()
+        let (name, seq, attempt) = STEP.try_with(|s| (s.name.clone(), s.seq, s.attempt)).ok()?;
+        context::with_current(|ctx| StepContext {
+            workflow_id: Arc::clone(&ctx.instance().id),
+            instance: Arc::downgrade(ctx.instance()),
+            name,
+            seq,
+            attempt,
+        })
     }
 
     /// A key that is the same for every attempt and every replay of this step
@@ -109,10 +133,6 @@ impl StepContext {
         // The sender lives as long as the run; if it is gone, so is the
         // workflow here.
         let _ = rx.wait_for(|c| *c).await;
-    }
-
-    pub(crate) async fn scope<F: Future>(self, fut: F) -> F::Output {
-        STEP.scope(self, fut).await
     }
 }
 

@@ -258,7 +258,7 @@ fn commit(claimed: &ClaimedInstance, events: Vec<StoredEvent>, transition: Trans
     Commit {
         instance_id: claimed.record.id.as_str().into(),
         lease_token: claimed.lease_token,
-        events,
+        events: events.into(),
         transition,
         ..Commit::default()
     }
@@ -777,7 +777,7 @@ pub async fn commit_without_lease_is_refused(store: &dyn Store) {
     let never = Commit {
         instance_id: id.as_str().into(),
         lease_token: 0,
-        events: vec![event(0, 0, "x")],
+        events: vec![event(0, 0, "x")].into(),
         ..Commit::default()
     };
     assert_eq!(
@@ -831,7 +831,7 @@ pub async fn commit_to_unknown_instance_is_not_found(store: &dyn Store) {
     let c = Commit {
         instance_id: unique("missing").into(),
         lease_token: 1,
-        events: vec![event(0, 0, "x")],
+        events: vec![event(0, 0, "x")].into(),
         ..Commit::default()
     };
     match store.commit(c).await {

@@ -208,7 +208,11 @@ impl State {
                 )));
             }
         }
-        inst.history.extend(c.events);
+        // One by one: almost always one, held inline, which `extend` would
+        // move through a generic iterator.
+        for e in c.events {
+            inst.history.push(e);
+        }
         if let Some(sid) = c.consume_signal {
             inst.inbox.remove(&sid);
         }

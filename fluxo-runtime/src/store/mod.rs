@@ -46,6 +46,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use smallvec::SmallVec;
 
 /// Milliseconds since the Unix epoch, the time unit of every store.
 pub type Millis = i64;
@@ -285,8 +286,10 @@ pub struct Commit {
     /// Lease token the change is written under.
     pub lease_token: u64,
     /// Journal entries to append, with consecutive event ids starting at the
-    /// instance's current `next_event_id`.
-    pub events: Vec<StoredEvent>,
+    /// instance's current `next_event_id`. Almost every commit carries one
+    /// (a step's result), held inline so a commit costs no allocation for
+    /// its list; read it as a slice, build it with `vec![..].into()`.
+    pub events: SmallVec<[StoredEvent; 1]>,
     /// A signal consumed by this change.
     pub consume_signal: Option<u64>,
     /// Instances to create with this change (child workflows); an id that

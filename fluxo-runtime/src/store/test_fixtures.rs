@@ -46,7 +46,7 @@ pub(crate) fn commit(
     Commit {
         instance_id: c.record.id.as_str().into(),
         lease_token: c.lease_token,
-        events,
+        events: events.into(),
         transition,
         ..Commit::default()
     }

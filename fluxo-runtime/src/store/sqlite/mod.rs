@@ -1183,7 +1183,7 @@ mod tests {
             let commit = Commit {
                 instance_id: c.record.id.as_str().into(),
                 lease_token: c.lease_token,
-                events: vec![event(0), event(1)],
+                events: vec![event(0), event(1)].into(),
                 transition: Transition::Park {
                     wake_at: None,
                     seen_inbox: c.inbox_seq,
@@ -1253,7 +1253,7 @@ mod tests {
         let commit = |c: &ClaimedInstance, events: Vec<StoredEvent>| Commit {
             instance_id: c.record.id.as_str().into(),
             lease_token: c.lease_token,
-            events,
+            events: events.into(),
             transition: Transition::Complete { output: vec![] },
             ..Commit::default()
         };
@@ -1346,10 +1346,10 @@ mod tests {
     async fn recovers_from_a_failed_commit(db: &SqliteStore) {
         let c = started(db, "recover").await;
         raw(db, "ALTER TABLE history RENAME TO history_moved").await;
-        let commit = |events| Commit {
+        let commit = |events: Vec<StoredEvent>| Commit {
             instance_id: c.record.id.as_str().into(),
             lease_token: c.lease_token,
-            events,
+            events: events.into(),
             ..Commit::default()
         };
         match db.commit(commit(vec![event(0)])).await {
@@ -1457,10 +1457,10 @@ mod tests {
         let db = TempDb::new().await;
         assert!(db.commits_here());
         let c = started(&db, "here").await;
-        let commit = |token, events| Commit {
+        let commit = |token, events: Vec<StoredEvent>| Commit {
             instance_id: c.record.id.as_str().into(),
             lease_token: token,
-            events,
+            events: events.into(),
             ..Commit::default()
         };
         let applied = db.try_commit_here(&commit(c.lease_token, vec![event(0)]));
@@ -1513,7 +1513,7 @@ mod tests {
         let commit = Commit {
             instance_id: c.record.id.as_str().into(),
             lease_token: c.lease_token,
-            events: vec![event(0)],
+            events: vec![event(0)].into(),
             ..Commit::default()
         };
         match db.try_commit_here(&commit) {
