@@ -29,6 +29,11 @@ struct State {
     /// passed over by each claim.)
     due: DueIndex,
     next_signal_id: u64,
+    /// The newest instance's creation time. Clocks are read before the lock
+    /// is taken, so a create that takes it second may have read the clock
+    /// first; its instance is stamped no earlier than this, so creation
+    /// times agree with `order` (listing is newest first).
+    last_created_at: Millis,
 }
 
 /// When an instance can be claimed next: the key it has in [`DueIndex`].
@@ -169,6 +174,8 @@ impl State {
         let position = self.order.len();
         let id: Arc<str> = new.id.as_str().into();
         self.order.push(Arc::clone(&id));
+        let now = now.max(self.last_created_at);
+        self.last_created_at = now;
         let mut inst = Instance::new(new, position, now);
         self.due.update(&mut inst);
         self.instances.insert(id, inst);
@@ -216,7 +223,8 @@ impl State {
         if let Some(sid) = c.consume_signal {
             inst.inbox.remove(&sid);
         }
-        inst.record.updated_at = now;
+        // Never backwards: a step's stamp comes from the coarse clock.
+        inst.record.updated_at = inst.record.updated_at.max(now);
         let cancel_requested = inst.record.cancel_requested;
         let mut outcome = CommitOutcome::Applied { cancel_requested };
         let mut finished_parent = None;
@@ -274,6 +282,36 @@ impl State {
         }
         Ok(outcome)
     }
+}
+
+/// The time commit `c` is stamped with. A commit of journal entries alone
+/// (a step's) only moves `updated_at`, which the kernel's coarse clock
+/// stamps well enough (its last tick, a few ms back) for a tenth of the
+/// precise clock's cost, itself a tenth of such a commit. Anything else
+/// sets due, finish or creation times: those read the precise clock.
+fn commit_time(c: &Commit) -> Millis {
+    let entries_only = matches!(c.transition, Transition::None)
+        && c.new_instances.is_empty()
+        && c.cancel_instances.is_empty();
+    if entries_only {
+        coarse_now_millis()
+    } else {
+        now_millis()
+    }
+}
+
+/// [`now_millis`] as of the kernel's last timer tick.
+#[cfg(any(target_os = "linux", target_os = "android", target_os = "freebsd"))]
+fn coarse_now_millis() -> Millis {
+    use rustix::time::{clock_gettime, ClockId};
+    let t = clock_gettime(ClockId::RealtimeCoarse);
+    t.tv_sec as Millis * 1000 + t.tv_nsec as Millis / 1_000_000
+}
+
+/// [`now_millis`]: this system has no coarse clock to read instead.
+#[cfg(not(any(target_os = "linux", target_os = "android", target_os = "freebsd")))]
+fn coarse_now_millis() -> Millis {
+    now_millis()
 }
 
 #[async_trait]
@@ -408,11 +446,13 @@ impl Store for MemoryStore {
     }
 
     async fn commit(&self, commit: Commit) -> StoreResult<CommitOutcome> {
-        self.lock().apply(commit, now_millis())
+        let now = commit_time(&commit);
+        self.lock().apply(commit, now)
     }
 
     fn commit_now(&self, commit: Commit) -> CommitNow {
-        CommitNow::Done(self.lock().apply(commit, now_millis()))
+        let now = commit_time(&commit);
+        CommitNow::Done(self.lock().apply(commit, now))
     }
 
     async fn send_signal(&self, id: &str, name: &str, payload: Vec<u8>) -> StoreResult<u64> {
@@ -496,7 +536,7 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::store::test_fixtures::commit;
+    use crate::store::test_fixtures::{commit, event};
 
     const HOUR: Duration = Duration::from_secs(3_600);
 
@@ -748,5 +788,43 @@ mod tests {
                 prop_assert_eq!(&state.due.leases, &leases);
             }
         }
+    }
+
+    /// A step's commit stamps `updated_at` from the coarse clock: close to
+    /// the precise one, and never before the stamp the instance had.
+    #[test]
+    fn a_step_commit_stamps_close_to_now_and_never_backwards() {
+        let skew = (now_millis() - coarse_now_millis()).abs();
+        assert!(skew < 1_000, "the coarse clock is {skew} ms off");
+
+        let store = MemoryStore::new();
+        let new = new_instance(0, 0, None);
+        let id = new.id.clone();
+        block_on(store.create_instance(new)).unwrap();
+        let req = ClaimRequest {
+            owner: "here".to_owned(),
+            workflows: claim_kinds(0),
+            limit: 1,
+            lease: HOUR,
+        };
+        let c = block_on(store.claim(&req)).unwrap().claimed.remove(0);
+        let record = |store: &MemoryStore| block_on(store.get_instance(&id)).unwrap().unwrap();
+        let step = |event_id| commit(&c, vec![event(event_id)], Transition::None);
+
+        block_on(store.commit(step(0))).unwrap();
+        let r = record(&store);
+        assert!(r.updated_at >= r.created_at);
+        assert!((now_millis() - r.updated_at).abs() < 1_000);
+
+        let ahead = now_millis() + HOUR.as_millis() as Millis;
+        store
+            .lock()
+            .instances
+            .get_mut(id.as_str())
+            .unwrap()
+            .record
+            .updated_at = ahead;
+        block_on(store.commit(step(1))).unwrap();
+        assert_eq!(record(&store).updated_at, ahead, "stamped backwards");
     }
 }
