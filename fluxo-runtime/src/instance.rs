@@ -48,13 +48,15 @@ pub(crate) struct Instance {
     commit_done: Notify,
     /// Wakes the runner: an abort was set, or the instance may be idle.
     pub wake_runner: Notify,
-    /// Bumped on every resume; blocked operations then check again.
-    epoch: watch::Sender<u64>,
+    /// Bumped on every resume; blocked operations then check again. Made
+    /// by the first operation that blocks: most runs have none.
+    epoch: OnceLock<watch::Sender<u64>>,
     /// New leases for a parked instance, made on first use: most runs
     /// never park.
     resumes: OnceLock<Resumes>,
     /// `true` once a cancel was requested; running steps can watch it.
-    cancel_token: watch::Sender<bool>,
+    /// Made on first use: most runs are neither cancelled nor watched.
+    cancel_token: OnceLock<watch::Sender<bool>>,
 }
 
 /// The channel that hands new leases to a parked instance's runner.
@@ -174,10 +176,10 @@ impl Instance {
                 cancel_handlers: Vec::new(),
                 patches: Vec::new(),
             }),
-            cancel_token: watch::Sender::new(init.cancel_requested),
+            cancel_token: OnceLock::new(),
             commit_done: Notify::new(),
             wake_runner: Notify::new(),
-            epoch: watch::Sender::new(0),
+            epoch: OnceLock::new(),
             resumes: OnceLock::new(),
         })
     }
@@ -210,7 +212,7 @@ impl Instance {
     pub(crate) fn request_cancel(&self) {
         let newly = !std::mem::replace(&mut self.state().cancel_requested, true);
         if newly {
-            self.cancel_token.send_replace(true);
+            self.cancel_token().send_replace(true);
             self.wake_runner.notify_one();
         }
     }
@@ -223,12 +225,22 @@ impl Instance {
 
     /// A receiver that turns `true` when a cancel is requested.
     pub(crate) fn cancel_watch(&self) -> watch::Receiver<bool> {
-        self.cancel_token.subscribe()
+        self.cancel_token().subscribe()
     }
 
     /// Whether a cancel was requested, as running steps see it.
     pub(crate) fn cancel_seen(&self) -> bool {
-        *self.cancel_token.borrow()
+        match self.cancel_token.get() {
+            Some(token) => *token.borrow(),
+            None => self.state().cancel_requested,
+        }
+    }
+
+    /// The cancel flag's channel, made on first use from the flag it
+    /// mirrors (the two turn `true` together, in `request_cancel`).
+    fn cancel_token(&self) -> &watch::Sender<bool> {
+        self.cancel_token
+            .get_or_init(|| watch::Sender::new(self.state().cancel_requested))
     }
 
     /// Drops the cancellation handlers. They may hold the instance's own
@@ -577,7 +589,7 @@ impl Instance {
     /// Blocks operation `seq` until the next resume (or inbox change). The
     /// runner parks the instance once every operation in flight is blocked.
     pub(crate) async fn block(&self, seq: u64, wake_at: Option<Millis>) {
-        let mut epoch = self.epoch.subscribe();
+        let mut epoch = self.epoch.get_or_init(|| watch::Sender::new(0)).subscribe();
         let current = *epoch.borrow_and_update();
         self.state().blocked.insert(seq, (wake_at, current));
         self.wake_runner.notify_one();
@@ -590,7 +602,8 @@ impl Instance {
     /// time the instance must wake up at (`Some(None)`: only when woken).
     pub(crate) fn idle_until(&self) -> Option<Option<Millis>> {
         let st = self.state();
-        let epoch = *self.epoch.borrow();
+        // No channel yet: nothing ever blocked, nor was bumped.
+        let epoch = self.epoch.get().map_or(0, |e| *e.borrow());
         if st.in_flight == 0
             || st.blocked.len() != st.in_flight
             || st.blocked.values().any(|(_, e)| *e != epoch)
@@ -656,8 +669,12 @@ impl Instance {
         true
     }
 
+    /// Tells blocked operations to check again (none can block before the
+    /// channel exists).
     fn next_epoch(&self) {
-        self.epoch.send_modify(|e| *e += 1);
+        if let Some(epoch) = self.epoch.get() {
+            epoch.send_modify(|e| *e += 1);
+        }
     }
 
     /// Gives the worker slot back (when the runner ends).
@@ -891,6 +908,30 @@ mod tests {
         );
         assert!(after.await.expect("turn left taken").is_some());
         assert_eq!(journal(&store, "turns").await.len(), 4);
+    }
+
+    /// The cancel flag reads the same before and after its channel is made:
+    /// a request made before anyone watched is seen by later watchers, and
+    /// one made after is seen by earlier ones.
+    #[tokio::test]
+    async fn a_cancel_is_seen_whenever_its_watcher_came() {
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        let inst = claimed(&store, "cancel-first").await;
+        assert!(!inst.cancel_seen());
+        inst.request_cancel();
+        assert!(inst.cancel_seen());
+        assert!(*inst.cancel_watch().borrow());
+
+        let inst = claimed(&store, "watch-first").await;
+        let mut watch = inst.cancel_watch();
+        assert!(!*watch.borrow());
+        inst.request_cancel();
+        let seen = tokio::time::timeout(Duration::from_secs(5), watch.wait_for(|c| *c));
+        assert!(seen
+            .await
+            .expect("the request never reached the watcher")
+            .is_ok());
+        assert!(inst.cancel_seen());
     }
 
     /// A step's commit that ends its operation takes it out of those in

@@ -90,7 +90,7 @@ struct Instance {
     history: Vec<StoredEvent>,
     inbox: BTreeMap<u64, (String, Vec<u8>)>,
     ready_at: Option<Millis>,
-    lease_owner: Option<String>,
+    lease_owner: Option<Arc<str>>,
     lease_expires_at: Millis,
     lease_token: u64,
     inbox_seq: u64,
@@ -401,12 +401,14 @@ impl Store for MemoryStore {
             next_wake,
             ..ClaimBatch::default()
         };
+        // One copy of the owner's name for the whole batch.
+        let owner: Arc<str> = req.owner.as_str().into();
         for position in claimable {
             let Some(inst) = instances.get_mut(&order[position]) else {
                 continue;
             };
             inst.lease_token += 1;
-            inst.lease_owner = Some(req.owner.clone());
+            inst.lease_owner = Some(Arc::clone(&owner));
             inst.lease_expires_at = now + req.lease.as_millis() as Millis;
             due.update(inst);
             batch.claimed.push(ClaimedInstance {
