@@ -43,6 +43,7 @@ backend_tests!(
     saga_compensates_on_cancel,
     cancel_reaches_a_running_step,
     a_step_context_kept_past_its_run_sees_it_end,
+    a_step_run_on_another_task_knows_its_workflow,
     middleware_wraps_steps,
     continue_as_new_keeps_the_id_and_empties_the_journal,
 );

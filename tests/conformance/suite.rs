@@ -894,6 +894,14 @@ pub async fn a_step_context_kept_past_its_run_sees_it_end(store: Arc<dyn Store>)
     w.shutdown().await;
 }
 
+pub async fn a_step_run_on_another_task_knows_its_workflow(store: Arc<dyn Store>) {
+    let (fluxo, w) = setup(&store);
+    let h = StepOnAnotherTask::start(&fluxo, ()).await.unwrap();
+    let out = h.result_timeout(WAIT).await.unwrap();
+    assert_eq!(out, format!("0 {}:1", h.id()));
+    w.shutdown().await;
+}
+
 pub async fn cancel_reaches_a_running_step(store: Arc<dyn Store>) {
     let (fluxo, w) = setup(&store);
     let h = LongRunning::start(&fluxo, ()).await.unwrap();

@@ -278,6 +278,7 @@ pub fn register_all(fluxo: &Fluxo) {
     fluxo.register(LongRunning).unwrap();
     fluxo.register(Countdown).unwrap();
     fluxo.register(KeepsStepContext).unwrap();
+    fluxo.register(StepOnAnotherTask).unwrap();
 }
 
 /// Step contexts kept past their step, by workflow id.
@@ -302,6 +303,35 @@ pub async fn keep_context() -> Result<(), StepError> {
 #[fluxo::workflow]
 pub async fn keeps_step_context(_ctx: WorkflowContext) -> Result<(), WorkflowError> {
     Ok(keep_context().await?)
+}
+
+/// Runs an ad-hoc step through the workflow's context on a task of its
+/// own, which has no workflow in scope; the step reports the id and the
+/// sequence number its context gives it.
+#[fluxo::workflow]
+pub async fn step_on_another_task(ctx: WorkflowContext) -> Result<String, WorkflowError> {
+    let first = ctx
+        .step("here", || async {
+            Ok(StepContext::current().unwrap().seq())
+        })
+        .await?;
+    let there = on_a_task_of_its_own(ctx.clone())
+        .await
+        .expect("step task")?;
+    Ok(format!("{first} {there}"))
+}
+
+/// Spawned outside the workflow body, where spawning is refused.
+fn on_a_task_of_its_own(
+    ctx: WorkflowContext,
+) -> tokio::task::JoinHandle<Result<String, StepError>> {
+    tokio::spawn(async move {
+        ctx.step("there", || async {
+            let s = StepContext::current().expect("a step context on any task");
+            Ok(format!("{}:{}", s.workflow_id(), s.seq()))
+        })
+        .await
+    })
 }
 
 /// Overrides the step's attribute options at call time.
