@@ -83,11 +83,56 @@ impl DueIndex {
     }
 }
 
+/// An instance's journal: its entries' bytes end to end in one buffer, and
+/// where each entry ends. Appending copies an entry's bytes in, so the
+/// commit's own copy is freed at once and reused by the next (a step costs
+/// no allocation that lives on), and an entry takes 40 bytes besides its
+/// own instead of a separately allocated 64.
+#[derive(Default)]
+struct Journal {
+    bytes: Vec<u8>,
+    /// Entry `i` (event id `i`): its operation, kind and the end of its
+    /// bytes in `bytes` (which start where entry `i - 1`'s end).
+    index: Vec<(u64, Cow<'static, str>, usize)>,
+}
+
+impl Journal {
+    /// Entries stored: the next event id.
+    fn len(&self) -> usize {
+        self.index.len()
+    }
+
+    fn push(&mut self, e: &StoredEvent) {
+        self.bytes.extend_from_slice(&e.data);
+        self.index.push((e.seq, e.kind.clone(), self.bytes.len()));
+    }
+
+    fn clear(&mut self) {
+        self.bytes.clear();
+        self.index.clear();
+    }
+
+    /// The entries, as the store hands them out.
+    fn entries(&self) -> impl Iterator<Item = StoredEvent> + '_ {
+        let starts = std::iter::once(0).chain(self.index.iter().map(|&(_, _, end)| end));
+        self.index
+            .iter()
+            .zip(starts)
+            .zip(0..)
+            .map(|(((seq, kind, end), start), event_id)| StoredEvent {
+                event_id,
+                seq: *seq,
+                kind: kind.clone(),
+                data: self.bytes[start..*end].to_vec(),
+            })
+    }
+}
+
 struct Instance {
     /// Position in [`State::order`].
     position: usize,
     record: InstanceRecord,
-    history: Vec<StoredEvent>,
+    history: Journal,
     inbox: BTreeMap<u64, (String, Vec<u8>)>,
     ready_at: Option<Millis>,
     lease_owner: Option<Arc<str>>,
@@ -129,7 +174,7 @@ impl Instance {
                 created_at: now,
                 updated_at: now,
             },
-            history: Vec::new(),
+            history: Journal::default(),
             inbox: BTreeMap::new(),
             ready_at: Some(now),
             lease_owner: None,
@@ -215,9 +260,7 @@ impl State {
                 )));
             }
         }
-        // One by one: almost always one, held inline, which `extend` would
-        // move through a generic iterator.
-        for e in c.events {
+        for e in &c.events {
             inst.history.push(e);
         }
         if let Some(sid) = c.consume_signal {
@@ -361,7 +404,7 @@ impl Store for MemoryStore {
             .instances
             .get(id)
             .ok_or_else(|| StoreError::NotFound(id.to_owned()))?;
-        Ok(inst.history.clone())
+        Ok(inst.history.entries().collect())
     }
 
     async fn claim(&self, req: &ClaimRequest) -> StoreResult<ClaimBatch> {
