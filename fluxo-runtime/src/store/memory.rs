@@ -88,6 +88,11 @@ impl DueIndex {
 /// commit's own copy is freed at once and reused by the next (a step costs
 /// no allocation that lives on), and an entry takes 40 bytes besides its
 /// own instead of a separately allocated 64.
+/// Room a journal starts with: a short workflow's entries in one
+/// allocation each, instead of one per doubling.
+const JOURNAL_BYTES: usize = 1024;
+const JOURNAL_ENTRIES: usize = 16;
+
 #[derive(Default)]
 struct Journal {
     bytes: Vec<u8>,
@@ -103,8 +108,18 @@ impl Journal {
     }
 
     fn push(&mut self, e: &StoredEvent) {
+        if self.index.capacity() == 0 {
+            self.bytes.reserve(JOURNAL_BYTES.max(e.data.len()));
+            self.index.reserve(JOURNAL_ENTRIES);
+        }
         self.bytes.extend_from_slice(&e.data);
         self.index.push((e.seq, e.kind.clone(), self.bytes.len()));
+    }
+
+    /// Gives back the room reserved for entries that did not come.
+    fn shrink(&mut self) {
+        self.bytes.shrink_to_fit();
+        self.index.shrink_to_fit();
     }
 
     fn clear(&mut self) {
@@ -208,6 +223,7 @@ impl Instance {
         self.lease_owner = None;
         self.ready_at = None;
         self.inbox.clear();
+        self.history.shrink();
     }
 }
 
@@ -285,6 +301,7 @@ impl State {
                 } else {
                     inst.lease_owner = None;
                     inst.ready_at = wake_at;
+                    inst.history.shrink();
                 }
             }
             Transition::Release => {
