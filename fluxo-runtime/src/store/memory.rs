@@ -10,6 +10,10 @@ use async_trait::async_trait;
 use super::*;
 
 /// A [`Store`] that keeps everything in process memory.
+///
+/// An instance's `updated_at` after a step is read from the kernel's coarse
+/// clock (its last timer tick, a few milliseconds back; it never moves
+/// backwards); creation, due and finish times from the precise one.
 #[derive(Default)]
 pub struct MemoryStore {
     state: Mutex<State>,

@@ -175,7 +175,8 @@ pub struct InstanceRecord {
     pub history_format: u32,
     /// Creation time.
     pub created_at: Millis,
-    /// Time of the last change.
+    /// Time of the last change, to the store clock's resolution (a few
+    /// milliseconds for a step on the in-memory store).
     pub updated_at: Millis,
 }
 
