@@ -374,7 +374,8 @@ impl Instance {
 
     /// [`Instance::commit`], which also ends operation `ending` once it is
     /// written (its journal entry is its last), under the same lock as the
-    /// bookkeeping of the write. Aborted, the operation stays in flight.
+    /// bookkeeping of the write. Aborted, the operation ends after the
+    /// abort is set.
     pub(crate) async fn commit_ending<E: Entry + Sync>(
         &self,
         ending: Option<OpGuard<'_>>,
@@ -394,7 +395,10 @@ impl Instance {
         // The lazy events recorded by now ride along (ones recorded while
         // this commit is on its way wait for the next). The turn is taken
         // under the lock that builds the commit: the common case, no other
-        // commit on its way, costs no lock of its own.
+        // commit on its way, costs no lock of its own. Its guard outlives
+        // the lock, so if building panics the turn is passed on after the
+        // lock is let go.
+        let turn;
         let (first, lazy) = loop {
             {
                 let mut st = self.state();
@@ -402,6 +406,7 @@ impl Instance {
                     return None;
                 }
                 if take_turn(&mut st) {
+                    turn = CommitTurn(self);
                     let lazy = st.lazy.len();
                     break (
                         self.build_commit(&st, lazy, seq, events, fresh_extra()),
@@ -411,7 +416,6 @@ impl Instance {
             }
             self.turn_passed().await;
         };
-        let turn = CommitTurn(self);
         let again = || self.build_commit(&self.state(), lazy, seq, events, fresh_extra());
         // Matched here, not in a helper future: the commit is not moved
         // into one when the store takes it at once.
@@ -420,8 +424,7 @@ impl Instance {
             not_done => self.write_through(not_done, again).await,
         };
         let mut st = self.state();
-        let wake_committers = turn.pass(&mut st);
-        let committed = match outcome {
+        let written = match outcome {
             Ok(CommitOutcome::Applied { cancel_requested }) => {
                 Ok((Committed::Applied, cancel_requested))
             }
@@ -435,44 +438,45 @@ impl Instance {
             Ok(CommitOutcome::LeaseLost) => Err(Abort::LeaseLost),
             Err(e) => Err(Abort::Store(e)),
         };
-        let mut others_wait = false;
-        let ending = match (&committed, ending) {
-            (Ok(_), Some(op)) => {
-                others_wait = op.end(&mut st);
-                None
+        let mut wake_runner = false;
+        let (written, ending) = match (written, ending) {
+            (Ok(written), ending) => {
+                st.next_event_id += (lazy + events.len()) as u64;
+                if lazy > 0 {
+                    st.lazy.drain(..lazy);
+                }
+                if let Some(op) = ending {
+                    wake_runner = op.end(&mut st);
+                }
+                (Some(written), None)
             }
-            (_, ending) => ending,
+            (Err(reason), ending) => {
+                // Set under the lock that passes the turn on: a commit
+                // waiting for it sees the abort and writes nothing.
+                st.abort.get_or_insert(reason);
+                wake_runner = true;
+                (None, ending)
+            }
         };
-        if committed.is_ok() {
-            st.next_event_id += (lazy + events.len()) as u64;
-            if lazy > 0 {
-                st.lazy.drain(..lazy);
-            }
-        }
+        let wake_committers = turn.pass(&mut st);
         drop(st);
         if wake_committers {
             self.commit_done.notify_waiters();
         }
-        if others_wait {
+        if wake_runner {
             self.wake_runner.notify_one();
         }
-        match committed {
-            Ok((committed, cancel_requested)) => {
-                if cancel_requested {
-                    self.request_cancel();
-                }
-                Some(committed)
-            }
-            Err(reason) => {
-                self.abort(reason);
-                // Ends after the abort is set, as when the runner drops the
-                // halted operation: the runner never sees the instance idle
-                // without it.
-                drop(ending);
-                None
-            }
+        // An aborted operation ends now, after the abort is set, as when
+        // the runner drops the halted operation: the runner never sees the
+        // instance idle without it.
+        drop(ending);
+        let (committed, cancel_requested) = written?;
+        if cancel_requested {
+            self.request_cancel();
         }
+        Some(committed)
     }
+
     /// The final commit of a run: `transition` finishes or releases the
     /// instance. Errors are returned instead of aborting.
     pub(crate) async fn commit_final(

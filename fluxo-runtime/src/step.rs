@@ -73,7 +73,9 @@ impl StepScope {
 }
 
 impl StepContext {
-    /// The context of the step running on this task, if any.
+    /// The context of the step running on this task, if any: inside a step's
+    /// body, polled by the task that started the step (a step future moved
+    /// to another task after it started does not see it there).
     pub fn current() -> Option<StepContext> {
         let (name, seq, attempt) = STEP.try_with(|s| (s.name.clone(), s.seq, s.attempt)).ok()?;
         context::with_current(|ctx| StepContext {

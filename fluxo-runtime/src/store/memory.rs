@@ -120,10 +120,17 @@ impl Journal {
         self.index.push((e.seq, e.kind.clone(), self.bytes.len()));
     }
 
-    /// Gives back the room reserved for entries that did not come.
+    /// Gives back the room reserved for entries that did not come: what
+    /// the first reservation left over (or an emptied journal kept). Room
+    /// from doubling is kept, so a long journal that parks often is not
+    /// copied at each park.
     fn shrink(&mut self) {
-        self.bytes.shrink_to_fit();
-        self.index.shrink_to_fit();
+        if self.bytes.capacity() > 2 * self.bytes.len() {
+            self.bytes.shrink_to_fit();
+        }
+        if self.index.capacity() > 2 * self.index.len() {
+            self.index.shrink_to_fit();
+        }
     }
 
     fn clear(&mut self) {
@@ -218,12 +225,12 @@ impl Instance {
     fn wake(&mut self, now: Millis) {
         self.inbox_seq += 1;
         self.ready_at = Some(now);
-        self.record.updated_at = now;
+        self.record.updated_at = self.record.updated_at.max(now);
     }
 
     fn finish(&mut self, status: InstanceStatus, now: Millis) {
         self.record.status = status;
-        self.record.updated_at = now;
+        self.record.updated_at = self.record.updated_at.max(now);
         self.lease_owner = None;
         self.ready_at = None;
         self.inbox.clear();
@@ -239,9 +246,11 @@ impl State {
         let position = self.order.len();
         let id: Arc<str> = new.id.as_str().into();
         self.order.push(Arc::clone(&id));
-        let now = now.max(self.last_created_at);
-        self.last_created_at = now;
         let mut inst = Instance::new(new, position, now);
+        // Only the creation time: the instance is due from `now` on.
+        inst.record.created_at = now.max(self.last_created_at);
+        inst.record.updated_at = inst.record.created_at;
+        self.last_created_at = inst.record.created_at;
         self.due.update(&mut inst);
         self.instances.insert(id, inst);
         CreateOutcome::Created
@@ -892,5 +901,37 @@ mod tests {
             .updated_at = ahead;
         block_on(store.commit(step(1))).unwrap();
         assert_eq!(record(&store).updated_at, ahead, "stamped backwards");
+    }
+
+    /// A create after a later one in the clock's eyes (the clock stepped
+    /// back) is stamped no earlier than it, so listing order and creation
+    /// times agree, and is still claimable at once.
+    #[test]
+    fn a_create_after_the_clock_stepped_back_keeps_order_and_is_due_now() {
+        let store = MemoryStore::new();
+        let first = new_instance(0, 0, None);
+        block_on(store.create_instance(first)).unwrap();
+        let ahead = now_millis() + HOUR.as_millis() as Millis;
+        store.lock().last_created_at = ahead;
+
+        let second = new_instance(0, 1, None);
+        let id = second.id.clone();
+        block_on(store.create_instance(second)).unwrap();
+        let listed = block_on(store.list_instances(ListFilter::default())).unwrap();
+        assert_eq!(listed[0].id, id, "newest first");
+        assert_eq!(listed[0].created_at, ahead);
+        assert!(listed[0].updated_at >= listed[0].created_at);
+
+        let req = ClaimRequest {
+            owner: "here".to_owned(),
+            workflows: claim_kinds(0),
+            limit: 10,
+            lease: HOUR,
+        };
+        let claimed = block_on(store.claim(&req)).unwrap().claimed;
+        assert!(
+            claimed.iter().any(|c| c.record.id == id),
+            "due now, not at the stamp"
+        );
     }
 }

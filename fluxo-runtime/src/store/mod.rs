@@ -46,7 +46,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use smallvec::SmallVec;
+/// The list type of [`Commit::events`], re-exported so a store, a test or
+/// a benchmark can name it without depending on `smallvec` itself.
+pub use smallvec::SmallVec;
 
 /// Milliseconds since the Unix epoch, the time unit of every store.
 pub type Millis = i64;
