@@ -10,6 +10,7 @@ mod workflows;
 
 backend_tests!(
     typed_result,
+    workflows_registered_after_the_worker_starts_run,
     steps_are_journaled_once,
     retries_until_success,
     exhausted_retries_are_typed_errors,

@@ -255,17 +255,32 @@ impl WorkerRuntime {
             self.take_over_own_leases().await;
         }
         let mut backoff = Duration::from_millis(50);
+        // Built once; its workflows again only when registrations change.
+        let mut req = ClaimRequest {
+            owner: self.id.clone(),
+            workflows: Vec::new(),
+            limit: 0,
+            lease: cfg.lease,
+        };
+        let mut registered = None;
+        // One timer for the idle wait, moved only when it must fire
+        // earlier or has fired: re-arming it on every pass costs the
+        // timer wheel's lock each time.
+        let idle = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(idle);
         while !*stop.borrow() {
             let free = self.semaphore.available_permits();
             let mut next_wake: Option<Millis> = None;
             let mut full_batch = false;
             if free > 0 {
-                let req = ClaimRequest {
-                    owner: self.id.clone(),
-                    workflows: self.shared.registry().keys(),
-                    limit: free.min(256),
-                    lease: cfg.lease,
-                };
+                {
+                    let registry = self.shared.registry();
+                    if registered != Some(registry.generation()) {
+                        registered = Some(registry.generation());
+                        req.workflows = registry.keys();
+                    }
+                }
+                req.limit = free.min(256);
                 if !req.workflows.is_empty() {
                     match self.shared.store.claim(&req).await {
                         Ok(batch) => {
@@ -298,6 +313,10 @@ impl WorkerRuntime {
             if let Some(at) = next_wake {
                 wait = wait.min(Duration::from_millis((at - now_millis()).max(0) as u64));
             }
+            let deadline = tokio::time::Instant::now() + wait;
+            if idle.is_elapsed() || idle.deadline() > deadline {
+                idle.as_mut().reset(deadline);
+            }
             let remote = async {
                 match pushed.as_mut() {
                     Some(rx) => {
@@ -320,7 +339,7 @@ impl WorkerRuntime {
                 _ = work.changed() => {}
                 _ = remote => {}
                 _ = self.slot_freed.notified(), if slots_full => {}
-                _ = tokio::time::sleep(wait) => {}
+                _ = &mut idle => {}
                 _ = stopped => {}
             }
         }

@@ -154,10 +154,14 @@ impl Definition {
 #[derive(Default, Clone)]
 pub(crate) struct Registry {
     by_name: HashMap<String, HashMap<u32, Definition>>,
+    /// Bumped by every registration, so a worker rebuilds its list of
+    /// [`Registry::keys`] only when it changed.
+    generation: u64,
 }
 
 impl Registry {
     pub(crate) fn insert(&mut self, def: Definition) {
+        self.generation += 1;
         self.by_name
             .entry(def.name.clone())
             .or_default()
@@ -171,6 +175,11 @@ impl Registry {
     /// The latest registered version of `name`.
     pub(crate) fn latest(&self, name: &str) -> Option<&Definition> {
         self.by_name.get(name)?.values().max_by_key(|d| d.version)
+    }
+
+    /// Changes whenever the registered workflows do.
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation
     }
 
     pub(crate) fn keys(&self) -> Vec<(String, u32)> {

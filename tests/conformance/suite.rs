@@ -69,6 +69,18 @@ pub async fn typed_result(store: Arc<dyn Store>) {
     w.shutdown().await;
 }
 
+/// A worker started before any workflow was registered runs the ones
+/// registered after it.
+pub async fn workflows_registered_after_the_worker_starts_run(store: Arc<dyn Store>) {
+    let fluxo = Fluxo::from_store(Arc::clone(&store));
+    let w = worker(&fluxo);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    fluxo.register(Greet).unwrap();
+    let h = Greet::start(&fluxo, "late".into()).await.unwrap();
+    assert_eq!(h.result_timeout(WAIT).await.unwrap(), "hello late");
+    w.shutdown().await;
+}
+
 pub async fn steps_are_journaled_once(store: Arc<dyn Store>) {
     let (fluxo, w) = setup(&store);
     let h = Greet::start(&fluxo, "bo".into()).await.unwrap();
