@@ -120,11 +120,18 @@ impl Journal {
         self.index.push((e.seq, e.kind.clone(), self.bytes.len()));
     }
 
-    /// Gives back the room reserved for entries that did not come: what
+    /// Gives back the room no entry will take: a finished instance's
+    /// journal never grows again.
+    fn shrink(&mut self) {
+        self.bytes.shrink_to_fit();
+        self.index.shrink_to_fit();
+    }
+
+    /// Gives back the room a parked instance is not likely to need: what
     /// the first reservation left over (or an emptied journal kept). Room
     /// from doubling is kept, so a long journal that parks often is not
     /// copied at each park.
-    fn shrink(&mut self) {
+    fn shrink_spare(&mut self) {
         if self.bytes.capacity() > 2 * self.bytes.len() {
             self.bytes.shrink_to_fit();
         }
@@ -314,7 +321,7 @@ impl State {
                 } else {
                     inst.lease_owner = None;
                     inst.ready_at = wake_at;
-                    inst.history.shrink();
+                    inst.history.shrink_spare();
                 }
             }
             Transition::Release => {
