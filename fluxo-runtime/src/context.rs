@@ -288,12 +288,10 @@ impl WorkflowContext {
                     drop(_enter);
                     // The step ends with its entry written: the same lock
                     // records both.
-                    let ending = Some(guard);
-                    let extra = CommitExtra::default();
-                    let slice = std::slice::from_ref(&entry);
+                    let (entries, extra) = (std::slice::from_ref(&entry), CommitExtra::default());
                     if self
                         .inst
-                        .commit_ending(ending, seq, slice, extra)
+                        .commit_ending(Some(guard), seq, entries, extra)
                         .await
                         .is_none()
                     {

@@ -10,9 +10,9 @@ use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit};
 use crate::error::Failure;
 use crate::history::{to_stored, Entry, Event, Operation, Replay};
 use crate::shared::Shared;
-use smallvec::SmallVec;
-
-use crate::store::{Commit, CommitNow, CommitOutcome, Millis, NewInstance, StoreError, Transition};
+use crate::store::{
+    Commit, CommitNow, CommitOutcome, Millis, NewInstance, SmallVec, StoreError, Transition,
+};
 
 /// Why an instance stopped running on this worker before its function
 /// returned.

@@ -87,16 +87,16 @@ impl DueIndex {
     }
 }
 
+/// Room a journal starts with, in bytes and in entries: a short
+/// workflow's entries in one allocation each, instead of one per doubling.
+const JOURNAL_BYTES: usize = 1024;
+const JOURNAL_ENTRIES: usize = 16;
+
 /// An instance's journal: its entries' bytes end to end in one buffer, and
 /// where each entry ends. Appending copies an entry's bytes in, so the
 /// commit's own copy is freed at once and reused by the next (a step costs
 /// no allocation that lives on), and an entry takes 40 bytes besides its
 /// own instead of a separately allocated 64.
-/// Room a journal starts with: a short workflow's entries in one
-/// allocation each, instead of one per doubling.
-const JOURNAL_BYTES: usize = 1024;
-const JOURNAL_ENTRIES: usize = 16;
-
 #[derive(Default)]
 struct Journal {
     bytes: Vec<u8>,
@@ -229,15 +229,21 @@ impl Instance {
         }
     }
 
+    /// Stamps a change at `now`, never moving `updated_at` backwards (a
+    /// step's stamp comes from the coarse clock).
+    fn touch(&mut self, now: Millis) {
+        self.record.updated_at = self.record.updated_at.max(now);
+    }
+
     fn wake(&mut self, now: Millis) {
         self.inbox_seq += 1;
         self.ready_at = Some(now);
-        self.record.updated_at = self.record.updated_at.max(now);
+        self.touch(now);
     }
 
     fn finish(&mut self, status: InstanceStatus, now: Millis) {
         self.record.status = status;
-        self.record.updated_at = self.record.updated_at.max(now);
+        self.touch(now);
         self.lease_owner = None;
         self.ready_at = None;
         self.inbox.clear();
@@ -302,8 +308,7 @@ impl State {
         if let Some(sid) = c.consume_signal {
             inst.inbox.remove(&sid);
         }
-        // Never backwards: a step's stamp comes from the coarse clock.
-        inst.record.updated_at = inst.record.updated_at.max(now);
+        inst.touch(now);
         let cancel_requested = inst.record.cancel_requested;
         let mut outcome = CommitOutcome::Applied { cancel_requested };
         let mut finished_parent = None;
