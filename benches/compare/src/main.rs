@@ -17,6 +17,7 @@ mod durare_engine;
 mod duroxide_engine;
 mod floor;
 mod fluxo_engine;
+mod profile;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -100,6 +101,15 @@ struct Args {
     /// Also write the report (markdown) to this file.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Run every cell under a profiler (narrow the run with --engines,
+    /// --backends and --workloads): `perf` leaves `<cell>.perf.data` and a
+    /// flame graph `<cell>.svg`, `callgrind` a `<cell>.callgrind.out`, in
+    /// --profile-dir. The run's numbers then carry the profiler's overhead.
+    #[arg(long, value_enum)]
+    profile: Option<profile::Profiler>,
+    /// Where --profile writes its files.
+    #[arg(long, default_value = "profiles")]
+    profile_dir: PathBuf,
     /// Internal: run one cell (JSON spec) and print its result.
     #[arg(long, hide = true)]
     child: Option<String>,
@@ -122,6 +132,7 @@ struct Run {
     dir: PathBuf,
     counter: usize,
     admin: tokio::runtime::Runtime,
+    profiling: Option<profile::Profiling>,
 }
 
 /// One engine's setup in one cell: the engine and, for Fluxo's parked
@@ -170,12 +181,17 @@ fn parent(args: Args) -> Result<()> {
     let admin = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
+    let profiling = args
+        .profile
+        .map(|tool| profile::Profiling::new(tool, args.profile_dir.clone()))
+        .transpose()?;
     let mut run = Run {
         args,
         params,
         dir,
         counter: 0,
         admin,
+        profiling,
     };
     let reps = run.args.reps.unwrap_or(if quick { 1 } else { 3 }).max(1);
 
@@ -422,7 +438,7 @@ impl Run {
             self.recovery(spec)
         } else {
             let timeout = self.child_timeout();
-            run_child(&spec, timeout).map(|(r, _)| r)
+            run_child(&spec, timeout, self.profiling.as_ref()).map(|(r, _)| r)
         };
         self.cleanup(&target);
         result.map(|mut r| {
@@ -454,8 +470,9 @@ impl Run {
     /// workflow finished.
     fn recovery(&self, mut spec: Spec) -> Result<CellResult> {
         spec.mode = "load".into();
-        let mut load = spawn_child(&spec)?;
-        let lines = line_reader(load.stdout.take().expect("piped"));
+        let prof = self.profiling.as_ref();
+        let mut load = spawn_child(&spec, prof)?;
+        let lines = line_reader(load.process.stdout.take().expect("piped"));
         let deadline = Instant::now() + self.child_timeout();
         let steps_at_kill = loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -465,26 +482,28 @@ impl Run {
                         break n.trim().parse::<f64>().unwrap_or(f64::NAN);
                     }
                     if let Some(n) = line.strip_prefix("STALLED ") {
-                        let _ = load.kill();
-                        let _ = load.wait();
+                        load.kill();
+                        let _ = load.process.wait();
                         bail!("load child stalled after {n} steps");
                     }
                     if let Some(json) = line.strip_prefix("RESULT ") {
                         let r: CellResult = serde_json::from_str(json)?;
-                        let _ = load.kill();
-                        let _ = load.wait();
+                        load.kill();
+                        let _ = load.process.wait();
                         bail!("load child ended early: {}", r.error.unwrap_or_default());
                     }
                 }
                 Err(_) => {
-                    let _ = load.kill();
-                    let _ = load.wait();
+                    load.kill();
+                    let _ = load.process.wait();
                     bail!("load child never got its workflows in flight");
                 }
             }
         };
-        let status = load.wait()?;
-        {
+        let status = load.process.wait()?;
+        load.finish_profile(prof);
+        // (Under a profiler the child is the profiler, which outlives it.)
+        if prof.is_none() {
             use std::os::unix::process::ExitStatusExt as _;
             if status.signal() != Some(libc::SIGKILL) {
                 bail!("load child ended with {status}, not SIGKILL");
@@ -492,7 +511,7 @@ impl Run {
         }
         spec.mode = "resume".into();
         let t = Instant::now();
-        let (mut r, _) = run_child(&spec, self.child_timeout())?;
+        let (mut r, _) = run_child(&spec, self.child_timeout(), prof)?;
         r.set("wall_s", t.elapsed().as_secs_f64());
         r.set("steps_at_kill", steps_at_kill);
         let left = (spec.params.rec_workflows * spec.params.rec_steps) as f64 - steps_at_kill;
@@ -570,15 +589,70 @@ impl Run {
     }
 }
 
-fn spawn_child(spec: &Spec) -> Result<std::process::Child> {
+/// A cell's child process, and the file its profiler writes to if it runs
+/// under one.
+struct CellChild {
+    process: std::process::Child,
+    profile: Option<PathBuf>,
+}
+
+impl CellChild {
+    /// Kills the child (with its profiler, if any).
+    fn kill(&mut self) {
+        profile::kill(&mut self.process, self.profile.is_some());
+    }
+
+    /// Once the child has exited: makes what its profiler left viewable
+    /// and says where it is.
+    fn finish_profile(&self, prof: Option<&profile::Profiling>) {
+        if let (Some(prof), Some(out)) = (prof, &self.profile) {
+            match prof.finish(out) {
+                Ok(what) => eprint!("[profile: {what}] "),
+                Err(e) => eprint!("[profile {}: {e:#}] ", out.display()),
+            }
+        }
+    }
+}
+
+/// Starts the child process of one cell, under the profiler if there is
+/// one.
+fn spawn_child(spec: &Spec, prof: Option<&profile::Profiling>) -> Result<CellChild> {
     let exe = std::env::current_exe()?;
-    Ok(Command::new(exe)
+    let (mut cmd, profile) = match prof {
+        None => (Command::new(exe), None),
+        Some(prof) => {
+            let (cmd, out) = prof.command(&exe, &cell_name(spec));
+            (cmd, Some(out))
+        }
+    };
+    let process = cmd
         .arg("--child")
         .arg(serde_json::to_string(spec)?)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
-        .spawn()?)
+        .spawn()?;
+    Ok(CellChild { process, profile })
+}
+
+/// A cell's name in file names: workload, backend, engine (with its run
+/// number) and, for the recovery workload, which of its two children.
+fn cell_name(spec: &Spec) -> String {
+    let mut name = format!(
+        "{}-{}-{}",
+        spec.workload.name(),
+        spec.target.backend.name(),
+        spec.target.tag
+    );
+    if let Some(v) = &spec.variant {
+        name.push('-');
+        name.push_str(v);
+    }
+    if spec.mode != "run" {
+        name.push('-');
+        name.push_str(&spec.mode);
+    }
+    name
 }
 
 fn line_reader(stdout: std::process::ChildStdout) -> mpsc::Receiver<String> {
@@ -595,10 +669,14 @@ fn line_reader(stdout: std::process::ChildStdout) -> mpsc::Receiver<String> {
 }
 
 /// Runs a child to its RESULT line; kills it after `timeout`.
-fn run_child(spec: &Spec, timeout: Duration) -> Result<(CellResult, Duration)> {
+fn run_child(
+    spec: &Spec,
+    timeout: Duration,
+    prof: Option<&profile::Profiling>,
+) -> Result<(CellResult, Duration)> {
     let t = Instant::now();
-    let mut child = spawn_child(spec)?;
-    let lines = line_reader(child.stdout.take().expect("piped"));
+    let mut child = spawn_child(spec, prof)?;
+    let lines = line_reader(child.process.stdout.take().expect("piped"));
     let deadline = t + timeout;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
@@ -607,22 +685,26 @@ fn run_child(spec: &Spec, timeout: Duration) -> Result<(CellResult, Duration)> {
                 if let Some(json) = line.strip_prefix("RESULT ") {
                     let r: CellResult = serde_json::from_str(json)?;
                     let took = t.elapsed();
-                    // The child exits by itself; make sure.
-                    std::thread::sleep(Duration::from_millis(50));
-                    if child.try_wait()?.is_none() {
-                        let _ = child.kill();
+                    // The child exits by itself; make sure, unless a
+                    // profiler is still writing what it recorded.
+                    if child.profile.is_none() {
+                        std::thread::sleep(Duration::from_millis(50));
+                        if child.process.try_wait()?.is_none() {
+                            child.kill();
+                        }
                     }
-                    let _ = child.wait();
+                    let _ = child.process.wait();
+                    child.finish_profile(prof);
                     return Ok((r, took));
                 }
             }
             Err(mpsc::RecvTimeoutError::Timeout) => {
-                let _ = child.kill();
-                let _ = child.wait();
+                child.kill();
+                let _ = child.process.wait();
                 bail!("timed out after {:.0} s", timeout.as_secs_f64());
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => {
-                let status = child.wait()?;
+                let status = child.process.wait()?;
                 bail!("child exited without a result ({status})");
             }
         }
@@ -922,6 +1004,14 @@ fn report(
         "- {reps} repetition(s) of sequential/throughput/history, {} of parked/recovery, engines interleaved in each; medians shown; each cell a fresh process on fresh storage (Postgres: a new database per engine and run, dropped after); budget {:.0} s per cell; total {:.0} s",
         run.args.heavy_reps, p.budget_s, took.as_secs_f64()
     );
+    if let Some(prof) = &run.profiling {
+        let _ = writeln!(
+            s,
+            "- **profiled** under {:?} (files in {}): every number below carries the profiler's overhead",
+            prof.tool,
+            prof.dir.display()
+        );
+    }
     let _ = writeln!(s, "- Fluxo/peer: the ratio of the medians; for rows marked ↓ below 1 means Fluxo is better, for ↑ above 1 does\n");
 
     let _ = writeln!(s, "### Durability\n");
