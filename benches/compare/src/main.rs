@@ -110,6 +110,9 @@ struct Args {
     /// Where --profile writes its files.
     #[arg(long, default_value = "profiles")]
     profile_dir: PathBuf,
+    /// Samples per second for --profile perf.
+    #[arg(long, default_value_t = 999)]
+    profile_frequency: u32,
     /// Internal: run one cell (JSON spec) and print its result.
     #[arg(long, hide = true)]
     child: Option<String>,
@@ -183,7 +186,7 @@ fn parent(args: Args) -> Result<()> {
         .build()?;
     let profiling = args
         .profile
-        .map(|tool| profile::Profiling::new(tool, args.profile_dir.clone()))
+        .map(|tool| profile::Profiling::new(tool, args.profile_dir.clone(), args.profile_frequency))
         .transpose()?;
     let mut run = Run {
         args,

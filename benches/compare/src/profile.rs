@@ -18,7 +18,9 @@ use inferno::collapse::Collapse as _;
 /// A profiler to run the cells under.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Profiler {
-    /// `perf record` with DWARF call stacks, then a flame graph of them.
+    /// `perf record` with DWARF call stacks (8 KiB of stack a sample, so
+    /// some 16 MB a second of a busy cell at 999 Hz), then a flame graph of
+    /// them.
     Perf,
     /// `valgrind --tool=callgrind`: instruction counts per function.
     Callgrind,
@@ -29,11 +31,13 @@ pub enum Profiler {
 pub struct Profiling {
     pub tool: Profiler,
     pub dir: PathBuf,
+    /// `perf`'s samples per second.
+    pub frequency: u32,
 }
 
 impl Profiling {
     /// Creates the output directory and checks that the tool is installed.
-    pub fn new(tool: Profiler, dir: PathBuf) -> Result<Self> {
+    pub fn new(tool: Profiler, dir: PathBuf, frequency: u32) -> Result<Self> {
         let (program, package) = match tool {
             Profiler::Perf => ("perf", "linux-perf"),
             Profiler::Callgrind => ("valgrind", "valgrind"),
@@ -49,7 +53,11 @@ impl Profiling {
         }
         std::fs::create_dir_all(&dir)
             .with_context(|| format!("creating the profile directory {}", dir.display()))?;
-        Ok(Profiling { tool, dir })
+        Ok(Profiling {
+            tool,
+            dir,
+            frequency,
+        })
     }
 
     /// The command that runs `exe` under the profiler, its output in a file
@@ -60,17 +68,11 @@ impl Profiling {
             Profiler::Perf => {
                 let out = self.dir.join(format!("{cell}.perf.data"));
                 let mut cmd = Command::new("perf");
-                cmd.args([
-                    "record",
-                    "--quiet",
-                    "-F",
-                    "499",
-                    "--call-graph",
-                    "dwarf,8192",
-                    "-o",
-                ])
-                .arg(&out)
-                .arg("--");
+                cmd.args(["record", "--quiet", "--call-graph", "dwarf,8192", "-F"])
+                    .arg(self.frequency.to_string())
+                    .arg("-o")
+                    .arg(&out)
+                    .arg("--");
                 (cmd, out)
             }
             Profiler::Callgrind => {
