@@ -103,7 +103,7 @@ struct Args {
     out: Option<PathBuf>,
     /// Run every cell under a profiler (narrow the run with --engines,
     /// --backends and --workloads): `perf` leaves `<cell>.perf.data` and a
-    /// flame graph `<cell>.svg`, `callgrind` a `<cell>.callgrind.out`, in
+    /// flame graph `<cell>.perf.svg`, `callgrind` a `<cell>.callgrind.out`, in
     /// --profile-dir. The run's numbers then carry the profiler's overhead.
     #[arg(long, value_enum)]
     profile: Option<profile::Profiler>,
