@@ -102,15 +102,18 @@ struct Args {
     #[arg(long)]
     out: Option<PathBuf>,
     /// Run every cell under a profiler (narrow the run with --engines,
-    /// --backends and --workloads): `perf` leaves `<cell>.perf.data` and a
-    /// flame graph `<cell>.perf.svg`, `callgrind` a `<cell>.callgrind.out`, in
-    /// --profile-dir. The run's numbers then carry the profiler's overhead.
+    /// --backends and --workloads): `perf` leaves `<cell>.perf.data`, and a
+    /// flame graph `<cell>.perf.svg` drawn once the run is over; `callgrind`
+    /// a `<cell>.callgrind.out` (some fifty times slower: give it --quick or
+    /// a larger --budget). Files go to --profile-dir. The run's numbers then
+    /// carry the profiler's overhead.
     #[arg(long, value_enum)]
     profile: Option<profile::Profiler>,
     /// Where --profile writes its files.
     #[arg(long, default_value = "profiles")]
     profile_dir: PathBuf,
-    /// Samples per second for --profile perf.
+    /// Samples per second for --profile perf (callgrind counts every
+    /// instruction).
     #[arg(long, default_value_t = 999)]
     profile_frequency: u32,
     /// Internal: run one cell (JSON spec) and print its result.
@@ -135,6 +138,7 @@ struct Run {
     dir: PathBuf,
     counter: usize,
     admin: tokio::runtime::Runtime,
+    /// `--profile`: the profiler every cell runs under.
     profiling: Option<profile::Profiling>,
 }
 
@@ -175,6 +179,12 @@ fn parent(args: Args) -> Result<()> {
         duroxide_poll_ms: args.duroxide_poll_ms,
         duroxide_concurrency: args.duroxide_concurrency,
     };
+    // Checked before anything is made: a profiler that cannot run stops
+    // the run at once.
+    let profiling = args
+        .profile
+        .map(|tool| profile::Profiling::new(tool, args.profile_dir.clone(), args.profile_frequency))
+        .transpose()?;
     let dir = args
         .dir
         .clone()
@@ -184,10 +194,6 @@ fn parent(args: Args) -> Result<()> {
     let admin = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let profiling = args
-        .profile
-        .map(|tool| profile::Profiling::new(tool, args.profile_dir.clone(), args.profile_frequency))
-        .transpose()?;
     let mut run = Run {
         args,
         params,
@@ -287,6 +293,9 @@ fn parent(args: Args) -> Result<()> {
         std::fs::write(out, &report).with_context(|| format!("writing {}", out.display()))?;
     }
     let _ = std::fs::remove_dir_all(&run.dir);
+    if let Some(prof) = &run.profiling {
+        prof.finish();
+    }
     Ok(())
 }
 
@@ -486,27 +495,26 @@ impl Run {
                     }
                     if let Some(n) = line.strip_prefix("STALLED ") {
                         load.kill();
-                        let _ = load.process.wait();
+                        let _ = load.wait();
                         bail!("load child stalled after {n} steps");
                     }
                     if let Some(json) = line.strip_prefix("RESULT ") {
-                        let r: CellResult = serde_json::from_str(json)?;
                         load.kill();
-                        let _ = load.process.wait();
+                        let _ = load.wait();
+                        let r: CellResult = serde_json::from_str(json)?;
                         bail!("load child ended early: {}", r.error.unwrap_or_default());
                     }
                 }
                 Err(_) => {
                     load.kill();
-                    let _ = load.process.wait();
+                    let _ = load.wait();
                     bail!("load child never got its workflows in flight");
                 }
             }
         };
-        let status = load.process.wait()?;
-        load.finish_profile(prof);
-        // (Under a profiler the child is the profiler, which outlives it.)
-        if prof.is_none() {
+        let status = load.wait()?;
+        // (`perf record` and valgrind end the same way as their cell.)
+        {
             use std::os::unix::process::ExitStatusExt as _;
             if status.signal() != Some(libc::SIGKILL) {
                 bail!("load child ended with {status}, not SIGKILL");
@@ -592,40 +600,44 @@ impl Run {
     }
 }
 
-/// A cell's child process, and the file its profiler writes to if it runs
-/// under one.
-struct CellChild {
+/// A cell's child process and, when it runs under a profiler, the
+/// profiler and the file it writes.
+struct CellChild<'a> {
     process: std::process::Child,
-    profile: Option<PathBuf>,
+    profiled: Option<(&'a profile::Profiling, PathBuf)>,
 }
 
-impl CellChild {
-    /// Kills the child (with its profiler, if any).
+impl CellChild<'_> {
+    /// Kills the child; a profiled one is stopped so that its profiler
+    /// still writes what it recorded.
     fn kill(&mut self) {
-        profile::kill(&mut self.process, self.profile.is_some());
+        match self.profiled {
+            None => {
+                let _ = self.process.kill();
+            }
+            Some(_) => profile::stop(&mut self.process),
+        }
     }
 
-    /// Once the child has exited: makes what its profiler left viewable
-    /// and says where it is.
-    fn finish_profile(&self, prof: Option<&profile::Profiling>) {
-        if let (Some(prof), Some(out)) = (prof, &self.profile) {
-            match prof.finish(out) {
-                Ok(what) => eprint!("[profile: {what}] "),
-                Err(e) => eprint!("[profile {}: {e:#}] ", out.display()),
-            }
+    /// Waits for the child to exit and notes its profile, if any.
+    fn wait(&mut self) -> std::io::Result<std::process::ExitStatus> {
+        let status = self.process.wait();
+        if let Some((prof, out)) = self.profiled.take() {
+            prof.recorded(out);
         }
+        status
     }
 }
 
 /// Starts the child process of one cell, under the profiler if there is
 /// one.
-fn spawn_child(spec: &Spec, prof: Option<&profile::Profiling>) -> Result<CellChild> {
+fn spawn_child<'a>(spec: &Spec, prof: Option<&'a profile::Profiling>) -> Result<CellChild<'a>> {
     let exe = std::env::current_exe()?;
-    let (mut cmd, profile) = match prof {
+    let (mut cmd, profiled) = match prof {
         None => (Command::new(exe), None),
         Some(prof) => {
             let (cmd, out) = prof.command(&exe, &cell_name(spec));
-            (cmd, Some(out))
+            (cmd, Some((prof, out)))
         }
     };
     let process = cmd
@@ -635,7 +647,7 @@ fn spawn_child(spec: &Spec, prof: Option<&profile::Profiling>) -> Result<CellChi
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()?;
-    Ok(CellChild { process, profile })
+    Ok(CellChild { process, profiled })
 }
 
 /// A cell's name in file names: workload, backend, engine (with its run
@@ -686,28 +698,36 @@ fn run_child(
         match lines.recv_timeout(left) {
             Ok(line) => {
                 if let Some(json) = line.strip_prefix("RESULT ") {
-                    let r: CellResult = serde_json::from_str(json)?;
+                    let r: CellResult = match serde_json::from_str(json) {
+                        Ok(r) => r,
+                        Err(e) => {
+                            child.kill();
+                            let _ = child.wait();
+                            return Err(e.into());
+                        }
+                    };
                     let took = t.elapsed();
-                    // The child exits by itself; make sure, unless a
-                    // profiler is still writing what it recorded.
-                    if child.profile.is_none() {
+                    // The child exits by itself; make sure. A profiler
+                    // gets time to write what it recorded first.
+                    if child.profiled.is_some() {
+                        profile::wait_for_writes(&mut child.process);
+                    } else {
                         std::thread::sleep(Duration::from_millis(50));
                         if child.process.try_wait()?.is_none() {
                             child.kill();
                         }
                     }
-                    let _ = child.process.wait();
-                    child.finish_profile(prof);
+                    let _ = child.wait();
                     return Ok((r, took));
                 }
             }
             Err(mpsc::RecvTimeoutError::Timeout) => {
                 child.kill();
-                let _ = child.process.wait();
+                let _ = child.wait();
                 bail!("timed out after {:.0} s", timeout.as_secs_f64());
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => {
-                let status = child.process.wait()?;
+                let status = child.wait()?;
                 bail!("child exited without a result ({status})");
             }
         }
@@ -1010,8 +1030,8 @@ fn report(
     if let Some(prof) = &run.profiling {
         let _ = writeln!(
             s,
-            "- **profiled** under {:?} (files in {}): every number below carries the profiler's overhead",
-            prof.tool,
+            "- **profiled** (`--profile {}`, files in {}): every cell ran under the profiler and its numbers carry its overhead (the fsync and bare-commit probes ran outside it)",
+            prof.tool.name(),
             prof.dir.display()
         );
     }

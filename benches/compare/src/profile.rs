@@ -7,10 +7,12 @@
 //! Numbers measured under a profiler carry its overhead (callgrind runs the
 //! cell some fifty times slower): profile a run, do not report it.
 
+use std::ffi::OsString;
 use std::io::{BufReader, BufWriter};
-use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
 use inferno::collapse::Collapse as _;
@@ -18,38 +20,66 @@ use inferno::collapse::Collapse as _;
 /// A profiler to run the cells under.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Profiler {
-    /// `perf record` with DWARF call stacks (8 KiB of stack a sample, so
-    /// some 16 MB a second of a busy cell at 999 Hz), then a flame graph of
-    /// them.
+    /// `perf record` with DWARF call stacks (8 KiB of stack a sample: some
+    /// 8 MB a second for each busy thread at 999 Hz), then a flame graph
+    /// of them.
     Perf,
     /// `valgrind --tool=callgrind`: instruction counts per function.
     Callgrind,
 }
 
-/// Where and how the cells are profiled.
-#[derive(Debug, Clone)]
-pub struct Profiling {
-    pub tool: Profiler,
-    pub dir: PathBuf,
-    /// `perf`'s samples per second.
-    pub frequency: u32,
+impl Profiler {
+    /// The name `--profile` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Profiler::Perf => "perf",
+            Profiler::Callgrind => "callgrind",
+        }
+    }
 }
 
+/// Where and how the cells are profiled.
+#[derive(Debug)]
+pub struct Profiling {
+    /// The profiler.
+    pub tool: Profiler,
+    /// Where its files go.
+    pub dir: PathBuf,
+    /// `perf`'s samples per second.
+    frequency: u32,
+    /// The files written so far, in order; `perf`'s are drawn as flame
+    /// graphs once the run is over, so that drawing one never falls inside
+    /// a timed part of a cell (a recovery cell times its second process
+    /// from the first one's death).
+    recorded: Mutex<Vec<PathBuf>>,
+}
+
+/// How long a profiler may take to write what it recorded once its cell
+/// has ended or was asked to stop.
+const WRITE_GRACE: Duration = Duration::from_secs(60);
+
 impl Profiling {
-    /// Creates the output directory and checks that the tool is installed.
+    /// Checks that the tool is installed and allowed to record, and
+    /// creates the output directory.
     pub fn new(tool: Profiler, dir: PathBuf, frequency: u32) -> Result<Self> {
-        let (program, package) = match tool {
-            Profiler::Perf => ("perf", "linux-perf"),
-            Profiler::Callgrind => ("valgrind", "valgrind"),
+        let (program, check): (&str, &[&str]) = match tool {
+            Profiler::Perf => ("perf", &["record", "-q", "-o", "/dev/null", "--", "true"]),
+            Profiler::Callgrind => ("valgrind", &["--version"]),
         };
-        let found = Command::new(program)
-            .arg("--version")
+        let ok = Command::new(program)
+            .args(check)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status()
             .is_ok_and(|s| s.success());
-        if !found {
-            bail!("--profile needs `{program}` (Debian package {package})");
+        if !ok {
+            bail!(
+                "--profile {} needs `{program}` installed (Debian: linux-perf or valgrind) \
+                 and allowed to record (`{program} {}` failed; for perf, see \
+                 /proc/sys/kernel/perf_event_paranoid)",
+                tool.name(),
+                check.join(" ")
+            );
         }
         std::fs::create_dir_all(&dir)
             .with_context(|| format!("creating the profile directory {}", dir.display()))?;
@@ -57,49 +87,70 @@ impl Profiling {
             tool,
             dir,
             frequency,
+            recorded: Mutex::new(Vec::new()),
         })
     }
 
     /// The command that runs `exe` under the profiler, its output in a file
-    /// named for `cell`, and that file. The child gets a process group of
-    /// its own, so that [`kill`] stops the profiler and the cell together.
+    /// named for `cell`, and that file.
     pub fn command(&self, exe: &Path, cell: &str) -> (Command, PathBuf) {
-        let (mut cmd, out) = match self.tool {
+        let mut cmd = match self.tool {
             Profiler::Perf => {
-                let out = self.dir.join(format!("{cell}.perf.data"));
                 let mut cmd = Command::new("perf");
                 cmd.args(["record", "--quiet", "--call-graph", "dwarf,8192", "-F"])
-                    .arg(self.frequency.to_string())
-                    .arg("-o")
-                    .arg(&out)
-                    .arg("--");
-                (cmd, out)
+                    .arg(self.frequency.to_string());
+                cmd
+            }
+            Profiler::Callgrind => {
+                let mut cmd = Command::new("valgrind");
+                cmd.args(["--tool=callgrind", "--quiet"]);
+                cmd
+            }
+        };
+        let out = match self.tool {
+            Profiler::Perf => {
+                let out = self.dir.join(format!("{cell}.perf.data"));
+                cmd.arg("-o").arg(&out).arg("--");
+                out
             }
             Profiler::Callgrind => {
                 let out = self.dir.join(format!("{cell}.callgrind.out"));
-                let mut cmd = Command::new("valgrind");
-                cmd.args(["--tool=callgrind", "--quiet"])
-                    .arg(format!("--callgrind-out-file={}", out.display()));
-                (cmd, out)
+                let mut arg = OsString::from("--callgrind-out-file=");
+                arg.push(&out);
+                cmd.arg(arg);
+                out
             }
         };
-        cmd.arg(exe).process_group(0);
+        cmd.arg(exe);
         (cmd, out)
     }
 
-    /// After the cell's child exited: for `perf`, renders the flame graph
-    /// of `out` beside it. Returns what to look at.
-    pub fn finish(&self, out: &Path) -> Result<String> {
-        match self.tool {
-            Profiler::Callgrind => Ok(format!("callgrind_annotate {}", out.display())),
-            Profiler::Perf => {
-                let svg = out.with_extension("svg");
-                flame_graph(out, &svg)?;
-                Ok(format!(
-                    "{} (perf report -i {})",
-                    svg.display(),
-                    out.display()
-                ))
+    /// Notes that the child writing `out` has exited.
+    pub fn recorded(&self, out: PathBuf) {
+        self.recorded
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(out);
+    }
+
+    /// Once the run is over: draws the flame graph of every `perf` file and
+    /// prints what to look at.
+    pub fn finish(&self) {
+        let recorded =
+            std::mem::take(&mut *self.recorded.lock().unwrap_or_else(|e| e.into_inner()));
+        eprintln!("profiles ({}):", self.dir.display());
+        for out in recorded {
+            match self.tool {
+                Profiler::Callgrind => eprintln!("  callgrind_annotate {}", out.display()),
+                Profiler::Perf => {
+                    let svg = out.with_extension("svg");
+                    match flame_graph(&out, &svg) {
+                        Ok(()) => {
+                            eprintln!("  {} (perf report -i {})", svg.display(), out.display())
+                        }
+                        Err(e) => eprintln!("  {}: no flame graph: {e:#}", out.display()),
+                    }
+                }
             }
         }
     }
@@ -107,19 +158,19 @@ impl Profiling {
 
 /// Folds the stacks `perf script` prints for `data` and draws them to `svg`.
 fn flame_graph(data: &Path, svg: &Path) -> Result<()> {
+    // Inlined frames are left out: expanding them runs addr2line on every
+    // address, which takes minutes on DWARF stacks.
     let mut script = Command::new("perf")
-        .args(["script", "-i"])
+        .args(["script", "--no-inline", "-i"])
         .arg(data)
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
         .spawn()
         .context("running perf script")?;
     let stacks = BufReader::new(script.stdout.take().context("perf script's output")?);
     let mut folded = Vec::new();
-    inferno::collapse::perf::Folder::default()
-        .collapse(stacks, &mut folded)
-        .context("folding perf script's stacks")?;
+    let collapsed = inferno::collapse::perf::Folder::default().collapse(stacks, &mut folded);
     let status = script.wait()?;
+    collapsed.context("folding perf script's stacks")?;
     if !status.success() {
         bail!("perf script -i {} failed ({status})", data.display());
     }
@@ -133,15 +184,38 @@ fn flame_graph(data: &Path, svg: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Kills `child` and, when it leads a process group of its own (a profiled
-/// cell: the profiler and the cell under it), the whole group.
-pub fn kill(child: &mut Child, profiled: bool) {
-    if profiled {
-        // SAFETY: `killpg` only sends a signal; the group is the child's own.
-        unsafe {
-            libc::killpg(child.id() as libc::pid_t, libc::SIGKILL);
-        }
-    } else {
+/// Stops a profiled child so that its profiler still writes what it
+/// recorded: SIGINT, which `perf record` answers by ending its cell with
+/// SIGTERM and writing its data, and a cell under valgrind by ending with
+/// callgrind's output written; SIGKILL if it has not exited within
+/// [`WRITE_GRACE`]. (Killed then, `perf` would leave its cell running.)
+pub fn stop(child: &mut Child) {
+    // SAFETY: `kill` only sends a signal, to a child not yet waited for,
+    // so its pid is still its own.
+    unsafe {
+        libc::kill(child.id() as libc::pid_t, libc::SIGINT);
+    }
+    if !exits_within(child, WRITE_GRACE) {
         let _ = child.kill();
+    }
+}
+
+/// Waits up to `limit` for `child` to exit; whether it did.
+pub fn exits_within(child: &mut Child, limit: Duration) -> bool {
+    let end = Instant::now() + limit;
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => return true,
+            Ok(None) if Instant::now() < end => std::thread::sleep(Duration::from_millis(20)),
+            _ => return false,
+        }
+    }
+}
+
+/// After a profiled cell's RESULT: waits for its profiler to write what it
+/// recorded, and stops it if that takes longer than [`WRITE_GRACE`].
+pub fn wait_for_writes(child: &mut Child) {
+    if !exits_within(child, WRITE_GRACE) {
+        stop(child);
     }
 }
