@@ -603,7 +603,9 @@ impl Run {
 /// A cell's child process and, when it runs under a profiler, the
 /// profiler and the file it writes.
 struct CellChild<'a> {
+    /// The child: the harness binary, or the profiler running it.
     process: std::process::Child,
+    /// The profiler and its output file, until the child has exited.
     profiled: Option<(&'a profile::Profiling, PathBuf)>,
 }
 
