@@ -438,24 +438,25 @@ impl Instance {
             Ok(CommitOutcome::LeaseLost) => Err(Abort::LeaseLost),
             Err(e) => Err(Abort::Store(e)),
         };
+        let mut ending = ending;
         let mut wake_runner = false;
-        let (written, ending) = match (written, ending) {
-            (Ok(written), ending) => {
+        let written = match written {
+            Ok(written) => {
                 st.next_event_id += (lazy + events.len()) as u64;
                 if lazy > 0 {
                     st.lazy.drain(..lazy);
                 }
-                if let Some(op) = ending {
+                if let Some(op) = ending.take() {
                     wake_runner = op.end(&mut st);
                 }
-                (Some(written), None)
+                Some(written)
             }
-            (Err(reason), ending) => {
+            Err(reason) => {
                 // Set under the lock that passes the turn on: a commit
                 // waiting for it sees the abort and writes nothing.
                 st.abort.get_or_insert(reason);
                 wake_runner = true;
-                (None, ending)
+                None
             }
         };
         let wake_committers = turn.pass(&mut st);
@@ -746,21 +747,23 @@ impl CommitTurn<'_> {
     /// the lock is let go.
     fn pass(self, st: &mut State) -> bool {
         std::mem::forget(self);
-        st.committing = false;
-        std::mem::take(&mut st.commit_waited)
+        pass_turn(st)
     }
 }
 
 impl Drop for CommitTurn<'_> {
     fn drop(&mut self) {
-        let mut st = self.0.state();
-        st.committing = false;
-        let waited = std::mem::take(&mut st.commit_waited);
-        drop(st);
+        let waited = pass_turn(&mut self.0.state());
         if waited {
             self.0.commit_done.notify_waiters();
         }
     }
+}
+
+/// Frees the turn to commit; see [`CommitTurn::pass`].
+fn pass_turn(st: &mut State) -> bool {
+    st.committing = false;
+    std::mem::take(&mut st.commit_waited)
 }
 
 /// Whether `result` is a backend error (connection lost, server

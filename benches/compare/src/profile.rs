@@ -94,31 +94,24 @@ impl Profiling {
     /// The command that runs `exe` under the profiler, its output in a file
     /// named for `cell`, and that file.
     pub fn command(&self, exe: &Path, cell: &str) -> (Command, PathBuf) {
-        let mut cmd = match self.tool {
-            Profiler::Perf => {
-                let mut cmd = Command::new("perf");
-                cmd.args(["record", "--quiet", "--call-graph", "dwarf,8192", "-F"])
-                    .arg(self.frequency.to_string());
-                cmd
-            }
-            Profiler::Callgrind => {
-                let mut cmd = Command::new("valgrind");
-                cmd.args(["--tool=callgrind", "--quiet"]);
-                cmd
-            }
-        };
-        let out = match self.tool {
+        let (mut cmd, out) = match self.tool {
             Profiler::Perf => {
                 let out = self.dir.join(format!("{cell}.perf.data"));
-                cmd.arg("-o").arg(&out).arg("--");
-                out
+                let mut cmd = Command::new("perf");
+                cmd.args(["record", "--quiet", "--call-graph", "dwarf,8192", "-F"])
+                    .arg(self.frequency.to_string())
+                    .arg("-o")
+                    .arg(&out)
+                    .arg("--");
+                (cmd, out)
             }
             Profiler::Callgrind => {
                 let out = self.dir.join(format!("{cell}.callgrind.out"));
-                let mut arg = OsString::from("--callgrind-out-file=");
-                arg.push(&out);
-                cmd.arg(arg);
-                out
+                let mut file = OsString::from("--callgrind-out-file=");
+                file.push(&out);
+                let mut cmd = Command::new("valgrind");
+                cmd.args(["--tool=callgrind", "--quiet"]).arg(file);
+                (cmd, out)
             }
         };
         cmd.arg(exe);
@@ -201,7 +194,7 @@ pub fn stop(child: &mut Child) {
 }
 
 /// Waits up to `limit` for `child` to exit; whether it did.
-pub fn exits_within(child: &mut Child, limit: Duration) -> bool {
+fn exits_within(child: &mut Child, limit: Duration) -> bool {
     let end = Instant::now() + limit;
     loop {
         match child.try_wait() {

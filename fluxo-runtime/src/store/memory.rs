@@ -182,6 +182,12 @@ impl MemoryStore {
         Self::default()
     }
 
+    /// Applies `commit`, stamped with its time (read before the lock).
+    fn apply(&self, commit: Commit) -> StoreResult<CommitOutcome> {
+        let now = commit_time(&commit);
+        self.lock().apply(commit, now)
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         // A poisoned lock only means another thread panicked mid-update of
         // plain data; the state itself is still usable.
@@ -533,13 +539,11 @@ impl Store for MemoryStore {
     }
 
     async fn commit(&self, commit: Commit) -> StoreResult<CommitOutcome> {
-        let now = commit_time(&commit);
-        self.lock().apply(commit, now)
+        self.apply(commit)
     }
 
     fn commit_now(&self, commit: Commit) -> CommitNow {
-        let now = commit_time(&commit);
-        CommitNow::Done(self.lock().apply(commit, now))
+        CommitNow::Done(self.apply(commit))
     }
 
     async fn send_signal(&self, id: &str, name: &str, payload: Vec<u8>) -> StoreResult<u64> {

@@ -992,7 +992,7 @@ async fn a_refused_create_fails_alone() {
     let Some(db) = test_store_from_env().await else {
         return;
     };
-    let counts = &db.inner.creates.counts();
+    let counts = db.inner.creates.counts();
     let (written, refused) = (
         counts.written.load(Ordering::Relaxed),
         counts.refused.load(Ordering::Relaxed),
