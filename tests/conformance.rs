@@ -24,6 +24,7 @@ backend_tests!(
     cancellation,
     cancellation_cascades_to_children,
     idempotent_start_by_id,
+    default_ids_sort_by_start,
     non_determinism_is_detected,
     undecodable_input,
     undecodable_signal,

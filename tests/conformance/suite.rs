@@ -306,6 +306,33 @@ pub async fn idempotent_start_by_id(store: Arc<dyn Store>) {
     w.shutdown().await;
 }
 
+/// An instance started without an id gets a version 7 UUID, so ids sort by
+/// start: instances started together sit together in a store's indexes.
+pub async fn default_ids_sort_by_start(store: Arc<dyn Store>) {
+    let (fluxo, w) = setup(&store);
+    let mut ids = Vec::new();
+    for i in 0..20 {
+        let h = Greet::start(&fluxo, format!("n{i}")).await.unwrap();
+        ids.push(h.id().to_owned());
+    }
+    for id in &ids {
+        let b = id.as_bytes();
+        assert!(
+            b.len() == 36 && b[14] == b'7' && matches!(b[19], b'8' | b'9' | b'a' | b'b'),
+            "{id} is not a version 7 UUID"
+        );
+    }
+    assert!(
+        ids.windows(2).all(|p| p[0] < p[1]),
+        "ids do not sort by start: {ids:?}"
+    );
+    for (i, id) in ids.iter().enumerate() {
+        let h = Greet::handle(&fluxo, id);
+        assert_eq!(h.result_timeout(WAIT).await.unwrap(), format!("hello n{i}"));
+    }
+    w.shutdown().await;
+}
+
 pub async fn non_determinism_is_detected(store: Arc<dyn Store>) {
     let v1 = Fluxo::from_store(Arc::clone(&store));
     v1.register(EvolvingV1).unwrap();
