@@ -1233,6 +1233,52 @@ mod tests {
         remove_db(&path);
     }
 
+    /// The log is grown with zeros on open, and a log a killed process left
+    /// (frames not yet checkpointed) is still read whole, grown, and read
+    /// again after the next restart.
+    #[tokio::test]
+    async fn the_write_ahead_log_is_grown_on_open_and_a_killed_process_log_still_reads() {
+        let wal_len = |db: &Path| {
+            let mut p = db.as_os_str().to_owned();
+            p.push("-wal");
+            std::fs::metadata(PathBuf::from(p)).map_or(0, |m| m.len())
+        };
+        // 1,250 frames of 4 KiB pages: the size a log reaches between
+        // checkpoints, with room for a large commit.
+        let grown = 32 + 1_250 * (4_096 + 24);
+        let db = TempDb::new().await;
+        assert_eq!(wal_len(&db.path), grown);
+        let c = started(&db, "killed").await;
+        let commit = Commit {
+            instance_id: c.record.id.as_str().into(),
+            lease_token: c.lease_token,
+            events: vec![event(0), event(1), event(2)].into(),
+            ..Commit::default()
+        };
+        db.commit(commit).await.expect("commit");
+        assert_eq!(wal_len(&db.path), grown, "commits overwrite the zeros");
+
+        // What a process killed now leaves on disk: the database and its
+        // log, with the commits in the log only.
+        let copy = TempDb::path();
+        for suffix in ["", "-wal"] {
+            let (mut from, mut to) = (db.path.as_os_str().to_owned(), copy.as_os_str().to_owned());
+            from.push(suffix);
+            to.push(suffix);
+            std::fs::copy(PathBuf::from(from), PathBuf::from(to)).expect("copy");
+        }
+        for _ in 0..2 {
+            let store = SqliteStore::open(&copy).await.expect("open the copy");
+            assert_eq!(wal_len(&copy), grown);
+            assert_eq!(
+                store.load_history(&c.record.id).await.expect("history"),
+                vec![event(0), event(1), event(2)]
+            );
+            store.close().await;
+        }
+        remove_db(&copy);
+    }
+
     #[tokio::test]
     async fn duplicate_journal_row_is_a_conflict_and_writes_nothing() {
         let db = TempDb::new().await;
