@@ -1233,22 +1233,42 @@ mod tests {
         remove_db(&path);
     }
 
-    /// The log is grown with zeros on open, and a log a killed process left
-    /// (frames not yet checkpointed) is still read whole, grown, and read
-    /// again after the next restart.
+    /// Removes a database's files when dropped.
+    struct Files(PathBuf);
+
+    impl Drop for Files {
+        fn drop(&mut self) {
+            remove_db(&self.0);
+        }
+    }
+
+    fn wal_len(db: &Path) -> u64 {
+        let mut p = db.as_os_str().to_owned();
+        p.push("-wal");
+        std::fs::metadata(PathBuf::from(p)).map_or(0, |m| m.len())
+    }
+
+    /// The size [`open::presize_wal`] grows a log to, from the database's
+    /// page size and checkpoint interval.
+    fn grown_wal_len(conn: &rusqlite::Connection) -> u64 {
+        let page: u64 = conn
+            .pragma_query_value(None, "page_size", |r| r.get(0))
+            .unwrap();
+        let pages: u64 = conn
+            .pragma_query_value(None, "wal_autocheckpoint", |r| r.get(0))
+            .unwrap();
+        32 + (pages + pages / 4) * (page + 24)
+    }
+
+    /// At `FULL` the log is grown with zeros on open and commits overwrite
+    /// them; at `NORMAL` (no flush per commit) it is left to grow.
     #[tokio::test]
-    async fn the_write_ahead_log_is_grown_on_open_and_a_killed_process_log_still_reads() {
-        let wal_len = |db: &Path| {
-            let mut p = db.as_os_str().to_owned();
-            p.push("-wal");
-            std::fs::metadata(PathBuf::from(p)).map_or(0, |m| m.len())
-        };
-        // 1,250 frames of 4 KiB pages: the size a log reaches between
-        // checkpoints, with room for a large commit.
-        let grown = 32 + 1_250 * (4_096 + 24);
+    async fn the_write_ahead_log_is_grown_on_open_at_full_only() {
         let db = TempDb::new().await;
+        let grown = grown_wal_len(&rusqlite::Connection::open(&db.path).unwrap());
+        assert!(grown > 4 << 20, "{grown}");
         assert_eq!(wal_len(&db.path), grown);
-        let c = started(&db, "killed").await;
+        let c = started(&db, "grown").await;
         let commit = Commit {
             instance_id: c.record.id.as_str().into(),
             lease_token: c.lease_token,
@@ -1257,26 +1277,71 @@ mod tests {
         };
         db.commit(commit).await.expect("commit");
         assert_eq!(wal_len(&db.path), grown, "commits overwrite the zeros");
+        assert_eq!(
+            db.load_history(&c.record.id).await.expect("history"),
+            vec![event(0), event(1), event(2)]
+        );
 
-        // What a process killed now leaves on disk: the database and its
-        // log, with the commits in the log only.
-        let copy = TempDb::path();
+        let normal = Files(TempDb::path());
+        let store =
+            SqliteStore::open_with(SqliteOptions::new(&normal.0).synchronous(Synchronous::Normal))
+                .await
+                .expect("open");
+        assert!(wal_len(&normal.0) < 1 << 20, "{}", wal_len(&normal.0));
+        store.close().await;
+    }
+
+    /// A log a killed process left, with commits in its frames only, is
+    /// read whole when a store opens the file and grows the log behind
+    /// those frames, and the file passes SQLite's integrity check.
+    #[tokio::test]
+    async fn a_killed_process_log_is_recovered_then_grown() {
+        let killed = Files(TempDb::path());
+        let copy = Files(TempDb::path());
+        let conn = rusqlite::Connection::open(&killed.0).unwrap();
+        conn.pragma_update(None, "journal_mode", "WAL").unwrap();
+        conn.pragma_update(None, "synchronous", "FULL").unwrap();
+        conn.execute_batch("CREATE TABLE kept (n INTEGER NOT NULL)")
+            .unwrap();
+        for n in 0..200 {
+            conn.execute("INSERT INTO kept VALUES (?1)", [n]).unwrap();
+        }
+        // What the process leaves if killed now: the database and a log
+        // that ends with its last frame.
+        let frames_end = wal_len(&killed.0);
+        assert!(frames_end > 0);
         for suffix in ["", "-wal"] {
-            let (mut from, mut to) = (db.path.as_os_str().to_owned(), copy.as_os_str().to_owned());
+            let (mut from, mut to) = (
+                killed.0.as_os_str().to_owned(),
+                copy.0.as_os_str().to_owned(),
+            );
             from.push(suffix);
             to.push(suffix);
             std::fs::copy(PathBuf::from(from), PathBuf::from(to)).expect("copy");
         }
-        for _ in 0..2 {
-            let store = SqliteStore::open(&copy).await.expect("open the copy");
-            assert_eq!(wal_len(&copy), grown);
-            assert_eq!(
-                store.load_history(&c.record.id).await.expect("history"),
-                vec![event(0), event(1), event(2)]
-            );
-            store.close().await;
-        }
-        remove_db(&copy);
+        drop(conn);
+
+        let store = SqliteStore::open(&copy.0).await.expect("open the copy");
+        let check = rusqlite::Connection::open(&copy.0).unwrap();
+        assert_eq!(wal_len(&copy.0), grown_wal_len(&check));
+        let (count, sum): (i64, i64) = check
+            .query_row("SELECT count(*), sum(n) FROM kept", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .unwrap();
+        assert_eq!((count, sum), (200, (0..200).sum()));
+        let ok: String = check
+            .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(ok, "ok");
+        // The store works on the file.
+        let c = started(&store, "recovered").await;
+        assert_eq!(
+            store.load_history(&c.record.id).await.expect("history"),
+            vec![]
+        );
+        drop(check);
+        store.close().await;
     }
 
     #[tokio::test]

@@ -1,7 +1,7 @@
 //! Opening connections and migrating the schema.
 
 use std::fs::OpenOptions;
-use std::os::unix::fs::FileExt;
+use std::io::{Seek, SeekFrom, Write};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -71,80 +71,14 @@ impl Opener {
             }
         }
         migrate(&mut conn)?;
-        if self.path.is_some() {
+        // Only a `FULL` commit flushes the log; at `NORMAL` growing it
+        // costs nothing a commit waits for.
+        if self.path.is_some() && self.synchronous == Synchronous::Full {
             presize_wal(&mut conn)?;
         }
         Ok(conn)
     }
 }
-
-/// Grows the write-ahead log to the size it reaches between checkpoints,
-/// with zeros, once, so that commits overwrite blocks the file already has.
-///
-/// A commit that appends to the log must also make the file's new size
-/// durable, which on ext4 costs a journal commit on top of the data flush:
-/// about twice a commit that overwrites (see BENCHMARKS.md). SQLite
-/// starts the log over after each checkpoint but only ever grows it by
-/// appending, so a fresh database, and every database once its last
-/// connection closed (which deletes the log), would pay that for its first
-/// thousand pages. Postgres zero-fills its WAL segments for the same
-/// reason (`wal_init_zero`).
-///
-/// The zeros are not frames: SQLite reads a log up to its first frame whose
-/// salt and checksum do not match, and rewrites the header when it starts
-/// the log over. The bytes are appended under the write lock, which every
-/// connection that appends to, restarts or truncates the log must hold, so
-/// no other connection or process changes the file meanwhile. SQLite keeps
-/// no POSIX lock on the log file itself (its locks are on the database and
-/// the shared-memory file), so opening and closing it here releases none.
-fn presize_wal(conn: &mut Connection) -> StoreResult<()> {
-    let page_size: i64 = conn
-        .pragma_query_value(None, "page_size", |row| row.get(0))
-        .map_err(db_err)?;
-    let checkpoint_pages: i64 = conn
-        .pragma_query_value(None, "wal_autocheckpoint", |row| row.get(0))
-        .map_err(db_err)?;
-    if checkpoint_pages <= 0 {
-        return Ok(());
-    }
-    // A log passes the checkpoint threshold by up to one commit's frames;
-    // a quarter more covers a large group commit.
-    let frames = checkpoint_pages + checkpoint_pages / 4;
-    let target = (WAL_HEADER + frames * (page_size + WAL_FRAME_HEADER)) as u64;
-    let tx = conn
-        .transaction_with_behavior(TransactionBehavior::Immediate)
-        .map_err(db_err)?;
-    let Some(path) = tx.path().filter(|p| !p.is_empty()) else {
-        return Ok(());
-    };
-    let wal = PathBuf::from(format!("{path}-wal"));
-    // No log yet: nothing to grow (SQLite makes it on the first write).
-    let Ok(file) = OpenOptions::new().write(true).open(&wal) else {
-        return Ok(());
-    };
-    let io = |e: std::io::Error| {
-        StoreError::Backend(format!("growing the write-ahead log {}: {e}", wal.display()).into())
-    };
-    let mut len = file.metadata().map_err(io)?.len();
-    if len >= target {
-        return Ok(());
-    }
-    let zeros = vec![0u8; 256 * 1024];
-    while len < target {
-        let n = zeros.len().min((target - len) as usize);
-        file.write_all_at(&zeros[..n], len).map_err(io)?;
-        len += n as u64;
-    }
-    file.sync_all().map_err(io)?;
-    drop(file);
-    tx.commit().map_err(db_err)
-}
-
-/// Bytes in a write-ahead log's header.
-const WAL_HEADER: i64 = 32;
-
-/// Bytes in front of each page in a write-ahead log.
-const WAL_FRAME_HEADER: i64 = 24;
 
 /// Applies the migrations the file lacks, under the write lock, so that
 /// processes opening a fresh file together apply each one once.
@@ -168,4 +102,101 @@ fn migrate(conn: &mut Connection) -> StoreResult<()> {
             .map_err(db_err)?;
     }
     tx.commit().map_err(db_err)
+}
+
+/// Bytes in a write-ahead log's header.
+const WAL_HEADER: i64 = 32;
+
+/// Bytes in front of each page in a write-ahead log.
+const WAL_FRAME_HEADER: i64 = 24;
+
+/// The most [`presize_wal`] grows a log to.
+const WAL_PRESIZE_MAX: i64 = 64 << 20;
+
+/// Grows the write-ahead log to the size it reaches between checkpoints,
+/// with zeros, once, so that commits overwrite blocks the file already has.
+///
+/// A commit that appends to the log must also make the file's new size
+/// durable, which on ext4 costs a journal commit on top of the data flush:
+/// 1.4–2 × a commit that overwrites (see BENCHMARKS.md; less where SQLite
+/// flushes with `fsync`, which writes the timestamps every time anyway).
+/// SQLite starts the log over after each checkpoint but only ever grows it
+/// by appending, so a fresh database, and every database once its last
+/// connection closed (which deletes the log), would pay that for its first
+/// thousand pages. Postgres zero-fills its WAL segments for the same
+/// reason (`wal_init_zero`).
+///
+/// The zeros are never taken for frames: SQLite reads a log up to its
+/// first frame whose page number, salt or checksum is wrong, and rewrites
+/// the header when it starts the log over. Nothing else changes the file
+/// meanwhile: writing frames, restarting or truncating the log all need
+/// the write lock, held here, and deleting it at the last close needs an
+/// exclusive lock on the database, which this connection's shared lock
+/// keeps out. SQLite holds no POSIX lock on the log file itself, so
+/// opening and closing it here releases none.
+///
+/// Growing the log only saves time, so failing to (a full disk, a path
+/// that is not UTF-8) is logged and the store opens anyway.
+fn presize_wal(conn: &mut Connection) -> StoreResult<()> {
+    let page_size: i64 = conn
+        .pragma_query_value(None, "page_size", |row| row.get(0))
+        .map_err(db_err)?;
+    let checkpoint_pages: i64 = conn
+        .pragma_query_value(None, "wal_autocheckpoint", |row| row.get(0))
+        .map_err(db_err)?;
+    if checkpoint_pages <= 0 {
+        return Ok(());
+    }
+    // A log passes the checkpoint threshold by up to one commit's frames;
+    // a quarter more covers a large group commit.
+    let frames = checkpoint_pages + checkpoint_pages / 4;
+    let target = (WAL_HEADER + frames * (page_size + WAL_FRAME_HEADER)).min(WAL_PRESIZE_MAX) as u64;
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(db_err)?;
+    let Some(path) = tx.path().filter(|p| !p.is_empty()) else {
+        tracing::warn!(
+            "SQLite: the database's path is not UTF-8; its write-ahead log is not grown"
+        );
+        return Ok(());
+    };
+    let wal = PathBuf::from(format!("{path}-wal"));
+    if let Err(e) = append_zeros(&wal, target) {
+        tracing::warn!(
+            log = %wal.display(),
+            error = %e,
+            "SQLite: could not grow the write-ahead log; commits append to it until it has grown"
+        );
+    }
+    tx.commit().map_err(db_err)
+}
+
+/// Appends zeros to the file at `path` up to `target` bytes and flushes
+/// it; on failure, cuts it back to its old length. A missing file is left
+/// alone (SQLite makes the log on its first write).
+fn append_zeros(path: &std::path::Path, target: u64) -> std::io::Result<()> {
+    let mut file = match OpenOptions::new().write(true).open(path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    let old = file.metadata()?.len();
+    if old >= target {
+        return Ok(());
+    }
+    let zeros = vec![0u8; 256 * 1024];
+    let grown = (|| {
+        file.seek(SeekFrom::Start(old))?;
+        let mut len = old;
+        while len < target {
+            let n = zeros.len().min((target - len) as usize);
+            file.write_all(&zeros[..n])?;
+            len += n as u64;
+        }
+        file.sync_all()
+    })();
+    if grown.is_err() {
+        let _ = file.set_len(old);
+    }
+    grown
 }
