@@ -39,8 +39,11 @@ pub struct StartOptions {
 }
 
 impl StartOptions {
-    /// Default options: a new id that sorts after every id this process made
-    /// before (a version 7 UUID: the time in milliseconds, then random bits).
+    /// Default options: a new id, a version 7 UUID (the time in
+    /// milliseconds, then a counter and random bits). Default ids sort by
+    /// start: after every default id this process made before, and across
+    /// processes to the millisecond (as far as their clocks agree). They
+    /// tell when an instance started; do not use them as secrets.
     pub fn new() -> Self {
         Self::default()
     }

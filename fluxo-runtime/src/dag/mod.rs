@@ -635,7 +635,7 @@ impl Dag {
         Ok(())
     }
 
-    /// Starts an instance with a random id; decode its output as
+    /// Starts an instance with a new id (see [`StartOptions::new`]); decode its output as
     /// [`DagOutput`].
     pub async fn start(&self, fluxo: &Fluxo, input: impl Serialize) -> Result<FlowHandle, Error> {
         self.start_with(fluxo, input, StartOptions::new()).await

@@ -593,7 +593,7 @@ impl Flow {
         Ok(())
     }
 
-    /// Starts an instance with a random id (the flow must be registered on
+    /// Starts an instance with a new id (see [`StartOptions::new`]; the flow must be registered on
     /// `fluxo` or on a worker sharing its store).
     pub async fn start(&self, fluxo: &Fluxo, input: impl Serialize) -> Result<FlowHandle, Error> {
         self.start_with(fluxo, input, StartOptions::new()).await
