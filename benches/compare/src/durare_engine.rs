@@ -12,7 +12,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use tokio::sync::Semaphore;
 
 use crate::common::{self, Backend, CellResult, Spec, Workload};
-use crate::fluxo_engine::{collect_latencies, parked_metrics, throughput_metrics};
+use crate::fluxo_engine::{collect_latencies, parked_metrics};
 
 #[durare::step]
 async fn noop(ctx: &DurableContext, i: u32) -> durare::Result<u32> {
@@ -113,24 +113,28 @@ pub async fn run(spec: &Spec) -> Result<CellResult> {
                 .await?
                 .await?;
             let sem = Arc::new(Semaphore::new(p.tp_in_flight as usize));
-            let t = Instant::now();
-            let mut tasks = tokio::task::JoinSet::new();
-            for _ in 0..p.tp_workflows {
-                let permit = sem.clone().acquire_owned().await?;
-                let engine = engine.clone();
-                let steps = p.tp_steps;
-                tasks.spawn(async move {
-                    let t = Instant::now();
-                    engine
-                        .start_with(Chain, steps, WorkflowOptions::default())
-                        .await?
-                        .await?;
-                    drop(permit);
-                    Ok::<_, durare::Error>(t.elapsed())
-                });
+            let mut runs = common::ThroughputRuns::new(p);
+            while runs.next().is_some() {
+                let t = Instant::now();
+                let mut tasks = tokio::task::JoinSet::new();
+                for _ in 0..p.tp_workflows {
+                    let permit = sem.clone().acquire_owned().await?;
+                    let engine = engine.clone();
+                    let steps = p.tp_steps;
+                    tasks.spawn(async move {
+                        let t = Instant::now();
+                        engine
+                            .start_with(Chain, steps, WorkflowOptions::default())
+                            .await?
+                            .await?;
+                        drop(permit);
+                        Ok::<_, durare::Error>(t.elapsed())
+                    });
+                }
+                let lat = collect_latencies(&mut tasks).await?;
+                runs.finished(t.elapsed(), &lat);
             }
-            let lat = collect_latencies(&mut tasks).await?;
-            throughput_metrics(&mut r, p.tp_workflows, p.tp_steps, t.elapsed(), lat);
+            runs.report(&mut r);
         }
         (Workload::History, _) => {
             // Warm-up, as in the sequential workload.

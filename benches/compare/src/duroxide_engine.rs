@@ -16,7 +16,7 @@ use duroxide::{
 use tokio::sync::Semaphore;
 
 use crate::common::{self, Backend, CellResult, Spec, Workload};
-use crate::fluxo_engine::{collect_latencies, parked_metrics, throughput_metrics};
+use crate::fluxo_engine::{collect_latencies, parked_metrics};
 
 fn activities() -> ActivityRegistry {
     ActivityRegistry::builder()
@@ -181,30 +181,33 @@ pub async fn run(spec: &Spec) -> Result<CellResult> {
             wait_done(&client, "warm", budget).await?;
             let sem = Arc::new(Semaphore::new(p.tp_in_flight as usize));
             let end = common::deadline(p.budget_s);
-            let t = Instant::now();
-            let mut tasks = tokio::task::JoinSet::new();
-            for i in 0..p.tp_workflows {
-                let permit = sem.clone().acquire_owned().await?;
-                if Instant::now() >= end {
-                    r.note(format!("duroxide throughput: stopped starting at the {} s budget after {i} workflows", p.budget_s));
-                    break;
+            let mut runs = common::ThroughputRuns::new(p);
+            while let Some(run) = runs.next() {
+                let t = Instant::now();
+                let mut tasks = tokio::task::JoinSet::new();
+                for i in 0..p.tp_workflows {
+                    let permit = sem.clone().acquire_owned().await?;
+                    if Instant::now() >= end {
+                        r.note(format!("duroxide throughput: stopped starting at the {} s budget after {i} workflows", p.budget_s));
+                        break;
+                    }
+                    let client = client.clone();
+                    let steps = p.tp_steps;
+                    tasks.spawn(async move {
+                        let t = Instant::now();
+                        let id = format!("tp-{run}-{i}");
+                        client
+                            .start_orchestration(&id, "Chain", steps.to_string())
+                            .await?;
+                        wait_done(&client, &id, budget).await?;
+                        drop(permit);
+                        Ok::<_, anyhow::Error>(t.elapsed())
+                    });
                 }
-                let client = client.clone();
-                let steps = p.tp_steps;
-                tasks.spawn(async move {
-                    let t = Instant::now();
-                    let id = format!("tp-{i}");
-                    client
-                        .start_orchestration(&id, "Chain", steps.to_string())
-                        .await?;
-                    wait_done(&client, &id, budget).await?;
-                    drop(permit);
-                    Ok::<_, anyhow::Error>(t.elapsed())
-                });
+                let lat = collect_latencies(&mut tasks).await?;
+                runs.finished(t.elapsed(), &lat);
             }
-            let lat = collect_latencies(&mut tasks).await?;
-            let done = lat.len() as u32;
-            throughput_metrics(&mut r, done, p.tp_steps, t.elapsed(), lat);
+            runs.report(&mut r);
         }
         (Workload::History, _) => {
             // Warm-up, as in the sequential workload.

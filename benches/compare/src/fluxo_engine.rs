@@ -129,22 +129,26 @@ pub async fn run(spec: &Spec) -> Result<CellResult> {
             let worker = fluxo.worker().concurrency(p.tp_in_flight as usize).spawn();
             Chain::start(&fluxo, p.tp_steps).await?.result().await?;
             let sem = Arc::new(Semaphore::new(p.tp_in_flight as usize));
-            let t = Instant::now();
-            let mut tasks = tokio::task::JoinSet::new();
-            for _ in 0..p.tp_workflows {
-                let permit = sem.clone().acquire_owned().await?;
-                let fluxo = fluxo.clone();
-                let steps = p.tp_steps;
-                tasks.spawn(async move {
-                    let t = Instant::now();
-                    let h = Chain::start(&fluxo, steps).await?;
-                    h.result().await?;
-                    drop(permit);
-                    Ok::<_, fluxo::Error>(t.elapsed())
-                });
+            let mut runs = common::ThroughputRuns::new(p);
+            while runs.next().is_some() {
+                let t = Instant::now();
+                let mut tasks = tokio::task::JoinSet::new();
+                for _ in 0..p.tp_workflows {
+                    let permit = sem.clone().acquire_owned().await?;
+                    let fluxo = fluxo.clone();
+                    let steps = p.tp_steps;
+                    tasks.spawn(async move {
+                        let t = Instant::now();
+                        let h = Chain::start(&fluxo, steps).await?;
+                        h.result().await?;
+                        drop(permit);
+                        Ok::<_, fluxo::Error>(t.elapsed())
+                    });
+                }
+                let lat = collect_latencies(&mut tasks).await?;
+                runs.finished(t.elapsed(), &lat);
             }
-            let lat = collect_latencies(&mut tasks).await?;
-            throughput_metrics(&mut r, p.tp_workflows, p.tp_steps, t.elapsed(), lat);
+            runs.report(&mut r);
             worker.shutdown().await;
         }
         (Workload::History, _) => {
@@ -298,17 +302,6 @@ pub async fn collect_latencies<E: std::fmt::Display + Send + 'static>(
     }
     lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
     Ok(lat)
-}
-
-pub fn throughput_metrics(r: &mut CellResult, wfs: u32, steps: u32, wall: Duration, lat: Vec<f64>) {
-    r.set(
-        "steps_per_s",
-        (wfs as f64 * steps as f64) / wall.as_secs_f64(),
-    );
-    r.set("wall_s", wall.as_secs_f64());
-    r.set("p50_ms", common::percentile(&lat, 50.0));
-    r.set("p99_ms", common::percentile(&lat, 99.0));
-    r.set("completed", lat.len() as f64);
 }
 
 pub fn parked_metrics(r: &mut CellResult, target: u32, reached: u64, before: u64, after: u64) {

@@ -168,6 +168,7 @@ fn parent(args: Args) -> Result<()> {
         seq_steps: 100,
         seq_runs: 9,
         tp_workflows: 1_000,
+        tp_runs: 5,
         tp_steps: 10,
         tp_in_flight: 100,
         hist_steps: if quick { 2_010 } else { 10_010 },
@@ -1019,9 +1020,9 @@ fn report(
     );
     let _ = writeln!(
         s,
-        "- sizes{}: sequential {} steps (median of {} workflows run one after another in each cell); throughput {} × {} steps, {} in flight; history {} steps (windows of {}); parked {}; recovery {} × {} steps, killed once half the steps ran",
+        "- sizes{}: sequential {} steps (median of {} workflows run one after another in each cell); throughput {} × {} steps, {} in flight (median of {} batches run one after another in each cell); history {} steps (windows of {}); parked {}; recovery {} × {} steps, killed once half the steps ran",
         if run.args.quick { " (--quick)" } else { "" },
-        p.seq_steps, p.seq_runs, p.tp_workflows, p.tp_steps, p.tp_in_flight, p.hist_steps, p.hist_window,
+        p.seq_steps, p.seq_runs, p.tp_workflows, p.tp_steps, p.tp_in_flight, p.tp_runs, p.hist_steps, p.hist_window,
         p.parked, p.rec_workflows, p.rec_steps
     );
     let _ = writeln!(
