@@ -1,4 +1,4 @@
-//! [`LocalRunner`]: engine, in-memory store and worker wired in one call.
+//! [`LocalRunner`](crate::testing::LocalRunner) wires the engine, an in-memory store and a worker in one call.
 
 use std::time::Duration;
 

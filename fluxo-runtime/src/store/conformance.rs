@@ -6,7 +6,7 @@
 //! own workflow names, instance ids and lease owners, so checks may share one
 //! database and run concurrently.
 //!
-//! A backend runs the whole suite with [`store_conformance_tests!`]:
+//! A backend runs the whole suite with [`store_conformance_tests!`](crate::store_conformance_tests):
 //!
 //! ```ignore
 //! mod conformance {
