@@ -1291,6 +1291,44 @@ mod tests {
         store.close().await;
     }
 
+    /// Stores opening one fresh file at the same time take the write lock
+    /// in turn: every one opens, the log is grown once to its size, and
+    /// each sees what another wrote.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn stores_opening_one_fresh_file_together_all_open_and_share_it() {
+        let file = Arc::new(Files(TempDb::path()));
+        let opens: Vec<_> = (0..4)
+            .map(|_| {
+                let file = Arc::clone(&file);
+                tokio::spawn(async move { SqliteStore::open(&file.0).await })
+            })
+            .collect();
+        let mut stores = Vec::new();
+        for open in opens {
+            stores.push(open.await.expect("join").expect("open"));
+        }
+        let grown = grown_wal_len(&rusqlite::Connection::open(&file.0).unwrap());
+        assert_eq!(wal_len(&file.0), grown);
+        let c = started(&stores[0], "together").await;
+        let commit = Commit {
+            instance_id: c.record.id.as_str().into(),
+            lease_token: c.lease_token,
+            events: vec![event(0)].into(),
+            ..Commit::default()
+        };
+        stores[0].commit(commit).await.expect("commit");
+        for store in &stores {
+            assert_eq!(
+                store.load_history(&c.record.id).await.expect("history"),
+                vec![event(0)]
+            );
+        }
+        assert_eq!(wal_len(&file.0), grown);
+        for store in &stores {
+            store.close().await;
+        }
+    }
+
     /// A log a killed process left, with commits in its frames only, is
     /// read whole when a store opens the file and grows the log behind
     /// those frames, and the file passes SQLite's integrity check.
