@@ -74,7 +74,9 @@ impl Opener {
         // Only a `FULL` commit flushes the log; at `NORMAL` growing it
         // costs nothing a commit waits for.
         if self.path.is_some() && self.synchronous == Synchronous::Full {
-            presize_wal(&mut conn)?;
+            if let Err(e) = presize_wal(&mut conn) {
+                tracing::warn!(error = %e, "SQLite: could not grow the write-ahead log");
+            }
         }
         Ok(conn)
     }
@@ -135,8 +137,9 @@ const WAL_PRESIZE_MAX: i64 = 64 << 20;
 /// keeps out. SQLite holds no POSIX lock on the log file itself, so
 /// opening and closing it here releases none.
 ///
-/// Growing the log only saves time, so failing to (a full disk, a path
-/// that is not UTF-8) is logged and the store opens anyway.
+/// Growing the log only saves time, so the caller logs a failure (the
+/// write lock busy past the timeout, a full disk) and opens the store
+/// anyway; a path that is not UTF-8 is logged here and skipped.
 fn presize_wal(conn: &mut Connection) -> StoreResult<()> {
     let page_size: i64 = conn
         .pragma_query_value(None, "page_size", |row| row.get(0))
@@ -154,20 +157,21 @@ fn presize_wal(conn: &mut Connection) -> StoreResult<()> {
     let tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .map_err(db_err)?;
-    let Some(path) = tx.path().filter(|p| !p.is_empty()) else {
-        tracing::warn!(
-            "SQLite: the database's path is not UTF-8; its write-ahead log is not grown"
-        );
-        return Ok(());
+    let path = match tx.path() {
+        // A temporary database: no log file of its own to grow.
+        Some("") => return Ok(()),
+        Some(path) => path,
+        None => {
+            tracing::warn!(
+                "SQLite: the database's path is not UTF-8; its write-ahead log is not grown"
+            );
+            return Ok(());
+        }
     };
     let wal = PathBuf::from(format!("{path}-wal"));
-    if let Err(e) = append_zeros(&wal, target) {
-        tracing::warn!(
-            log = %wal.display(),
-            error = %e,
-            "SQLite: could not grow the write-ahead log; commits append to it until it has grown"
-        );
-    }
+    append_zeros(&wal, target).map_err(|e| {
+        StoreError::Backend(format!("growing the write-ahead log {}: {e}", wal.display()).into())
+    })?;
     tx.commit().map_err(db_err)
 }
 
@@ -199,4 +203,35 @@ fn append_zeros(path: &std::path::Path, target: u64) -> std::io::Result<()> {
         let _ = file.set_len(old);
     }
     grown
+}
+
+#[cfg(test)]
+mod tests {
+    use super::append_zeros;
+
+    #[test]
+    fn zeros_go_after_the_bytes_already_there_and_a_missing_file_stays_missing() {
+        let path =
+            std::env::temp_dir().join(format!("fluxo-test-log-{}", uuid::Uuid::new_v4().simple()));
+        append_zeros(&path, 4096).unwrap();
+        assert!(!path.exists());
+
+        std::fs::write(&path, b"frames").unwrap();
+        append_zeros(&path, 600_000).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(bytes.len(), 600_000);
+        assert_eq!(&bytes[..6], b"frames");
+        assert!(bytes[6..].iter().all(|&b| b == 0));
+        // Already long enough: left as it is.
+        append_zeros(&path, 10).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 600_000);
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn a_write_that_fails_is_reported() {
+        // Every write to /dev/full fails with "no space left on device".
+        let e = append_zeros(std::path::Path::new("/dev/full"), 4096).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::StorageFull);
+    }
 }
