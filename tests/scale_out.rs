@@ -151,6 +151,15 @@ impl Drop for Workers {
     }
 }
 
+/// Sends `SIGSTOP`, `SIGCONT`, ... (by name) to process `pid`.
+fn send_signal(pid: u32, name: &str) {
+    let status = std::process::Command::new("kill")
+        .args([format!("-{name}"), pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill -{name} {pid} failed");
+}
+
 /// Whether a running instance has a step journaled by worker process `pid`.
 async fn has_partial_work(fluxo: &Fluxo, pid: u32) -> bool {
     let running = fluxo
@@ -164,11 +173,16 @@ async fn has_partial_work(fluxo: &Fluxo, pid: u32) -> bool {
         let Ok(history) = fluxo.history(&instance.id).await else {
             continue; // finished and changed meanwhile
         };
-        let by_pid = history.iter().any(|e| match &e.event {
-            Event::StepCompleted { output, .. } => output[1] == pid,
-            _ => false,
-        });
-        if by_pid {
+        // For each step journaled: whether `pid` ran it.
+        let steps: Vec<bool> = history
+            .iter()
+            .filter_map(|e| match &e.event {
+                Event::StepCompleted { output, .. } => Some(output[1] == pid),
+                _ => None,
+            })
+            .collect();
+        // Steps left to run, so that another worker's finishing it shows.
+        if steps.contains(&true) && steps.len() < STEPS as usize {
             return true;
         }
     }
@@ -202,12 +216,18 @@ async fn run_scale_out(target: Target, store: Arc<dyn Store>, processes: usize, 
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // Kill when the victim has instances with some steps journaled and
-    // some not.
-    while !has_partial_work(&fluxo, victim).await {
+    // some not. It is stopped while that is checked, so it cannot finish
+    // them between the check and the kill.
+    loop {
         assert!(
             started.elapsed() < Duration::from_secs(120),
             "the victim never had unfinished work"
         );
+        send_signal(victim, "STOP");
+        if has_partial_work(&fluxo, victim).await {
+            break;
+        }
+        send_signal(victim, "CONT");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     workers.0[0].kill().unwrap();
