@@ -383,6 +383,13 @@ pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
+/// The index of the next of a cell's `runs` runs after `done` of them, if
+/// one is due: the first always, the others until `end`.
+fn next_run(done: usize, runs: u32, end: Instant) -> Option<u32> {
+    let done = done as u32;
+    (done < runs && (done == 0 || Instant::now() < end)).then_some(done)
+}
+
 /// The runs of the sequential workload: one workflow of `seq_steps` steps
 /// after another, `seq_runs` of them (fewer if the budget runs out), each
 /// timed by the probe. A single short run is moved by one descheduling of
@@ -411,10 +418,7 @@ impl SequentialRuns {
     /// The index of the next run, if one is due: until `seq_runs` ran, or
     /// after the first once half the budget is spent.
     pub fn next(&mut self) -> Option<u32> {
-        let done = self.e2e.len() as u32;
-        if done >= self.runs || (done > 0 && Instant::now() >= self.end) {
-            return None;
-        }
+        let done = next_run(self.e2e.len(), self.runs, self.end)?;
         probe_record(self.steps as usize);
         self.started = Some(Instant::now());
         Some(done)
@@ -477,11 +481,7 @@ impl ThroughputRuns {
     /// The index of the next batch, if one is due: until `tp_runs` ran, or
     /// after the first once half the budget is spent.
     pub fn next(&mut self) -> Option<u32> {
-        let done = self.walls.len() as u32;
-        if done >= self.runs || (done > 0 && Instant::now() >= self.end) {
-            return None;
-        }
-        Some(done)
+        next_run(self.walls.len(), self.runs, self.end)
     }
 
     /// Records a batch: its wall time and its workflows' latencies in ms,
