@@ -151,12 +151,13 @@ impl Drop for Workers {
     }
 }
 
-/// Sends `SIGSTOP`, `SIGCONT`, ... (by name) to process `pid`.
+/// Sends `SIGSTOP`, `SIGCONT`, ... (by name) to process `pid`, through the
+/// shell's `kill` builtin (no separate `kill` program needed).
 fn send_signal(pid: u32, name: &str) {
-    let status = std::process::Command::new("kill")
-        .args([format!("-{name}"), pid.to_string()])
+    let status = std::process::Command::new("sh")
+        .args(["-c", "kill -s \"$1\" \"$2\"", "sh", name, &pid.to_string()])
         .status()
-        .expect("run kill");
+        .expect("run sh");
     assert!(status.success(), "kill -{name} {pid} failed");
 }
 

@@ -51,14 +51,17 @@ enum Due {
     LeaseEnds(Millis),
 }
 
+/// Instances by due time, then position in [`State::order`].
+type DueSet = BTreeSet<(Millis, usize)>;
+
 /// The unfinished instances by [`Due`] time, then position in
 /// [`State::order`] (creation order among instances due at once).
 #[derive(Default)]
 struct DueIndex {
     /// [`Due::Ready`] instances.
-    ready: BTreeSet<(Millis, usize)>,
+    ready: DueSet,
     /// [`Due::LeaseEnds`] instances.
-    leases: BTreeSet<(Millis, usize)>,
+    leases: DueSet,
 }
 
 impl DueIndex {
@@ -724,8 +727,9 @@ mod tests {
         }
     }
 
-    /// The index as rebuilt from every instance's state.
-    fn rebuilt(state: &State) -> (BTreeSet<(Millis, usize)>, BTreeSet<(Millis, usize)>) {
+    /// The index as rebuilt from every instance's state: its ready and its
+    /// lease sets.
+    fn rebuilt(state: &State) -> (DueSet, DueSet) {
         let mut index = DueIndex::default();
         for inst in state.instances.values() {
             if let Some((set, t)) = index.set_of(inst.due()) {
