@@ -74,7 +74,7 @@ impl Opener {
         // Only a `FULL` commit flushes the log; at `NORMAL` growing it
         // costs nothing a commit waits for.
         if self.path.is_some() && self.synchronous == Synchronous::Full {
-            if let Err(e) = presize_wal(&mut conn) {
+            if let Err(e) = presize_wal(&mut conn, append_zeros) {
                 tracing::warn!(error = %e, "SQLite: could not grow the write-ahead log");
             }
         }
@@ -140,7 +140,12 @@ const WAL_PRESIZE_MAX: i64 = 64 << 20;
 /// Growing the log only saves time, so the caller logs a failure (the
 /// write lock busy past the timeout, a full disk) and opens the store
 /// anyway; a path that is not UTF-8 is logged here and skipped.
-fn presize_wal(conn: &mut Connection) -> StoreResult<()> {
+///
+/// `grow` appends the zeros ([`append_zeros`]; tests pass one that fails).
+fn presize_wal(
+    conn: &mut Connection,
+    grow: impl FnOnce(&std::path::Path, u64) -> std::io::Result<()>,
+) -> StoreResult<()> {
     let page_size: i64 = conn
         .pragma_query_value(None, "page_size", |row| row.get(0))
         .map_err(db_err)?;
@@ -169,7 +174,7 @@ fn presize_wal(conn: &mut Connection) -> StoreResult<()> {
         }
     };
     let wal = PathBuf::from(format!("{path}-wal"));
-    append_zeros(&wal, target).map_err(|e| {
+    grow(&wal, target).map_err(|e| {
         StoreError::Backend(format!("growing the write-ahead log {}: {e}", wal.display()).into())
     })?;
     tx.commit().map_err(db_err)
@@ -207,7 +212,7 @@ fn append_zeros(path: &std::path::Path, target: u64) -> std::io::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::append_zeros;
+    use super::{append_zeros, presize_wal};
 
     /// Removes a file when dropped.
     struct Removed(std::path::PathBuf);
@@ -242,6 +247,37 @@ mod tests {
         // Already long enough: left as it is.
         append_zeros(path, 10).unwrap();
         assert_eq!(std::fs::metadata(path).unwrap().len(), 600_000);
+    }
+
+    /// A log that cannot be grown is an error for the caller to log, and
+    /// leaves the connection out of any transaction and the write lock
+    /// free.
+    #[test]
+    fn a_failed_growth_ends_its_transaction() {
+        let file = Removed(
+            std::env::temp_dir().join(format!("fluxo-test-{}.db", uuid::Uuid::new_v4().simple())),
+        );
+        let mut conn = rusqlite::Connection::open(&file.0).unwrap();
+        conn.pragma_update(None, "journal_mode", "WAL").unwrap();
+        conn.execute_batch("CREATE TABLE t (x)").unwrap();
+        let e = presize_wal(
+            &mut conn,
+            |_, _| Err(std::io::ErrorKind::StorageFull.into()),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("growing the write-ahead log"), "{e}");
+        assert!(conn.is_autocommit());
+        let other = rusqlite::Connection::open(&file.0).unwrap();
+        other
+            .execute_batch("BEGIN IMMEDIATE; INSERT INTO t VALUES (1); COMMIT")
+            .unwrap();
+        drop(other);
+        drop(conn);
+        for suffix in ["-wal", "-shm"] {
+            let mut p = file.0.as_os_str().to_owned();
+            p.push(suffix);
+            let _ = std::fs::remove_file(std::path::PathBuf::from(p));
+        }
     }
 
     #[cfg(target_os = "linux")]
