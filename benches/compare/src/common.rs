@@ -456,6 +456,8 @@ impl SequentialRuns {
 pub struct ThroughputRuns {
     runs: u32,
     steps: u32,
+    workflows: u32,
+    in_flight: usize,
     end: Instant,
     rates: Vec<f64>,
     walls: Vec<f64>,
@@ -469,6 +471,8 @@ impl ThroughputRuns {
         ThroughputRuns {
             runs: p.tp_runs.max(1),
             steps: p.tp_steps,
+            workflows: p.tp_workflows,
+            in_flight: p.tp_in_flight as usize,
             end: deadline(p.budget_s / 2.0),
             rates: Vec::new(),
             walls: Vec::new(),
@@ -484,9 +488,54 @@ impl ThroughputRuns {
         next_run(self.walls.len(), self.runs, self.end)
     }
 
+    /// Runs and records a batch: `tp_workflows` calls of `run_one(i)`, each
+    /// a workflow from start to result, at most `tp_in_flight` at a time (a
+    /// new one starts when one ends). With `stop`, no workflow starts after
+    /// it. Returns how many started.
+    pub async fn batch<F, Fut, T, E>(
+        &mut self,
+        stop: Option<Instant>,
+        run_one: F,
+    ) -> anyhow::Result<u32>
+    where
+        F: Fn(u32) -> Fut,
+        Fut: std::future::Future<Output = Result<T, E>> + Send + 'static,
+        T: Send + 'static,
+        E: std::fmt::Display + Send + 'static,
+    {
+        let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(self.in_flight));
+        let t = Instant::now();
+        let mut tasks = tokio::task::JoinSet::new();
+        let mut started = 0;
+        for i in 0..self.workflows {
+            let slot = slots.clone().acquire_owned().await?;
+            if stop.is_some_and(|stop| Instant::now() >= stop) {
+                break;
+            }
+            let run = run_one(i);
+            tasks.spawn(async move {
+                let t = Instant::now();
+                run.await?;
+                drop(slot);
+                Ok::<_, E>(t.elapsed())
+            });
+            started += 1;
+        }
+        let mut latencies_ms = Vec::with_capacity(started as usize);
+        while let Some(res) = tasks.join_next().await {
+            match res? {
+                Ok(d) => latencies_ms.push(d.as_secs_f64() * 1e3),
+                Err(e) => anyhow::bail!("workflow failed: {e}"),
+            }
+        }
+        latencies_ms.sort_by(f64::total_cmp);
+        self.finished(t.elapsed(), &latencies_ms);
+        Ok(started)
+    }
+
     /// Records a batch: its wall time and its workflows' latencies in ms,
     /// sorted (one per completed workflow).
-    pub fn finished(&mut self, wall: Duration, latencies_ms: &[f64]) {
+    fn finished(&mut self, wall: Duration, latencies_ms: &[f64]) {
         let wall = wall.as_secs_f64();
         self.rates
             .push(latencies_ms.len() as f64 * self.steps as f64 / wall);

@@ -9,10 +9,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _, Result};
 use durare::{DurableContext, DurableEngine, ListFilter, StateProvider, WorkflowOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use tokio::sync::Semaphore;
 
 use crate::common::{self, Backend, CellResult, Spec, Workload};
-use crate::fluxo_engine::{collect_latencies, parked_metrics};
+use crate::fluxo_engine::parked_metrics;
 
 #[durare::step]
 async fn noop(ctx: &DurableContext, i: u32) -> durare::Result<u32> {
@@ -112,27 +111,19 @@ pub async fn run(spec: &Spec) -> Result<CellResult> {
                 .start_with(Chain, p.tp_steps, WorkflowOptions::default())
                 .await?
                 .await?;
-            let sem = Arc::new(Semaphore::new(p.tp_in_flight as usize));
             let mut runs = common::ThroughputRuns::new(p);
             while runs.next().is_some() {
-                let t = Instant::now();
-                let mut tasks = tokio::task::JoinSet::new();
-                for _ in 0..p.tp_workflows {
-                    let permit = sem.clone().acquire_owned().await?;
+                runs.batch(None, |_| {
                     let engine = engine.clone();
                     let steps = p.tp_steps;
-                    tasks.spawn(async move {
-                        let t = Instant::now();
+                    async move {
                         engine
                             .start_with(Chain, steps, WorkflowOptions::default())
                             .await?
-                            .await?;
-                        drop(permit);
-                        Ok::<_, durare::Error>(t.elapsed())
-                    });
-                }
-                let lat = collect_latencies(&mut tasks).await?;
-                runs.finished(t.elapsed(), &lat);
+                            .await
+                    }
+                })
+                .await?;
             }
             runs.report(&mut r);
         }

@@ -13,10 +13,9 @@ use duroxide::runtime::{self, RuntimeOptions};
 use duroxide::{
     ActivityContext, Client, OrchestrationContext, OrchestrationRegistry, OrchestrationStatus,
 };
-use tokio::sync::Semaphore;
 
 use crate::common::{self, Backend, CellResult, Spec, Workload};
-use crate::fluxo_engine::{collect_latencies, parked_metrics};
+use crate::fluxo_engine::parked_metrics;
 
 fn activities() -> ActivityRegistry {
     ActivityRegistry::builder()
@@ -179,33 +178,28 @@ pub async fn run(spec: &Spec) -> Result<CellResult> {
                 .start_orchestration("warm", "Chain", p.tp_steps.to_string())
                 .await?;
             wait_done(&client, "warm", budget).await?;
-            let sem = Arc::new(Semaphore::new(p.tp_in_flight as usize));
             let end = common::deadline(p.budget_s);
             let mut runs = common::ThroughputRuns::new(p);
             while let Some(run) = runs.next() {
-                let t = Instant::now();
-                let mut tasks = tokio::task::JoinSet::new();
-                for i in 0..p.tp_workflows {
-                    let permit = sem.clone().acquire_owned().await?;
-                    if Instant::now() >= end {
-                        r.note(format!("duroxide throughput: stopped starting at the {} s budget after {i} workflows", p.budget_s));
-                        break;
-                    }
-                    let client = client.clone();
-                    let steps = p.tp_steps;
-                    tasks.spawn(async move {
-                        let t = Instant::now();
-                        let id = format!("tp-{run}-{i}");
-                        client
-                            .start_orchestration(&id, "Chain", steps.to_string())
-                            .await?;
-                        wait_done(&client, &id, budget).await?;
-                        drop(permit);
-                        Ok::<_, anyhow::Error>(t.elapsed())
-                    });
+                let started = runs
+                    .batch(Some(end), |i| {
+                        let client = client.clone();
+                        let steps = p.tp_steps;
+                        async move {
+                            let id = format!("tp-{run}-{i}");
+                            client
+                                .start_orchestration(&id, "Chain", steps.to_string())
+                                .await?;
+                            wait_done(&client, &id, budget).await
+                        }
+                    })
+                    .await?;
+                if started < p.tp_workflows {
+                    r.note(format!(
+                        "duroxide throughput: stopped starting at the {} s budget after {started} workflows",
+                        p.budget_s
+                    ));
                 }
-                let lat = collect_latencies(&mut tasks).await?;
-                runs.finished(t.elapsed(), &lat);
             }
             runs.report(&mut r);
         }

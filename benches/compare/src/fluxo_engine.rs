@@ -1,14 +1,12 @@
 //! The workloads on Fluxo: `#[fluxo::workflow]` / `#[fluxo::step]`, a worker
 //! in the same process, typed handles.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
 use fluxo::prelude::*;
 use fluxo::store::sqlite::{SqliteOptions, SqliteStore, Synchronous};
 use fluxo::store::{InstanceStatus, ListFilter};
-use tokio::sync::Semaphore;
 
 use crate::common::{self, Backend, CellResult, Spec, Workload};
 
@@ -128,25 +126,14 @@ pub async fn run(spec: &Spec) -> Result<CellResult> {
         (Workload::Throughput, _) => {
             let worker = fluxo.worker().concurrency(p.tp_in_flight as usize).spawn();
             Chain::start(&fluxo, p.tp_steps).await?.result().await?;
-            let sem = Arc::new(Semaphore::new(p.tp_in_flight as usize));
             let mut runs = common::ThroughputRuns::new(p);
             while runs.next().is_some() {
-                let t = Instant::now();
-                let mut tasks = tokio::task::JoinSet::new();
-                for _ in 0..p.tp_workflows {
-                    let permit = sem.clone().acquire_owned().await?;
+                runs.batch(None, |_| {
                     let fluxo = fluxo.clone();
                     let steps = p.tp_steps;
-                    tasks.spawn(async move {
-                        let t = Instant::now();
-                        let h = Chain::start(&fluxo, steps).await?;
-                        h.result().await?;
-                        drop(permit);
-                        Ok::<_, fluxo::Error>(t.elapsed())
-                    });
-                }
-                let lat = collect_latencies(&mut tasks).await?;
-                runs.finished(t.elapsed(), &lat);
+                    async move { Chain::start(&fluxo, steps).await?.result().await }
+                })
+                .await?;
             }
             runs.report(&mut r);
             worker.shutdown().await;
@@ -288,20 +275,6 @@ async fn wait_all_finished(fluxo: &Fluxo, end: Instant) -> Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-}
-
-pub async fn collect_latencies<E: std::fmt::Display + Send + 'static>(
-    tasks: &mut tokio::task::JoinSet<Result<Duration, E>>,
-) -> Result<Vec<f64>> {
-    let mut lat = Vec::new();
-    while let Some(res) = tasks.join_next().await {
-        match res? {
-            Ok(d) => lat.push(d.as_secs_f64() * 1e3),
-            Err(e) => bail!("workflow failed: {e}"),
-        }
-    }
-    lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    Ok(lat)
 }
 
 pub fn parked_metrics(r: &mut CellResult, target: u32, reached: u64, before: u64, after: u64) {
