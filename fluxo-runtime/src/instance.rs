@@ -378,7 +378,7 @@ impl Instance {
     /// abort is set.
     pub(crate) async fn commit_ending<E: Entry + Sync>(
         &self,
-        ending: Option<OpGuard<'_>>,
+        mut ending: Option<OpGuard<'_>>,
         seq: u64,
         events: &[E],
         extra: CommitExtra,
@@ -438,7 +438,6 @@ impl Instance {
             Ok(CommitOutcome::LeaseLost) => Err(Abort::LeaseLost),
             Err(e) => Err(Abort::Store(e)),
         };
-        let mut ending = ending;
         let mut wake_runner = false;
         let written = match written {
             Ok(written) => {

@@ -1093,11 +1093,16 @@ mod tests {
         }
     }
 
+    /// The database's path with `suffix` (`-wal`, `-shm`) appended.
+    fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
+        let mut p = path.as_os_str().to_owned();
+        p.push(suffix);
+        PathBuf::from(p)
+    }
+
     fn remove_db(path: &Path) {
         for suffix in ["", "-wal", "-shm"] {
-            let mut p = path.as_os_str().to_owned();
-            p.push(suffix);
-            let _ = std::fs::remove_file(PathBuf::from(p));
+            let _ = std::fs::remove_file(with_suffix(path, suffix));
         }
     }
 
@@ -1234,7 +1239,7 @@ mod tests {
     }
 
     /// Removes a database's files when dropped.
-    struct Files(PathBuf);
+    pub(super) struct Files(pub(super) PathBuf);
 
     impl Drop for Files {
         fn drop(&mut self) {
@@ -1243,9 +1248,7 @@ mod tests {
     }
 
     fn wal_len(db: &Path) -> u64 {
-        let mut p = db.as_os_str().to_owned();
-        p.push("-wal");
-        std::fs::metadata(PathBuf::from(p)).map_or(0, |m| m.len())
+        std::fs::metadata(with_suffix(db, "-wal")).map_or(0, |m| m.len())
     }
 
     /// The size [`open::presize_wal`] grows a log to, from the database's
@@ -1349,13 +1352,8 @@ mod tests {
         let frames_end = wal_len(&killed.0);
         assert!(frames_end > 0);
         for suffix in ["", "-wal"] {
-            let (mut from, mut to) = (
-                killed.0.as_os_str().to_owned(),
-                copy.0.as_os_str().to_owned(),
-            );
-            from.push(suffix);
-            to.push(suffix);
-            std::fs::copy(PathBuf::from(from), PathBuf::from(to)).expect("copy");
+            std::fs::copy(with_suffix(&killed.0, suffix), with_suffix(&copy.0, suffix))
+                .expect("copy");
         }
         drop(conn);
 

@@ -213,21 +213,11 @@ fn append_zeros(path: &std::path::Path, target: u64) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::{append_zeros, presize_wal};
-
-    /// Removes a file when dropped.
-    struct Removed(std::path::PathBuf);
-
-    impl Drop for Removed {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_file(&self.0);
-        }
-    }
+    use crate::store::sqlite::tests::{Files, TempDb};
 
     #[test]
     fn zeros_go_after_the_bytes_already_there_and_a_missing_file_stays_missing() {
-        let file = Removed(
-            std::env::temp_dir().join(format!("fluxo-test-log-{}", uuid::Uuid::new_v4().simple())),
-        );
+        let file = Files(TempDb::path());
         let path = &file.0;
         append_zeros(path, 4096).unwrap();
         assert!(!path.exists());
@@ -254,9 +244,7 @@ mod tests {
     /// free.
     #[test]
     fn a_failed_growth_ends_its_transaction() {
-        let file = Removed(
-            std::env::temp_dir().join(format!("fluxo-test-{}.db", uuid::Uuid::new_v4().simple())),
-        );
+        let file = Files(TempDb::path());
         let mut conn = rusqlite::Connection::open(&file.0).unwrap();
         conn.pragma_update(None, "journal_mode", "WAL").unwrap();
         conn.execute_batch("CREATE TABLE t (x)").unwrap();
@@ -271,13 +259,6 @@ mod tests {
         other
             .execute_batch("BEGIN IMMEDIATE; INSERT INTO t VALUES (1); COMMIT")
             .unwrap();
-        drop(other);
-        drop(conn);
-        for suffix in ["-wal", "-shm"] {
-            let mut p = file.0.as_os_str().to_owned();
-            p.push(suffix);
-            let _ = std::fs::remove_file(std::path::PathBuf::from(p));
-        }
     }
 
     #[cfg(target_os = "linux")]
