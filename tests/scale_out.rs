@@ -1,7 +1,7 @@
 //! Scale-out with real processes: several worker processes share one store,
-//! one is killed with SIGKILL mid-run, and every workflow still completes
-//! exactly once with a dense journal, the killed worker's instances taken
-//! over by the others after their leases expire.
+//! one is killed with SIGKILL while halfway through an instance, and every
+//! workflow still completes exactly once with a dense journal, the killed
+//! worker's instances taken over by the others after their leases expire.
 
 use std::process::Child;
 use std::sync::Arc;
@@ -17,16 +17,24 @@ const STEPS: u32 = 10;
 const LEASE: Duration = Duration::from_secs(2);
 
 #[fluxo::step(retry(max_attempts = 5, initial = "20ms"))]
-async fn work(i: u32) -> Result<(u32, u32), StepError> {
+async fn work(instance: String, i: u32) -> Result<(u32, u32), StepError> {
     tokio::time::sleep(Duration::from_millis(10)).await;
+    if i == STEPS / 2 {
+        // Tells the parent, when it listens, that `instance` is halfway.
+        println!("{HALFWAY}{instance}");
+    }
     Ok((i, std::process::id()))
 }
 
+/// What a worker prints, followed by an instance id, when it runs the
+/// middle step of that instance.
+const HALFWAY: &str = "halfway ";
+
 #[fluxo::workflow]
-async fn scale_flow(_ctx: WorkflowContext, steps: u32) -> Result<Vec<(u32, u32)>, WorkflowError> {
+async fn scale_flow(ctx: WorkflowContext, steps: u32) -> Result<Vec<(u32, u32)>, WorkflowError> {
     let mut done = Vec::new();
     for i in 0..steps {
-        done.push(work(i).await?);
+        done.push(work(ctx.id().to_owned(), i).await?);
     }
     Ok(done)
 }
@@ -132,12 +140,34 @@ fn scale_worker_process() {
     });
 }
 
-fn spawn_worker(target: &Target) -> Child {
+fn spawn_worker(target: &Target, stdout: std::process::Stdio) -> Child {
     let (kind, at) = target.to_env();
-    common::spawn_test_process(
+    common::spawn_test_process_with(
         "scale_worker_process",
         &[("FLUXO_SCALE_BACKEND", kind), ("FLUXO_SCALE_TARGET", at)],
+        stdout,
     )
+}
+
+/// The instances worker `child` announces it is halfway through, read from
+/// its stdout on a thread of their own.
+fn halfway_announcements(child: &mut Child) -> tokio::sync::mpsc::UnboundedReceiver<String> {
+    use std::io::BufRead as _;
+    let stdout = child.stdout.take().expect("the worker's stdout is piped");
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if let Some(id) = line.strip_prefix(HALFWAY) {
+                if tx.send(id.to_owned()).is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    rx
 }
 
 struct Workers(Vec<Child>);
@@ -161,33 +191,21 @@ fn send_signal(pid: u32, name: &str) {
     assert!(status.success(), "kill -{name} {pid} failed");
 }
 
-/// Whether a running instance has a step journaled by worker process `pid`.
-async fn has_partial_work(fluxo: &Fluxo, pid: u32) -> bool {
-    let running = fluxo
-        .list(fluxo::store::ListFilter {
-            status: Some(WorkflowStatus::Running),
-            ..Default::default()
+/// Whether worker process `pid` is halfway through instance `id`: it
+/// journaled at least half of its steps, and steps are left to run, so that
+/// another worker's finishing it shows.
+async fn is_halfway(fluxo: &Fluxo, id: &str, pid: u32) -> bool {
+    let history = fluxo.history(id).await.unwrap();
+    // For each step journaled: whether `pid` ran it.
+    let steps: Vec<bool> = history
+        .iter()
+        .filter_map(|e| match &e.event {
+            Event::StepCompleted { output, .. } => Some(output[1] == pid),
+            _ => None,
         })
-        .await
-        .unwrap();
-    for instance in running {
-        let Ok(history) = fluxo.history(&instance.id).await else {
-            continue; // finished and changed meanwhile
-        };
-        // For each step journaled: whether `pid` ran it.
-        let steps: Vec<bool> = history
-            .iter()
-            .filter_map(|e| match &e.event {
-                Event::StepCompleted { output, .. } => Some(output[1] == pid),
-                _ => None,
-            })
-            .collect();
-        // Steps left to run, so that another worker's finishing it shows.
-        if steps.contains(&true) && steps.len() < STEPS as usize {
-            return true;
-        }
-    }
-    false
+        .collect();
+    let by_pid = steps.iter().filter(|by| **by).count();
+    by_pid >= STEPS as usize / 2 && steps.len() < STEPS as usize
 }
 
 async fn run_scale_out(target: Target, store: Arc<dyn Store>, processes: usize, workflows: usize) {
@@ -196,44 +214,50 @@ async fn run_scale_out(target: Target, store: Arc<dyn Store>, processes: usize, 
     for _ in 0..workflows {
         handles.push(ScaleFlow::start(&fluxo, STEPS).await.unwrap());
     }
-    let mut workers = Workers((0..processes).map(|_| spawn_worker(&target)).collect());
-
-    // Kill one worker once about a quarter of the workflows are done.
-    let started = Instant::now();
-    let completed = || async {
-        fluxo
-            .list(fluxo::store::ListFilter {
-                status: Some(WorkflowStatus::Completed),
-                limit: Some(workflows),
-                ..Default::default()
+    // The first worker is the one killed; it tells which instances it is
+    // halfway through.
+    let mut workers = Workers(
+        (0..processes)
+            .map(|n| {
+                let stdout = if n == 0 {
+                    std::process::Stdio::piped()
+                } else {
+                    std::process::Stdio::null()
+                };
+                spawn_worker(&target, stdout)
             })
-            .await
-            .unwrap()
-            .len()
-    };
+            .collect(),
+    );
+    let mut halfway = halfway_announcements(&mut workers.0[0]);
+
+    // Kill the victim once it is halfway through an instance. It is stopped
+    // while the instance's journal is checked, so it cannot finish the
+    // instance between the check and the kill.
+    let started = Instant::now();
     let victim = workers.0[0].id();
-    while completed().await < workflows / 4 {
-        assert!(started.elapsed() < Duration::from_secs(120), "no progress");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    // Kill when the victim has instances with some steps journaled and
-    // some not. It is stopped while that is checked, so it cannot finish
-    // them between the check and the kill.
     loop {
-        assert!(
-            started.elapsed() < Duration::from_secs(120),
-            "the victim never had unfinished work"
-        );
+        let left = Duration::from_secs(120).saturating_sub(started.elapsed());
+        let id = tokio::time::timeout(left, halfway.recv())
+            .await
+            .expect("the victim never was halfway through an instance")
+            .expect("the victim exited");
         send_signal(victim, "STOP");
-        if has_partial_work(&fluxo, victim).await {
+        if is_halfway(&fluxo, &id, victim).await {
             break;
         }
         send_signal(victim, "CONT");
-        tokio::time::sleep(Duration::from_millis(5)).await;
     }
     workers.0[0].kill().unwrap();
     workers.0[0].wait().unwrap();
-    let at_kill = completed().await;
+    let at_kill = fluxo
+        .list(fluxo::store::ListFilter {
+            status: Some(WorkflowStatus::Completed),
+            limit: Some(workflows),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .len();
     assert!(
         at_kill < workflows,
         "the kill came mid-run ({at_kill}/{workflows} done)"

@@ -101,8 +101,17 @@ pub fn open_gate(name: &str) {
 }
 
 /// Starts this test binary again as a child process running only the
-/// (ignored) test `test_name`, with `env` set.
+/// (ignored) test `test_name`, with `env` set. Its stdout is dropped.
 pub fn spawn_test_process(test_name: &str, env: &[(&str, String)]) -> std::process::Child {
+    spawn_test_process_with(test_name, env, std::process::Stdio::null())
+}
+
+/// [`spawn_test_process`] with the child's stdout going to `stdout`.
+pub fn spawn_test_process_with(
+    test_name: &str,
+    env: &[(&str, String)],
+    stdout: std::process::Stdio,
+) -> std::process::Child {
     let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
     cmd.args([
         "--exact",
@@ -111,7 +120,7 @@ pub fn spawn_test_process(test_name: &str, env: &[(&str, String)]) -> std::proce
         "--nocapture",
         "--test-threads=1",
     ])
-    .stdout(std::process::Stdio::null())
+    .stdout(stdout)
     .stderr(std::process::Stdio::inherit());
     for (k, v) in env {
         cmd.env(k, v);
