@@ -3,7 +3,8 @@
 //! result a child process reports.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::os::unix::fs::FileExt as _;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -401,10 +402,26 @@ pub struct SequentialRuns {
     gaps: Vec<f64>,
     e2e: Vec<f64>,
     started: Option<Instant>,
+    /// On SQLite: the file the disk is probed in right before each run.
+    fsync_file: Option<PathBuf>,
+    /// The probe right before the run in progress, µs per flush.
+    fsync_now: Option<f64>,
+    /// Every run's probe, and its step latency over that probe.
+    fsyncs: Vec<f64>,
+    over_fsync: Vec<f64>,
 }
 
+/// Flushes in the probe right before each sequential run on SQLite.
+const PAIRED_FSYNCS: usize = 50;
+
 impl SequentialRuns {
-    pub fn new(p: &Params) -> Self {
+    pub fn new(spec: &Spec) -> Self {
+        let p = &spec.params;
+        let fsync_file = spec
+            .target
+            .backend
+            .is_sqlite()
+            .then(|| spec.target.path().with_extension("fsync-pair"));
         SequentialRuns {
             steps: p.seq_steps,
             runs: p.seq_runs.max(1),
@@ -412,13 +429,23 @@ impl SequentialRuns {
             gaps: Vec::new(),
             e2e: Vec::new(),
             started: None,
+            fsync_file,
+            fsync_now: None,
+            fsyncs: Vec::new(),
+            over_fsync: Vec::new(),
         }
     }
 
     /// The index of the next run, if one is due: until `seq_runs` ran, or
-    /// after the first once half the budget is spent.
+    /// after the first once half the budget is spent. On SQLite, the disk's
+    /// flush is probed right before the run, next to the database, so that
+    /// each run's latency is read against the disk's speed of that moment.
     pub fn next(&mut self) -> Option<u32> {
         let done = next_run(self.e2e.len(), self.runs, self.end)?;
+        self.fsync_now = self
+            .fsync_file
+            .as_deref()
+            .and_then(|f| fsync_probe_in(f, PAIRED_FSYNCS).ok());
         probe_record(self.steps as usize);
         self.started = Some(Instant::now());
         Some(done)
@@ -428,17 +455,31 @@ impl SequentialRuns {
     pub fn finished(&mut self) {
         let e2e = self.started.take().map(|t| t.elapsed()).unwrap_or_default();
         probe_stop_recording();
-        if let Some(gap) = mean_step_gap_us(0, self.steps as usize - 1) {
+        let gap = mean_step_gap_us(0, self.steps as usize - 1);
+        if let Some(gap) = gap {
             self.gaps.push(gap);
+        }
+        if let Some(fsync) = self.fsync_now.take() {
+            self.fsyncs.push(fsync);
+            if let Some(gap) = gap {
+                self.over_fsync.push(gap / fsync);
+            }
         }
         self.e2e.push(e2e.as_secs_f64() * 1e6 / self.steps as f64);
     }
 
     /// The medians over the runs: the mean gap between step starts (engine
-    /// latency per step) and the end-to-end time per step.
+    /// latency per step) and the end-to-end time per step; on SQLite also
+    /// the flush probed right before each run, and each run's latency over
+    /// its own probe.
     pub fn report(mut self, r: &mut CellResult) {
         let runs = self.e2e.len();
-        for (key, values) in [("step_us", &mut self.gaps), ("e2e_step_us", &mut self.e2e)] {
+        for (key, values) in [
+            ("step_us", &mut self.gaps),
+            ("e2e_step_us", &mut self.e2e),
+            ("paired_fsync_us", &mut self.fsyncs),
+            ("step_over_paired_fsync", &mut self.over_fsync),
+        ] {
             if !values.is_empty() {
                 values.sort_by(f64::total_cmp);
                 r.set(key, percentile(values, 50.0));
@@ -446,6 +487,34 @@ impl SequentialRuns {
         }
         r.set("seq_runs", runs as f64);
     }
+}
+
+/// `n` × (4 KiB write + fdatasync) in a file in `dir`: µs per write.
+pub fn fsync_probe(dir: &Path, n: usize) -> std::io::Result<f64> {
+    fsync_probe_in(&dir.join("fsync-probe.bin"), n)
+}
+
+/// `n` × (4 KiB write + fdatasync) at the start of file `path`, which is
+/// created for the probe and removed after: µs per write.
+fn fsync_probe_in(path: &Path, n: usize) -> std::io::Result<f64> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(path)?;
+    let block = vec![0x5au8; 4096];
+    file.write_all_at(&block, 0)?;
+    file.sync_all()?;
+    let t = Instant::now();
+    for _ in 0..n {
+        file.write_all_at(&block, 0)?;
+        file.sync_data()?;
+    }
+    let us = t.elapsed().as_secs_f64() * 1e6 / n as f64;
+    drop(file);
+    let _ = std::fs::remove_file(path);
+    Ok(us)
 }
 
 /// The runs of the throughput workload: a batch of `tp_workflows`

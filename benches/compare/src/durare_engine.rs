@@ -96,7 +96,7 @@ pub async fn run(spec: &Spec) -> Result<CellResult> {
                 .start_with(Chain, p.seq_steps, WorkflowOptions::default())
                 .await?
                 .await?;
-            let mut runs = common::SequentialRuns::new(p);
+            let mut runs = common::SequentialRuns::new(spec);
             while runs.next().is_some() {
                 engine
                     .start_with(Chain, p.seq_steps, WorkflowOptions::default())

@@ -162,7 +162,7 @@ pub async fn run(spec: &Spec) -> Result<CellResult> {
                 .start_orchestration("warm", "Chain", p.seq_steps.to_string())
                 .await?;
             wait_done(&client, "warm", budget).await?;
-            let mut runs = common::SequentialRuns::new(p);
+            let mut runs = common::SequentialRuns::new(spec);
             while let Some(i) = runs.next() {
                 let id = format!("seq-{i}");
                 client

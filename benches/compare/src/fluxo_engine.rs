@@ -115,7 +115,7 @@ pub async fn run(spec: &Spec) -> Result<CellResult> {
             let worker = fluxo.worker().spawn();
             // Warm-up: connections, statements, caches.
             Chain::start(&fluxo, p.seq_steps).await?.result().await?;
-            let mut runs = common::SequentialRuns::new(p);
+            let mut runs = common::SequentialRuns::new(spec);
             while runs.next().is_some() {
                 Chain::start(&fluxo, p.seq_steps).await?.result().await?;
                 runs.finished();

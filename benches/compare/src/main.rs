@@ -22,8 +22,7 @@ mod profile;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::io::{BufRead as _, BufReader};
-use std::os::unix::fs::FileExt as _;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -207,7 +206,7 @@ fn parent(args: Args) -> Result<()> {
 
     let machine = machine_description();
     eprintln!("{machine}");
-    let fsync = fsync_probe(&run.dir, 1_000)?;
+    let fsync = common::fsync_probe(&run.dir, 1_000)?;
     eprintln!(
         "raw fsync: {:.0} µs per 4 KiB write + fdatasync ({:.0}/s)",
         fsync,
@@ -274,7 +273,7 @@ fn parent(args: Args) -> Result<()> {
             }
         }
     }
-    let fsync_end = fsync_probe(&run.dir, 1_000)?;
+    let fsync_end = common::fsync_probe(&run.dir, 1_000)?;
     eprintln!(
         "raw fsync at the end: {:.0} µs per 4 KiB write + fdatasync ({:.0}/s)",
         fsync_end,
@@ -421,7 +420,7 @@ impl Run {
         // The disk of this machine is shared and its speed swings: note
         // what a raw durable write cost right before this cell.
         let fsync_before = if backend.is_sqlite() {
-            fsync_probe(&self.dir, 200).ok()
+            common::fsync_probe(&self.dir, 200).ok()
         } else {
             None
         };
@@ -764,29 +763,6 @@ fn machine_description() -> String {
     format!("machine: {cores} cores ({cpu}), {mem}")
 }
 
-/// `n` × (4 KiB write + fdatasync) in a file in `dir`: µs per write.
-fn fsync_probe(dir: &Path, n: usize) -> Result<f64> {
-    let path = dir.join("fsync-probe.bin");
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .read(true)
-        .write(true)
-        .open(&path)?;
-    let block = vec![0x5au8; 4096];
-    file.write_all_at(&block, 0)?;
-    file.sync_all()?;
-    let t = Instant::now();
-    for _ in 0..n {
-        file.write_all_at(&block, 0)?;
-        file.sync_data()?;
-    }
-    let us = t.elapsed().as_secs_f64() * 1e6 / n as f64;
-    drop(file);
-    let _ = std::fs::remove_file(&path);
-    Ok(us)
-}
-
 // ----- the report ------------------------------------------------------------------
 
 struct MetricRow {
@@ -800,8 +776,10 @@ struct MetricRow {
 
 /// The rows the probes fill (the disk, the store's own commits), shown
 /// only where a probe ran and not compared between engines.
-const PROBE_KEYS: [&str; 5] = [
+const PROBE_KEYS: [&str; 7] = [
     "fsync_us",
+    "paired_fsync_us",
+    "step_over_paired_fsync",
     "floor_us",
     "step_over_floor",
     "fenced_floor_us",
@@ -820,6 +798,18 @@ fn metric_rows(w: Workload) -> Vec<MetricRow> {
         rows.push(MetricRow {
             key: "step_over_floor",
             label: "per-step latency ÷ bare store commit (1.0 = the store's own cost)",
+            lower_better: true,
+            variant: None,
+        });
+        rows.push(MetricRow {
+            key: "paired_fsync_us",
+            label: "raw fsync right before each run, in the cell's own process (µs; median of the runs' probes, 50 × 4 KiB write + fdatasync each)",
+            lower_better: true,
+            variant: None,
+        });
+        rows.push(MetricRow {
+            key: "step_over_paired_fsync",
+            label: "per-step latency ÷ the raw fsync right before the same run (median over runs; 1.0 = one flush per step)",
             lower_better: true,
             variant: None,
         });
