@@ -156,10 +156,10 @@ fn halfway_announcements(child: &mut Child) -> tokio::sync::mpsc::UnboundedRecei
     let stdout = child.stdout.take().expect("the worker's stdout is piped");
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
+        // Read to the end whatever the bytes, so that the pipe never fills.
+        for line in std::io::BufReader::new(stdout).split(b'\n') {
+            let Ok(line) = line else { break };
+            let line = String::from_utf8_lossy(&line);
             if let Some(id) = line.strip_prefix(HALFWAY) {
                 if tx.send(id.to_owned()).is_err() {
                     break;
@@ -192,8 +192,9 @@ fn send_signal(pid: u32, name: &str) {
 }
 
 /// Whether worker process `pid` is halfway through instance `id`: it
-/// journaled at least half of its steps, and steps are left to run, so that
-/// another worker's finishing it shows.
+/// journaled at least half of its steps, and two or more steps are left to
+/// run, so that another worker finishes it even if a commit `pid` sent
+/// before it was stopped lands after this check.
 async fn is_halfway(fluxo: &Fluxo, id: &str, pid: u32) -> bool {
     let history = fluxo.history(id).await.unwrap();
     // For each step journaled: whether `pid` ran it.
@@ -205,7 +206,7 @@ async fn is_halfway(fluxo: &Fluxo, id: &str, pid: u32) -> bool {
         })
         .collect();
     let by_pid = steps.iter().filter(|by| **by).count();
-    by_pid >= STEPS as usize / 2 && steps.len() < STEPS as usize
+    by_pid >= STEPS as usize / 2 && steps.len() + 2 <= STEPS as usize
 }
 
 async fn run_scale_out(target: Target, store: Arc<dyn Store>, processes: usize, workflows: usize) {
@@ -232,21 +233,29 @@ async fn run_scale_out(target: Target, store: Arc<dyn Store>, processes: usize, 
 
     // Kill the victim once it is halfway through an instance. It is stopped
     // while the instance's journal is checked, so it cannot finish the
-    // instance between the check and the kill.
+    // instance between the check and the kill. The announcements come in
+    // bursts (it runs many instances at once); the newest are checked first,
+    // as the older ones may be done by then.
     let started = Instant::now();
     let victim = workers.0[0].id();
-    loop {
+    let target_id = 'found: loop {
         let left = Duration::from_secs(120).saturating_sub(started.elapsed());
-        let id = tokio::time::timeout(left, halfway.recv())
+        let first = tokio::time::timeout(left, halfway.recv())
             .await
             .expect("the victim never was halfway through an instance")
             .expect("the victim exited");
         send_signal(victim, "STOP");
-        if is_halfway(&fluxo, &id, victim).await {
-            break;
+        let mut ids = vec![first];
+        while let Ok(id) = halfway.try_recv() {
+            ids.push(id);
+        }
+        for id in ids.into_iter().rev() {
+            if is_halfway(&fluxo, &id, victim).await {
+                break 'found id;
+            }
         }
         send_signal(victim, "CONT");
-    }
+    };
     workers.0[0].kill().unwrap();
     workers.0[0].wait().unwrap();
     let at_kill = fluxo
@@ -271,6 +280,13 @@ async fn run_scale_out(target: Target, store: Arc<dyn Store>, processes: usize, 
         let order: Vec<u32> = out.iter().map(|(i, _)| *i).collect();
         assert_eq!(order, (0..STEPS).collect::<Vec<_>>());
         let pids: Vec<u32> = out.iter().map(|(_, p)| *p).collect();
+        if h.id() == target_id {
+            assert!(
+                pids.contains(&victim) && pids.iter().any(|p| *p != victim),
+                "the instance the victim was killed halfway through was finished by another \
+                 worker (steps ran by {pids:?}, victim {victim})"
+            );
+        }
         if pids.contains(&victim) {
             by_victim += 1;
             if pids.iter().any(|p| *p != victim) {
