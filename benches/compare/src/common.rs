@@ -402,26 +402,35 @@ pub struct SequentialRuns {
     gaps: Vec<f64>,
     e2e: Vec<f64>,
     started: Option<Instant>,
-    /// On SQLite: the file the disk is probed in right before each run.
-    fsync_file: Option<PathBuf>,
+    /// On SQLite `FULL`: the file the disk's flush is probed in right
+    /// before each run.
+    fsync_probe: Option<FsyncProbe>,
     /// The probe right before the run in progress, µs per flush.
     fsync_now: Option<f64>,
     /// Every run's probe, and its step latency over that probe.
     fsyncs: Vec<f64>,
     over_fsync: Vec<f64>,
+    /// Why a probe failed, if one did.
+    fsync_error: Option<String>,
 }
 
-/// Flushes in the probe right before each sequential run on SQLite.
+/// Flushes in the probe right before each sequential run on SQLite `FULL`.
 const PAIRED_FSYNCS: usize = 50;
 
 impl SequentialRuns {
+    /// On SQLite `FULL`, where a step's commit ends with one flush, this
+    /// also creates a probe file next to the database, removed when the
+    /// runs are dropped.
     pub fn new(spec: &Spec) -> Self {
         let p = &spec.params;
-        let fsync_file = spec
-            .target
-            .backend
-            .is_sqlite()
-            .then(|| spec.target.path().with_extension("fsync-pair"));
+        let mut fsync_error = None;
+        let fsync_probe = if spec.target.synchronous_full() {
+            FsyncProbe::create(spec.target.path().with_extension("fsync-pair"))
+                .map_err(|e| fsync_error = Some(e.to_string()))
+                .ok()
+        } else {
+            None
+        };
         SequentialRuns {
             steps: p.seq_steps,
             runs: p.seq_runs.max(1),
@@ -429,23 +438,27 @@ impl SequentialRuns {
             gaps: Vec::new(),
             e2e: Vec::new(),
             started: None,
-            fsync_file,
+            fsync_probe,
             fsync_now: None,
             fsyncs: Vec::new(),
             over_fsync: Vec::new(),
+            fsync_error,
         }
     }
 
     /// The index of the next run, if one is due: until `seq_runs` ran, or
-    /// after the first once half the budget is spent. On SQLite, the disk's
-    /// flush is probed right before the run, next to the database, so that
-    /// each run's latency is read against the disk's speed of that moment.
+    /// after the first once half the budget is spent. On SQLite `FULL`, the
+    /// disk's flush is probed first (blocking the thread for a few ms, with
+    /// no run in flight), so that the run's latency is read against the
+    /// disk's speed of that moment.
     pub fn next(&mut self) -> Option<u32> {
         let done = next_run(self.e2e.len(), self.runs, self.end)?;
-        self.fsync_now = self
-            .fsync_file
-            .as_deref()
-            .and_then(|f| fsync_probe_in(f, PAIRED_FSYNCS).ok());
+        if let Some(probe) = &self.fsync_probe {
+            match probe.measure(PAIRED_FSYNCS) {
+                Ok(us) => self.fsync_now = Some(us),
+                Err(e) => self.fsync_error = Some(e.to_string()),
+            }
+        }
         probe_record(self.steps as usize);
         self.started = Some(Instant::now());
         Some(done)
@@ -469,9 +482,9 @@ impl SequentialRuns {
     }
 
     /// The medians over the runs: the mean gap between step starts (engine
-    /// latency per step) and the end-to-end time per step; on SQLite also
-    /// the flush probed right before each run, and each run's latency over
-    /// its own probe.
+    /// latency per step) and the end-to-end time per step; on SQLite `FULL`
+    /// also the flush probed right before each run, and each run's latency
+    /// over its own probe.
     pub fn report(mut self, r: &mut CellResult) {
         let runs = self.e2e.len();
         for (key, values) in [
@@ -486,35 +499,61 @@ impl SequentialRuns {
             }
         }
         r.set("seq_runs", runs as f64);
+        if let Some(e) = &self.fsync_error {
+            r.note(format!("the flush probe before each run failed: {e}"));
+        }
     }
 }
 
 /// `n` × (4 KiB write + fdatasync) in a file in `dir`: µs per write.
 pub fn fsync_probe(dir: &Path, n: usize) -> std::io::Result<f64> {
-    fsync_probe_in(&dir.join("fsync-probe.bin"), n)
+    FsyncProbe::create(dir.join("fsync-probe.bin"))?.measure(n)
 }
 
-/// `n` × (4 KiB write + fdatasync) at the start of file `path`, which is
-/// created for the probe and removed after: µs per write.
-fn fsync_probe_in(path: &Path, n: usize) -> std::io::Result<f64> {
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .read(true)
-        .write(true)
-        .open(path)?;
-    let block = vec![0x5au8; 4096];
-    file.write_all_at(&block, 0)?;
-    file.sync_all()?;
-    let t = Instant::now();
-    for _ in 0..n {
-        file.write_all_at(&block, 0)?;
-        file.sync_data()?;
+/// A file of one 4 KiB block to time the disk's flush with; removed when
+/// dropped.
+pub struct FsyncProbe {
+    file: std::fs::File,
+    path: PathBuf,
+    block: Vec<u8>,
+}
+
+impl FsyncProbe {
+    /// Creates the file and makes its block and size durable, so that the
+    /// flushes [`measure`](Self::measure) times overwrite in place.
+    pub fn create(path: PathBuf) -> std::io::Result<Self> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(&path)?;
+        let probe = FsyncProbe {
+            file,
+            path,
+            block: vec![0x5au8; 4096],
+        };
+        probe.file.write_all_at(&probe.block, 0)?;
+        probe.file.sync_all()?;
+        Ok(probe)
     }
-    let us = t.elapsed().as_secs_f64() * 1e6 / n as f64;
-    drop(file);
-    let _ = std::fs::remove_file(path);
-    Ok(us)
+
+    /// `n` × (4 KiB write + fdatasync) at the start of the file: µs per
+    /// write. Blocks the calling thread for as long.
+    pub fn measure(&self, n: usize) -> std::io::Result<f64> {
+        let t = Instant::now();
+        for _ in 0..n {
+            self.file.write_all_at(&self.block, 0)?;
+            self.file.sync_data()?;
+        }
+        Ok(t.elapsed().as_secs_f64() * 1e6 / n as f64)
+    }
+}
+
+impl Drop for FsyncProbe {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
 }
 
 /// The runs of the throughput workload: a batch of `tp_workflows`

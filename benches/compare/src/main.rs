@@ -803,7 +803,7 @@ fn metric_rows(w: Workload) -> Vec<MetricRow> {
         });
         rows.push(MetricRow {
             key: "paired_fsync_us",
-            label: "raw fsync right before each run, in the cell's own process (µs; median of the runs' probes, 50 × 4 KiB write + fdatasync each)",
+            label: "raw fsync right before each run, in the cell's own process (µs; SQLite FULL; median of the runs' probes, 50 × 4 KiB write + fdatasync each)",
             lower_better: true,
             variant: None,
         });
@@ -1023,7 +1023,7 @@ fn report(
     if let Some(prof) = &run.profiling {
         let _ = writeln!(
             s,
-            "- **profiled** (`--profile {}`, files in {}): every cell ran under the profiler and its numbers carry its overhead (the fsync and bare-commit probes ran outside it)",
+            "- **profiled** (`--profile {}`, files in {}): every cell ran under the profiler and its numbers carry its overhead (the fsync and bare-commit probes before each cell ran outside it; the flush probe before each sequential run on SQLite `FULL` ran inside, so its ratio reads high)",
             prof.tool.name(),
             prof.dir.display()
         );
