@@ -273,4 +273,54 @@ mod tests {
         let e = append_zeros(full, 4096).unwrap_err();
         assert_eq!(e.kind(), std::io::ErrorKind::StorageFull);
     }
+
+    /// The child process of [`a_write_that_fails_part_way_is_cut_back`].
+    #[cfg(target_os = "linux")]
+    const CUT_BACK_CHILD: &str = "store::sqlite::open::tests::grow_under_a_file_size_limit";
+
+    /// A growth whose writes fail part-way leaves the file as it was: the
+    /// zeros written before the failure are cut off again. The writes fail
+    /// at the process's file-size limit, which is process-wide, so the
+    /// growth runs in a child process of its own.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_write_that_fails_part_way_is_cut_back() {
+        let file = Files(TempDb::path());
+        let frames = vec![7u8; 10_000];
+        std::fs::write(&file.0, &frames).unwrap();
+        let status = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", CUT_BACK_CHILD, "--ignored", "--nocapture"])
+            .args(["--test-threads=1"])
+            .env("FLUXO_TEST_GROW_UNDER_LIMIT", &file.0)
+            .status()
+            .unwrap();
+        assert!(status.success(), "the child failed: {status}");
+        let bytes = std::fs::read(&file.0).unwrap();
+        assert_eq!(bytes.len(), frames.len(), "cut back to its old length");
+        assert!(bytes == frames, "its old bytes kept");
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    #[ignore = "run as a child process by a_write_that_fails_part_way_is_cut_back"]
+    fn grow_under_a_file_size_limit() {
+        let Some(path) = std::env::var_os("FLUXO_TEST_GROW_UNDER_LIMIT") else {
+            return;
+        };
+        // No file of this process may grow past 300,000 bytes: the second
+        // 256 KiB write of zeros stops there. Past the limit a write fails
+        // with EFBIG instead of the signal ending the process.
+        // SAFETY: plain libc calls with valid arguments, made while this
+        // process runs nothing else.
+        unsafe {
+            assert_ne!(libc::signal(libc::SIGXFSZ, libc::SIG_IGN), libc::SIG_ERR);
+            let mut limit = std::mem::zeroed::<libc::rlimit>();
+            assert_eq!(libc::getrlimit(libc::RLIMIT_FSIZE, &mut limit), 0);
+            limit.rlim_cur = 300_000;
+            assert_eq!(libc::setrlimit(libc::RLIMIT_FSIZE, &limit), 0);
+        }
+        let path = std::path::Path::new(&path);
+        let e = append_zeros(path, 1_000_000).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EFBIG), "{e}");
+    }
 }
