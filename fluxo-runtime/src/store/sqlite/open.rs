@@ -288,13 +288,19 @@ mod tests {
         let file = Files(TempDb::path());
         let frames = vec![7u8; 10_000];
         std::fs::write(&file.0, &frames).unwrap();
-        let status = std::process::Command::new(std::env::current_exe().unwrap())
+        let child = std::process::Command::new(std::env::current_exe().unwrap())
             .args(["--exact", CUT_BACK_CHILD, "--ignored", "--nocapture"])
             .args(["--test-threads=1"])
             .env("FLUXO_TEST_GROW_UNDER_LIMIT", &file.0)
-            .status()
+            .output()
             .unwrap();
-        assert!(status.success(), "the child failed: {status}");
+        let stdout = String::from_utf8_lossy(&child.stdout);
+        assert!(
+            child.status.success() && stdout.contains("1 passed"),
+            "the child did not run its test: {}\n{stdout}\n{}",
+            child.status,
+            String::from_utf8_lossy(&child.stderr)
+        );
         let bytes = std::fs::read(&file.0).unwrap();
         assert_eq!(bytes.len(), frames.len(), "cut back to its old length");
         assert!(bytes == frames, "its old bytes kept");
