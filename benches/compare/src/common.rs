@@ -384,6 +384,17 @@ pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
+/// Sets each `key` to the median of its values (sorting them), where a run
+/// gave any.
+fn set_medians<const N: usize>(r: &mut CellResult, series: [(&str, &mut Vec<f64>); N]) {
+    for (key, values) in series {
+        if !values.is_empty() {
+            values.sort_by(f64::total_cmp);
+            r.set(key, percentile(values, 50.0));
+        }
+    }
+}
+
 /// The index of the next of a cell's `runs` runs after `done` of them, if
 /// one is due: the first always, the others until `end`.
 fn next_run(done: usize, runs: u32, end: Instant) -> Option<u32> {
@@ -487,17 +498,15 @@ impl SequentialRuns {
     /// over its own probe.
     pub fn report(mut self, r: &mut CellResult) {
         let runs = self.e2e.len();
-        for (key, values) in [
-            ("step_us", &mut self.gaps),
-            ("e2e_step_us", &mut self.e2e),
-            ("paired_fsync_us", &mut self.fsyncs),
-            ("step_over_paired_fsync", &mut self.over_fsync),
-        ] {
-            if !values.is_empty() {
-                values.sort_by(f64::total_cmp);
-                r.set(key, percentile(values, 50.0));
-            }
-        }
+        set_medians(
+            r,
+            [
+                ("step_us", &mut self.gaps),
+                ("e2e_step_us", &mut self.e2e),
+                ("paired_fsync_us", &mut self.fsyncs),
+                ("step_over_paired_fsync", &mut self.over_fsync),
+            ],
+        );
         r.set("seq_runs", runs as f64);
         if let Some(e) = &self.fsync_error {
             r.note(format!("the flush probe before each run failed: {e}"));
@@ -658,17 +667,15 @@ impl ThroughputRuns {
     /// latency percentiles, and the fewest workflows any batch completed.
     pub fn report(mut self, r: &mut CellResult) {
         let runs = self.walls.len();
-        for (key, values) in [
-            ("steps_per_s", &mut self.rates),
-            ("wall_s", &mut self.walls),
-            ("p50_ms", &mut self.p50s),
-            ("p99_ms", &mut self.p99s),
-        ] {
-            if !values.is_empty() {
-                values.sort_by(f64::total_cmp);
-                r.set(key, percentile(values, 50.0));
-            }
-        }
+        set_medians(
+            r,
+            [
+                ("steps_per_s", &mut self.rates),
+                ("wall_s", &mut self.walls),
+                ("p50_ms", &mut self.p50s),
+                ("p99_ms", &mut self.p99s),
+            ],
+        );
         r.set("completed", self.fewest_completed.unwrap_or(0) as f64);
         r.set("tp_runs", runs as f64);
     }
