@@ -25,8 +25,12 @@
 //! Each connection lives on a thread of its own (`fluxo-sqlite-write`, and
 //! `fluxo-sqlite-read-N` for reads), which runs whole jobs: a commit, with
 //! every statement of its transaction, is one hand-off from the async
-//! runtime to the write thread and one back. SQLite itself is compiled
-//! into the crate (no system library needed).
+//! runtime to the write thread and one back. A third kind of thread,
+//! `fluxo-sqlite-checkpoint`, copies the write-ahead log back into the
+//! database file on a connection of its own, so that a commit does not wait
+//! for that every thousand log pages as it would by default; the write
+//! thread only copies what was committed while it ran. SQLite itself is
+//! compiled into the crate (no system library needed).
 //!
 //! # Schema
 //!
@@ -46,10 +50,12 @@ use rusqlite::{params, Connection, OptionalExtension, Params, Row, TransactionBe
 
 use super::*;
 
+mod checkpoint;
 mod creates;
 mod open;
 mod threads;
 
+use checkpoint::Checkpointer;
 use creates::Creates;
 use open::Opener;
 use threads::{Slot, Threads};
@@ -120,6 +126,9 @@ pub struct SqliteStore {
     /// Threads of the connections for reads; `None` when reads share the
     /// write connection (in-memory database).
     readers: Option<Threads>,
+    /// Runs the checkpoints of what the write connection writes; `None`
+    /// for an in-memory database, which has no log.
+    checkpoints: Option<Arc<Checkpointer>>,
     /// Creates waiting to be inserted together.
     creates: Creates,
     location: String,
@@ -145,17 +154,24 @@ impl SqliteStore {
             path: Some(options.path.clone()),
             synchronous: options.synchronous,
             busy_timeout: options.busy_timeout,
+            checkpoints: None,
         };
         let readers = options.max_connections.max(1) as usize;
         // Opening waits for the file's write lock to migrate: off the runtime.
-        let (writer, readers) = tokio::task::spawn_blocking(move || {
-            let writer = opener.open_and_migrate()?;
+        let (writer, readers, checkpoints) = tokio::task::spawn_blocking(move || {
+            let checkpoints = Arc::new(Checkpointer::start(&opener)?);
+            let write_opener = Opener {
+                checkpoints: Some(Arc::clone(&checkpoints)),
+                ..opener.clone()
+            };
+            let writer = write_opener.open_and_migrate()?;
             let readers = (0..readers)
                 .map(|_| opener.open())
                 .collect::<StoreResult<Vec<_>>>()?;
             Ok::<_, StoreError>((
-                Threads::start("sqlite-write", vec![writer], Some(opener.clone()))?,
+                Threads::start("sqlite-write", vec![writer], Some(write_opener))?,
                 Threads::start("sqlite-read", readers, Some(opener))?,
+                checkpoints,
             ))
         })
         .await
@@ -163,6 +179,7 @@ impl SqliteStore {
         Ok(SqliteStore {
             writer,
             readers: Some(readers),
+            checkpoints: Some(checkpoints),
             creates: Creates::default(),
             location: options.path.display().to_string(),
         })
@@ -175,6 +192,7 @@ impl SqliteStore {
             path: None,
             synchronous: Synchronous::Full,
             busy_timeout: Duration::from_secs(5),
+            checkpoints: None,
         };
         // The database lives and dies with its only connection, which is
         // never replaced.
@@ -182,6 +200,7 @@ impl SqliteStore {
         Ok(SqliteStore {
             writer: Threads::start("sqlite-memory", vec![conn], None)?,
             readers: None,
+            checkpoints: None,
             creates: Creates::default(),
             location: ":memory:".to_owned(),
         })
@@ -193,6 +212,9 @@ impl SqliteStore {
         self.writer.close().await;
         if let Some(readers) = &self.readers {
             readers.close().await;
+        }
+        if let Some(checkpoints) = &self.checkpoints {
+            checkpoints.close().await;
         }
     }
 
@@ -1252,7 +1274,9 @@ mod tests {
     }
 
     /// The size [`open::presize_wal`] grows a log to, from the database's
-    /// page size and checkpoint interval.
+    /// page size and SQLite's default checkpoint interval: the write
+    /// connection checkpoints itself at twice that, and a quarter of it
+    /// more covers a large commit past that point.
     fn grown_wal_len(conn: &rusqlite::Connection) -> u64 {
         let page: u64 = conn
             .pragma_query_value(None, "page_size", |r| r.get(0))
@@ -1260,7 +1284,7 @@ mod tests {
         let pages: u64 = conn
             .pragma_query_value(None, "wal_autocheckpoint", |r| r.get(0))
             .unwrap();
-        32 + (pages + pages / 4) * (page + 24)
+        32 + (2 * pages + pages / 4) * (page + 24)
     }
 
     /// At `FULL` the log is grown with zeros on open and commits overwrite
@@ -1292,6 +1316,48 @@ mod tests {
                 .expect("open");
         assert!(wal_len(&normal.0) < 1 << 20, "{}", wal_len(&normal.0));
         store.close().await;
+    }
+
+    /// A store's write connection hands its checkpoints to the store's
+    /// checkpoint thread: once its commits fill the log past the
+    /// checkpoint interval, that thread copies it into the database file,
+    /// with no commit after them. (SQLite's own checkpointing would copy
+    /// it inside the commit that filled it.)
+    #[tokio::test]
+    async fn a_store_checkpoints_on_its_own_thread() {
+        let db = TempDb::new().await;
+        let c = started(&db, "checkpointed").await;
+        let before = std::fs::metadata(&db.path).unwrap().len();
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut id = 0;
+        while checkpoint::tests::log_pages(&db.path) < checkpoint::CHECKPOINT_PAGES {
+            // Entries of 40 KiB (ten pages) of bytes that do not compress.
+            let mut entry = event(id);
+            entry.data = (0..40 << 10)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                })
+                .collect();
+            let commit = Commit {
+                instance_id: c.record.id.as_str().into(),
+                lease_token: c.lease_token,
+                events: vec![entry].into(),
+                ..Commit::default()
+            };
+            db.commit(commit).await.expect("commit");
+            id += 1;
+        }
+        let checkpoints = db.checkpoints.as_ref().expect("a file has a checkpointer");
+        let start = std::time::Instant::now();
+        while !checkpoints.copied() {
+            assert!(start.elapsed() < Duration::from_secs(10), "no checkpoint");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let after = std::fs::metadata(&db.path).unwrap().len();
+        assert!(after > before + (2 << 20), "{before} -> {after}");
     }
 
     /// Stores opening one fresh file at the same time take the write lock

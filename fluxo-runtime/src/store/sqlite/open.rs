@@ -3,10 +3,12 @@
 use std::fs::OpenOptions;
 use std::io::{Seek, SeekFrom, Write};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags, TransactionBehavior};
 
+use super::checkpoint::{Checkpointer, CHECKPOINT_PAGES, INLINE_PAGES};
 use super::{db_err, Synchronous};
 use crate::store::{StoreError, StoreResult};
 
@@ -26,6 +28,9 @@ pub(super) struct Opener {
     pub(super) path: Option<PathBuf>,
     pub(super) synchronous: Synchronous,
     pub(super) busy_timeout: Duration,
+    /// Set on the write connection's opener: the thread that runs the
+    /// checkpoints of what it writes.
+    pub(super) checkpoints: Option<Arc<Checkpointer>>,
 }
 
 impl Opener {
@@ -52,6 +57,9 @@ impl Opener {
         conn.pragma_update(None, "synchronous", level)
             .map_err(db_err)?;
         conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+        if let Some(checkpoints) = &self.checkpoints {
+            checkpoints.watch(&conn)?;
+        }
         Ok(conn)
     }
 
@@ -115,7 +123,7 @@ const WAL_FRAME_HEADER: i64 = 24;
 /// The most [`presize_wal`] grows a log to.
 const WAL_PRESIZE_MAX: i64 = 64 << 20;
 
-/// Grows the write-ahead log to the size it reaches between checkpoints,
+/// Grows the write-ahead log to the most it holds between checkpoints,
 /// with zeros, once, so that commits overwrite blocks the file already has.
 ///
 /// A commit that appends to the log must also make the file's new size
@@ -149,15 +157,10 @@ fn presize_wal(
     let page_size: i64 = conn
         .pragma_query_value(None, "page_size", |row| row.get(0))
         .map_err(db_err)?;
-    let checkpoint_pages: i64 = conn
-        .pragma_query_value(None, "wal_autocheckpoint", |row| row.get(0))
-        .map_err(db_err)?;
-    if checkpoint_pages <= 0 {
-        return Ok(());
-    }
-    // A log passes the checkpoint threshold by up to one commit's frames;
-    // a quarter more covers a large group commit.
-    let frames = checkpoint_pages + checkpoint_pages / 4;
+    // The log grows until the write connection checkpoints itself (see
+    // `checkpoint`), and past that by up to one commit's pages; a quarter
+    // of the checkpoint interval more covers a large group commit.
+    let frames = INLINE_PAGES + CHECKPOINT_PAGES / 4;
     let target = (WAL_HEADER + frames * (page_size + WAL_FRAME_HEADER)).min(WAL_PRESIZE_MAX) as u64;
     let tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
