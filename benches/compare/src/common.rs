@@ -705,6 +705,8 @@ pub fn history_metrics(r: &mut CellResult, steps: u32, window: u32) {
     // workflow waiting on it; such commits are too rare to move the p99.
     let mut gaps = step_gaps_us(0, end);
     if !gaps.is_empty() {
+        // What the whole workflow cost per step, slow commits included.
+        r.set("mean_gap_us", gaps.iter().sum::<f64>() / gaps.len() as f64);
         gaps.sort_by(f64::total_cmp);
         r.set("gap_p99_us", percentile(&gaps, 99.0));
         r.set("gap_max_ms", gaps[gaps.len() - 1] / 1e3);

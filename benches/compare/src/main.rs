@@ -875,6 +875,11 @@ fn workload_rows(w: Workload) -> Vec<MetricRow> {
                 true,
             ),
             m(
+                "mean_gap_us",
+                "µs/step over the whole workflow (mean gap between step starts)",
+                true,
+            ),
+            m(
                 "gap_p99_us",
                 "p99 gap between step starts, whole workflow (µs)",
                 true,
