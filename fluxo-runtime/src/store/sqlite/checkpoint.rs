@@ -2,29 +2,38 @@
 //!
 //! In WAL mode SQLite appends every commit to the write-ahead log and, once
 //! the log holds [`CHECKPOINT_PAGES`] pages, copies them back into the
-//! database file and flushes it: a checkpoint. By default the connection
-//! that committed runs it, inside its commit call, so every few hundred
-//! steps one step waits milliseconds for it (two flushes and the copy).
+//! database file: a checkpoint. It flushes the log, writes the pages and
+//! flushes the database file. By default the connection that committed
+//! runs it inside that commit, so every few hundred steps one step waits
+//! milliseconds for it.
 //!
 //! Here the write connection only looks at the log's length after each
 //! commit (a WAL hook, which replaces SQLite's own checkpointing on that
 //! connection) and, past [`CHECKPOINT_PAGES`], wakes a thread of the
 //! store's own that checkpoints on a connection of its own. It runs a
-//! `PASSIVE` checkpoint: it takes no lock a writer waits for, and copies
-//! what no reader still needs.
+//! `PASSIVE` checkpoint, which takes no lock a commit waits for and copies
+//! what no reader still needs, and then flushes the database file itself
+//! if SQLite did not (SQLite flushes it only when the copy reached the
+//! log's end, and commits land while it copies).
 //!
-//! The log only starts over at a commit that finds all of it copied, and
-//! commits keep landing while the thread copies. So once the thread is
-//! done, the write connection copies the rest itself after its next
-//! commit: the pages of the few commits made meanwhile, and one flush of
-//! the database file. The commit after that starts the log over.
+//! The log only starts over at a commit that finds all of it copied. So
+//! once the thread is done, the write connection checkpoints what is
+//! left, inside its next commit: the pages of the commits made meanwhile,
+//! and a flush of the log and of the database file. The commit after that
+//! starts the log over (unless a read still uses its end).
 //!
-//! If the log still grows to [`INLINE_PAGES`] (the thread has ended, or a
-//! long read holds an old snapshot), the write connection
-//! checkpoints after every commit, as SQLite would past its own interval.
+//! From [`INLINE_PAGES`] on (the thread has ended, or a read holds an old
+//! snapshot) the write connection checkpoints inside every commit, as
+//! SQLite would from its own interval on. While the thread copies, such a
+//! checkpoint finds the thread's lock and does nothing: the log then grows
+//! until the thread is done.
+//!
+//! Nothing may set `PRAGMA wal_autocheckpoint` on the write connection: it
+//! would replace the hook.
 
 use std::ffi::{c_char, c_int, c_void, CStr};
 use std::fmt;
+use std::path::Path;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread;
@@ -96,12 +105,13 @@ impl Checkpointer {
     /// Starts the thread, with a connection opened by `opener`.
     pub(super) fn start(opener: &Opener) -> StoreResult<Self> {
         let conn = opener.open()?;
+        let db = opener.path.clone();
         let shared = Arc::new(Shared::default());
         let thread = {
             let shared = Arc::clone(&shared);
             thread::Builder::new()
                 .name("fluxo-sqlite-checkpoint".to_owned())
-                .spawn(move || run(&conn, &shared))
+                .spawn(move || run(&conn, db.as_deref(), &shared))
                 .map_err(StoreError::backend)?
         };
         Ok(Checkpointer {
@@ -228,7 +238,7 @@ unsafe extern "C" fn after_commit(
 }
 
 /// The thread: one `PASSIVE` checkpoint per request, until closed.
-fn run(conn: &Connection, shared: &Shared) {
+fn run(conn: &Connection, db: Option<&Path>, shared: &Shared) {
     loop {
         {
             let mut state = shared.lock();
@@ -243,23 +253,60 @@ fn run(conn: &Connection, shared: &Shared) {
             }
             state.requested = false;
         }
-        if let Err(e) = checkpoint(conn) {
-            tracing::debug!(error = %e, "SQLite: a background checkpoint failed");
-        }
-        // Also after a failure: the write connection then tries itself.
-        shared.phase.store(COPIED, Ordering::Release);
+        let phase = match checkpoint(conn, db) {
+            Ok(Pass::Busy) => IDLE,
+            Ok(Pass::Copied) => COPIED,
+            Err(e) => {
+                tracing::debug!(error = %e, "SQLite: a background checkpoint failed");
+                // The write connection then copies the log itself.
+                COPIED
+            }
+        };
+        shared.phase.store(phase, Ordering::Release);
     }
 }
 
-/// Copies what it can of the log into the database file.
-fn checkpoint(conn: &Connection) -> StoreResult<()> {
+/// How a checkpoint pass of the thread ended.
+enum Pass {
+    /// Another connection (of another process) was checkpointing: nothing
+    /// was copied, and the next commit asks again.
+    Busy,
+    /// What no reader still needed was copied and is on stable storage.
+    Copied,
+}
+
+/// Copies what it can of the log into the database file at `db`, and
+/// flushes it there.
+fn checkpoint(conn: &Connection, db: Option<&Path>) -> StoreResult<Pass> {
     // A connection finds the log when it first reads the database; opened
     // on a fresh file, this one has not yet, and a checkpoint without the
     // log does nothing.
     conn.query_row("PRAGMA schema_version", [], |_| Ok(()))
         .map_err(db_err)?;
-    conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
-        .map_err(db_err)
+    let (busy, log, copied): (i64, i64, i64) = conn
+        .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| {
+            Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+        })
+        .map_err(db_err)?;
+    if busy != 0 {
+        return Ok(Pass::Busy);
+    }
+    // SQLite flushes the database file only when it copied up to the
+    // log's end; when commits landed meanwhile, the pages it wrote would
+    // be flushed by the write connection's checkpoint, inside a commit.
+    // Flushing any descriptor of the file flushes them all.
+    if copied < log {
+        if let Some(db) = db {
+            std::fs::File::open(db)
+                .and_then(|file| file.sync_data())
+                .map_err(|e| {
+                    StoreError::Backend(
+                        format!("flushing the database file {}: {e}", db.display()).into(),
+                    )
+                })?;
+        }
+    }
+    Ok(Pass::Copied)
 }
 
 #[cfg(test)]

@@ -22,14 +22,14 @@
 //!
 //! # Threads
 //!
-//! Each connection lives on a thread of its own (`fluxo-sqlite-write`, and
+//! Each connection lives on a thread of its own (`fluxo-sqlite-write-0`, and
 //! `fluxo-sqlite-read-N` for reads), which runs whole jobs: a commit, with
 //! every statement of its transaction, is one hand-off from the async
 //! runtime to the write thread and one back. A third kind of thread,
 //! `fluxo-sqlite-checkpoint`, copies the write-ahead log back into the
 //! database file on a connection of its own, so that a commit does not wait
-//! for that every thousand log pages as it would by default; the write
-//! thread only copies what was committed while it ran. SQLite itself is
+//! for that every thousand log pages as it would by default; the commit
+//! after it only checkpoints what was committed while it ran. SQLite is
 //! compiled into the crate (no system library needed).
 //!
 //! # Schema

@@ -58,6 +58,8 @@ impl Opener {
             .map_err(db_err)?;
         conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
         if let Some(checkpoints) = &self.checkpoints {
+            // After this, `PRAGMA wal_autocheckpoint` must not be set on
+            // `conn`: it would replace the hook.
             checkpoints.watch(&conn)?;
         }
         Ok(conn)
