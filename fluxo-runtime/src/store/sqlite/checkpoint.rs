@@ -61,37 +61,32 @@ const COPIED: u8 = 2;
 /// What the write connection's hook and the checkpoint thread share.
 #[derive(Default)]
 struct Shared {
-    /// [`IDLE`], [`COPYING`] or [`COPIED`].
+    /// [`IDLE`], [`COPYING`] or [`COPIED`]. The thread runs a checkpoint
+    /// while it is [`COPYING`].
     phase: AtomicU8,
-    /// Wakes the thread.
-    state: Mutex<State>,
+    /// Set when the store closes: the thread ends.
+    closed: Mutex<bool>,
+    /// Wakes the thread, under `closed`'s lock.
     wake: Condvar,
 }
 
-#[derive(Default)]
-struct State {
-    /// A checkpoint is asked for and not yet started.
-    requested: bool,
-    /// The store is closing: the thread ends.
-    closed: bool,
-}
-
 impl Shared {
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    fn lock(&self) -> std::sync::MutexGuard<'_, bool> {
+        self.closed.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn stop(&self) {
-        self.lock().closed = true;
+        *self.lock() = true;
         self.wake.notify_one();
     }
 
+    /// Asks the thread for a checkpoint.
     fn request(&self) {
-        let mut state = self.lock();
-        if !state.requested {
-            state.requested = true;
-            self.wake.notify_one();
-        }
+        self.phase.store(COPYING, Ordering::Release);
+        // Under the lock, so that a thread about to wait sees the phase or
+        // the wake-up.
+        let _closed = self.lock();
+        self.wake.notify_one();
     }
 }
 
@@ -209,7 +204,6 @@ unsafe extern "C" fn after_commit(
     let copy_here = match shared.phase.load(Ordering::Acquire) {
         IDLE if pages >= INLINE_PAGES => true,
         IDLE if pages >= CHECKPOINT_PAGES => {
-            shared.phase.store(COPYING, Ordering::Release);
             shared.request();
             false
         }
@@ -241,17 +235,16 @@ unsafe extern "C" fn after_commit(
 fn run(conn: &Connection, db: Option<&Path>, shared: &Shared) {
     loop {
         {
-            let mut state = shared.lock();
-            while !state.requested && !state.closed {
-                state = shared
+            let mut closed = shared.lock();
+            while shared.phase.load(Ordering::Acquire) != COPYING && !*closed {
+                closed = shared
                     .wake
-                    .wait(state)
+                    .wait(closed)
                     .unwrap_or_else(PoisonError::into_inner);
             }
-            if state.closed {
+            if *closed {
                 return;
             }
-            state.requested = false;
         }
         let phase = match checkpoint(conn, db) {
             Ok(Pass::Busy) => IDLE,
@@ -384,7 +377,7 @@ pub(super) mod tests {
     }
 
     /// Waits until the thread finished a checkpoint it was asked for.
-    async fn copied(checkpoints: &Checkpointer) {
+    pub(in crate::store::sqlite) async fn copied(checkpoints: &Checkpointer) {
         let start = Instant::now();
         while !checkpoints.copied() {
             assert!(start.elapsed() < Duration::from_secs(10), "no checkpoint");

@@ -1350,12 +1350,8 @@ mod tests {
             db.commit(commit).await.expect("commit");
             id += 1;
         }
-        let checkpoints = db.checkpoints.as_ref().expect("a file has a checkpointer");
-        let start = std::time::Instant::now();
-        while !checkpoints.copied() {
-            assert!(start.elapsed() < Duration::from_secs(10), "no checkpoint");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        checkpoint::tests::copied(db.checkpoints.as_ref().expect("a file has a checkpointer"))
+            .await;
         let after = std::fs::metadata(&db.path).unwrap().len();
         assert!(after > before + (2 << 20), "{before} -> {after}");
     }
