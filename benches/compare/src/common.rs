@@ -700,6 +700,21 @@ pub fn history_metrics(r: &mut CellResult, steps: u32, window: u32) {
     if let (Some(e), Some(l)) = (r.metrics.get("early_us"), r.metrics.get("late_us")) {
         r.set("late_over_early", l / e);
     }
+    // The same over the first and the last tenth of the steps reached: a
+    // window of a thousand steps lasts long enough that one descheduling
+    // of the process or one slow commit does not decide it, so a cost that
+    // grows with the journal shows here, and noise does not.
+    let tenth = end / 10;
+    if tenth >= w {
+        if let (Some(e), Some(l)) = (
+            mean_step_gap_us(1, 1 + tenth),
+            mean_step_gap_us(end - tenth, end),
+        ) {
+            r.set("first_tenth_us", e);
+            r.set("last_tenth_us", l);
+            r.set("tenths_ratio", l / e);
+        }
+    }
     // The tail over every step. The slowest gap is what one slow commit
     // (a WAL checkpoint inside a step's commit, a busy disk) costs the
     // workflow waiting on it; such commits are too rare to move the p99.

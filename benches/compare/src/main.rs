@@ -875,6 +875,21 @@ fn workload_rows(w: Workload) -> Vec<MetricRow> {
                 true,
             ),
             m(
+                "first_tenth_us",
+                "µs/step over the first tenth of the steps reached (1,001 of 10,010)",
+                true,
+            ),
+            m(
+                "last_tenth_us",
+                "µs/step over the last tenth of the steps reached",
+                true,
+            ),
+            m(
+                "tenths_ratio",
+                "last tenth ÷ first tenth (1.0 = flat)",
+                true,
+            ),
+            m(
                 "mean_gap_us",
                 "µs/step over the whole workflow (mean gap between step starts)",
                 true,
