@@ -881,7 +881,7 @@ fn workload_rows(w: Workload) -> Vec<MetricRow> {
             ),
             m(
                 "first_tenth_us",
-                "µs/step over the first tenth of the steps reached (1,001 of 10,010)",
+                "µs/step over the first tenth of the steps reached",
                 true,
             ),
             m(
