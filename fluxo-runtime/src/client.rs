@@ -514,13 +514,14 @@ impl<W: Workflow> WorkflowHandle<W> {
         key: &str,
         timeout: Duration,
     ) -> Result<T, Error> {
-        let deadline = tokio::time::Instant::now() + timeout;
+        // A timeout too long to add to the clock never comes.
+        let deadline = tokio::time::Instant::now().checked_add(timeout);
         let mut poll = Duration::from_millis(5);
         loop {
             if let Some(v) = self.event(key).await? {
                 return Ok(v);
             }
-            if tokio::time::Instant::now() + poll > deadline {
+            if deadline.is_some_and(|d| tokio::time::Instant::now() + poll > d) {
                 return Err(Error::Timeout {
                     id: self.id.clone(),
                 });

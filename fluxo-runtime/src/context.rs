@@ -19,6 +19,7 @@ use crate::history::{Entry, Event, Operation, StepCompletedRef};
 use crate::instance::{retry_transient, Abort, CommitExtra, Instance, OpGuard};
 use crate::middleware::{Next, StepInfo};
 use crate::observe::LifecycleEvent;
+use crate::panics;
 use crate::payload::{self, Payload};
 use crate::retry::{RetryPolicy, StepOptions};
 use crate::step::StepScope;
@@ -207,7 +208,7 @@ impl WorkflowContext {
                     retry_at: at,
                     ..
                 } => {
-                    attempt = a + 1;
+                    attempt = a.saturating_add(1);
                     retry_at = Some(at);
                 }
                 _ => {}
@@ -255,19 +256,17 @@ impl WorkflowContext {
                 attempt,
                 input: None,
             };
-            // Each case builds and awaits the step's future where it is: a
-            // wrapping future, or one built before the match, would be one
-            // more move of it per attempt.
-            macro_rules! run {
-                () => {
-                    step.scope(self.attempt(&mut f, &info))
-                };
-            }
+            // The step's future is pinned where it is built and never moved
+            // again: the wrappers below hold a reference to it. A panic in
+            // the attempt (the step's body or a middleware) is the attempt's
+            // error, retried as the policy says.
+            let run = std::pin::pin!(step.scope(self.attempt(&mut f, &info)));
+            let run = panics::CatchStep(run);
             let result = match (options.timeout, &span) {
-                (None, None) => run!().await,
-                (None, Some(span)) => run!().instrument(span.clone()).await,
+                (None, None) => run.await,
+                (None, Some(span)) => run.instrument(span.clone()).await,
                 (Some(limit), span) => {
-                    let timed = tokio::time::timeout(limit, run!());
+                    let timed = tokio::time::timeout(limit, run);
                     let result = match span {
                         None => timed.await,
                         Some(span) => timed.instrument(span.clone()).await,
@@ -321,7 +320,7 @@ impl WorkflowContext {
                     workflow = %self.inst.workflow, id = %self.inst.id, step = name, seq, attempt,
                     %error, ?delay, "step attempt failed; retrying"
                 );
-                let at = now_millis() + delay.as_millis() as Millis;
+                let at = now_millis().saturating_add(crate::store::duration_millis(delay));
                 retry_at = Some(at);
                 self.inst.shared.observe(|o| {
                     o.on_event(&LifecycleEvent::StepRetried {
@@ -430,7 +429,12 @@ impl WorkflowContext {
 
     /// Sleeps durably until `deadline` (see [`WorkflowContext::sleep`]).
     pub async fn sleep_until(&self, deadline: impl Into<SystemTime>) {
-        let at = DateTime::<Utc>::from(deadline.into()).timestamp_millis();
+        // By hand, not through `chrono`, which panics on times past its
+        // range: a deadline out of `Millis`'s range saturates.
+        let at = match deadline.into().duration_since(SystemTime::UNIX_EPOCH) {
+            Ok(after) => crate::store::duration_millis(after),
+            Err(before) => crate::store::duration_millis(before.duration()).saturating_neg(),
+        };
         self.timer(|_| at).await
     }
 

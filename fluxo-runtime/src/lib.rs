@@ -15,6 +15,7 @@ mod live_set;
 pub mod middleware;
 pub mod middleware_builtin;
 pub mod observe;
+mod panics;
 pub mod payload;
 mod retry;
 mod runner;

@@ -12,6 +12,7 @@ use crate::error::{Failure, WorkflowError};
 use crate::history::{Event, Replay};
 use crate::instance::{Abort, Instance, InstanceInit};
 use crate::observe::LifecycleEvent;
+use crate::panics;
 use crate::payload;
 use crate::store::{
     now_millis, ClaimedInstance, Commit, CommitOutcome, Millis, Transition, HISTORY_FORMAT,
@@ -140,6 +141,7 @@ async fn drive(
     let run = registered_run(inst, workflow, version)?;
     let ctx = WorkflowContext::new(Arc::clone(inst));
     let body = run(ctx.clone(), input).map_err(Abort::Fail)?;
+    let body = panics::catch_workflow(body, RunOutcome::Failed);
     match drive_future(worker, inst, context::scope(ctx.clone(), body)).await {
         Err(Abort::Cancelled) => {}
         // A body that gives up with an error after a cancel request (e.g. a
@@ -162,7 +164,11 @@ async fn drive(
             return Err(inst.take_abort().unwrap_or(Abort::LeaseLost));
         }
         for handler in handlers {
-            drive_future(worker, inst, context::scope(ctx.clone(), handler())).await?;
+            // A handler that panics is over; the next one still runs.
+            let handler = panics::catch_workflow(handler(), |error| {
+                tracing::warn!(%error, "a cancellation handler panicked");
+            });
+            drive_future(worker, inst, context::scope(ctx.clone(), handler)).await?;
         }
     }
     Err(Abort::Cancelled)
@@ -196,7 +202,10 @@ async fn drive_future<T>(
                     if idle.is_some() {
                         return Err(Abort::Cancelled);
                     }
-                    grace_ends.get_or_insert_with(|| tokio::time::Instant::now() + worker.cancel_grace);
+                    // A grace too long to add to the clock never ends.
+                    if grace_ends.is_none() {
+                        grace_ends = tokio::time::Instant::now().checked_add(worker.cancel_grace);
+                    }
                     continue;
                 }
                 let Some(wake_at) = idle else { continue };
@@ -331,7 +340,8 @@ async fn finish(inst: &Instance, outcome: Result<RunOutcome, Abort>, created_at:
         Ok(_) => {
             tracing::info!("workflow {what}");
             let (workflow, id) = (inst.workflow.as_str(), &*inst.id);
-            let duration = Duration::from_millis((now_millis() - created_at).max(0) as u64);
+            let duration =
+                Duration::from_millis(now_millis().saturating_sub(created_at).max(0) as u64);
             inst.shared.observe(|o| match (what, &error) {
                 ("completed", _) => o.on_event(&LifecycleEvent::WorkflowCompleted {
                     workflow,

@@ -14,15 +14,15 @@ pub fn secs(n: u64) -> Duration {
 
 /// `n` minutes.
 pub fn minutes(n: u64) -> Duration {
-    Duration::from_secs(n * 60)
+    Duration::from_secs(n.saturating_mul(60))
 }
 
 /// `n` hours.
 pub fn hours(n: u64) -> Duration {
-    Duration::from_secs(n * 3600)
+    Duration::from_secs(n.saturating_mul(3600))
 }
 
 /// `n` days.
 pub fn days(n: u64) -> Duration {
-    Duration::from_secs(n * 86_400)
+    Duration::from_secs(n.saturating_mul(86_400))
 }

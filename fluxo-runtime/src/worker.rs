@@ -45,7 +45,7 @@ impl WorkerBuilder {
 
     /// How long a step that is running when its workflow is cancelled may
     /// go on (it sees the request through [`StepContext`](crate::StepContext))
-    /// before it is stopped (default 10 s).
+    /// before it is stopped (default 10 s; `Duration::MAX`: never stopped).
     pub fn cancel_grace(mut self, d: Duration) -> Self {
         self.cancel_grace = d;
         self
@@ -75,9 +75,10 @@ impl WorkerBuilder {
     }
 
     /// How many instances may run at once; parked instances do not count
-    /// (default 64).
+    /// (default 64; at least 1, at most `Semaphore::MAX_PERMITS` of
+    /// Tokio).
     pub fn concurrency(mut self, n: usize) -> Self {
-        self.concurrency = n.max(1);
+        self.concurrency = n.clamp(1, Semaphore::MAX_PERMITS);
         self
     }
 
@@ -92,7 +93,8 @@ impl WorkerBuilder {
     /// Work started through the same [`Fluxo`] is picked up at once, and so
     /// is other processes' work on backends that push notices (Postgres);
     /// there polling is only a fallback. Default: 100 ms, or 1 s on a
-    /// backend that pushes.
+    /// backend that pushes. An interval too long to add to the clock
+    /// (`Duration::MAX`) looks once a day.
     pub fn poll_interval(mut self, d: Duration) -> Self {
         self.poll_interval = Some(d.max(Duration::from_millis(1)));
         self
@@ -107,7 +109,8 @@ impl WorkerBuilder {
     }
 
     /// How long [`Worker::shutdown`] waits for running instances to finish or
-    /// park before releasing them to other workers (default 10 s).
+    /// park before releasing them to other workers (default 10 s;
+    /// `Duration::MAX`: as long as they take).
     pub fn shutdown_grace(mut self, d: Duration) -> Self {
         self.shutdown_grace = d;
         self
@@ -190,10 +193,11 @@ impl Worker {
     pub async fn shutdown(self) {
         self.rt.stopping.store(true, Ordering::SeqCst);
         let _ = self.stop.send(true);
-        let deadline = Instant::now() + self.grace;
+        // A grace too long to add to the clock waits as long as it takes.
+        let deadline = Instant::now().checked_add(self.grace);
         loop {
             let active = self.rt.live().running();
-            if active == 0 || Instant::now() >= deadline {
+            if active == 0 || deadline.is_some_and(|d| Instant::now() >= d) {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -311,9 +315,16 @@ impl WorkerRuntime {
             let slots_full = free == 0 || full_batch;
             let mut wait = poll_interval;
             if let Some(at) = next_wake {
-                wait = wait.min(Duration::from_millis((at - now_millis()).max(0) as u64));
+                wait = wait.min(Duration::from_millis(
+                    at.saturating_sub(now_millis()).max(0) as u64,
+                ));
             }
-            let deadline = tokio::time::Instant::now() + wait;
+            // A poll interval too long to add to the clock: a day, then
+            // look again.
+            let now = tokio::time::Instant::now();
+            let deadline = now
+                .checked_add(wait)
+                .unwrap_or_else(|| now + Duration::from_secs(86_400));
             if idle.is_elapsed() || idle.deadline() > deadline {
                 idle.as_mut().reset(deadline);
             }

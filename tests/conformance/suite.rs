@@ -153,6 +153,97 @@ pub async fn workflow_failure_is_typed(store: Arc<dyn Store>) {
     w.shutdown().await;
 }
 
+pub async fn a_panicking_step_is_a_failed_attempt(store: Arc<dyn Store>) {
+    let (fluxo, w) = setup(&store);
+    // Panics on its first two attempts of three, then returns its attempt.
+    let h = PanickingStep::start(&fluxo, 2).await.unwrap();
+    assert_eq!(h.result_timeout(WAIT).await.unwrap(), 3);
+    assert_eq!(count(&format!("{}/panics_first", h.id())), 3);
+    let failed: Vec<StepError> = fluxo
+        .history(h.id())
+        .await
+        .unwrap()
+        .into_iter()
+        .filter_map(|e| match e.event {
+            Event::StepAttemptFailed { error, .. } => Some(error),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(failed.len(), 2, "{failed:?}");
+    assert!(failed.iter().all(|e| e.kind() == "Panic"), "{failed:?}");
+    assert!(
+        failed[0].message().contains("attempt 1 panics"),
+        "{failed:?}"
+    );
+    // Panicking on every attempt: the step's error, once its retries ran out.
+    let h = PanickingStep::start(&fluxo, 3).await.unwrap();
+    match h.result_timeout(WAIT).await {
+        Err(Error::WorkflowFailed { error, .. }) => {
+            let step = error.step_error().expect("the step's error");
+            assert_eq!(step.kind(), "Panic");
+            assert!(step.message().contains("attempt 3 panics"), "{step:?}");
+        }
+        other => panic!("expected WorkflowFailed, got {other:?}"),
+    }
+    w.shutdown().await;
+}
+
+pub async fn a_panicking_workflow_fails_and_frees_its_slot(store: Arc<dyn Store>) {
+    let fluxo = fluxo_on(&store);
+    let w = fluxo
+        .worker()
+        .concurrency(1)
+        .lease(Duration::from_secs(5))
+        .poll_interval(Duration::from_millis(20))
+        .spawn();
+    let h = PanickingBody::start(&fluxo, "ana".into()).await.unwrap();
+    match h.result_timeout(WAIT).await {
+        Err(Error::WorkflowFailed { error, .. }) => {
+            assert_eq!(error.kind(), "Panic");
+            assert!(error.message().contains("the body panics"), "{error:?}");
+        }
+        other => panic!("expected WorkflowFailed, got {other:?}"),
+    }
+    assert_eq!(h.status().await.unwrap(), WorkflowStatus::Failed);
+    assert_eq!(count(&format!("{}/greet", h.id())), 1);
+    // The worker's one slot is free again.
+    let next = Greet::start(&fluxo, "bo".into()).await.unwrap();
+    assert_eq!(next.result_timeout(WAIT).await.unwrap(), "hello bo");
+    w.shutdown().await;
+}
+
+pub async fn durations_too_long_for_the_clock_mean_forever(store: Arc<dyn Store>) {
+    let fluxo = fluxo_on(&store);
+    let w = fluxo
+        .worker()
+        .concurrency(usize::MAX)
+        .lease(Duration::MAX)
+        .poll_interval(Duration::MAX)
+        .cancel_grace(Duration::MAX)
+        .shutdown_grace(Duration::MAX)
+        .spawn();
+    let h = Greet::start(&fluxo, "cy".into()).await.unwrap();
+    assert_eq!(h.result_timeout(WAIT).await.unwrap(), "hello cy");
+    assert_eq!(count(&format!("{}/greet", h.id())), 1, "claimed once");
+    // Timers past what a calendar holds, or than a clock can add, wait; a
+    // cancel ends them.
+    let far = SleepsPastTheCalendar::start(&fluxo, false).await.unwrap();
+    let forever = SleepsPastTheCalendar::start(&fluxo, true).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for h in [&far, &forever] {
+        assert_eq!(h.status().await.unwrap(), WorkflowStatus::Running);
+        h.cancel().await.unwrap();
+        match h.result_timeout(WAIT).await {
+            Err(Error::Cancelled { .. }) => {}
+            other => panic!("expected Cancelled, got {other:?}"),
+        }
+    }
+    // The worker still claims.
+    let h = Greet::start(&fluxo, "di".into()).await.unwrap();
+    assert_eq!(h.result_timeout(WAIT).await.unwrap(), "hello di");
+    w.shutdown().await;
+}
+
 pub async fn durable_retry_backoff_parks(store: Arc<dyn Store>) {
     let (fluxo, w) = setup(&store);
     let h = DurableRetry::start(&fluxo, ()).await.unwrap();

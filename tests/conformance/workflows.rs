@@ -56,6 +56,46 @@ pub async fn too_slow() -> Result<u32, StepError> {
     Ok(0)
 }
 
+#[fluxo::step(retry(max_attempts = 3, initial = "5ms", backoff = 1.0, jitter = 0.0))]
+pub async fn panics_first(times: u32) -> Result<u32, StepError> {
+    let n = bump(step_key("panics_first"));
+    if n <= times {
+        panic!("attempt {n} panics");
+    }
+    Ok(StepContext::current().unwrap().attempt())
+}
+
+/// Its step panics on the first `times` attempts (of three).
+#[fluxo::workflow]
+pub async fn panicking_step(_ctx: WorkflowContext, times: u32) -> Result<u32, WorkflowError> {
+    Ok(panics_first(times).await?)
+}
+
+/// Runs a step, then panics in its own body.
+#[fluxo::workflow]
+pub async fn panicking_body(_ctx: WorkflowContext, name: String) -> Result<u32, WorkflowError> {
+    let greeting = greet_step(&name).await?;
+    // A lookup that finds nothing, unwrapped.
+    let found = greeting.find("not in the greeting");
+    Ok(found.map(|i| i as u32).expect("the body panics"))
+}
+
+/// Sleeps until a time some 280,000 years away, past the calendars of
+/// date libraries, or (`forever`) for `Duration::MAX`.
+#[fluxo::workflow]
+pub async fn sleeps_past_the_calendar(
+    ctx: WorkflowContext,
+    forever: bool,
+) -> Result<u32, WorkflowError> {
+    if forever {
+        ctx.sleep(Duration::MAX).await;
+    } else {
+        let far = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1 << 43);
+        ctx.sleep_until(far).await;
+    }
+    Ok(0)
+}
+
 #[fluxo::step]
 pub async fn count_step(name: &str) -> Result<String, StepError> {
     bump(step_key(name));
@@ -279,6 +319,9 @@ pub fn register_all(fluxo: &Fluxo) {
     fluxo.register(Countdown).unwrap();
     fluxo.register(KeepsStepContext).unwrap();
     fluxo.register(StepOnAnotherTask).unwrap();
+    fluxo.register(PanickingStep).unwrap();
+    fluxo.register(PanickingBody).unwrap();
+    fluxo.register(SleepsPastTheCalendar).unwrap();
 }
 
 /// Step contexts kept past their step, by workflow id.

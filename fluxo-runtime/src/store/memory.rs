@@ -503,7 +503,7 @@ impl Store for MemoryStore {
             };
             inst.lease_token += 1;
             inst.lease_owner = Some(Arc::clone(&owner));
-            inst.lease_expires_at = now + req.lease.as_millis() as Millis;
+            inst.lease_expires_at = now.saturating_add(duration_millis(req.lease));
             due.update(inst);
             batch.claimed.push(ClaimedInstance {
                 record: inst.record.clone(),
@@ -531,7 +531,7 @@ impl Store for MemoryStore {
                 continue;
             };
             if inst.lease_owner.as_deref() == Some(owner) {
-                inst.lease_expires_at = now + lease.as_millis() as Millis;
+                inst.lease_expires_at = now.saturating_add(duration_millis(lease));
                 due.update(inst);
                 if inst.record.cancel_requested {
                     cancelled.push(inst.record.id.clone());

@@ -61,6 +61,11 @@ pub fn now_millis() -> Millis {
         .unwrap_or(0)
 }
 
+/// `d` in [`Millis`], `Millis::MAX` for a longer one.
+pub(crate) fn duration_millis(d: std::time::Duration) -> Millis {
+    Millis::try_from(d.as_millis()).unwrap_or(Millis::MAX)
+}
+
 /// The journal format this build writes and reads. Instances created by a
 /// build with another format are refused with a typed error.
 pub const HISTORY_FORMAT: u32 = 1;

@@ -490,7 +490,7 @@ impl MongoStore {
             let intent = Intent::from_doc(intent)?;
             tracing::info!(
                 id,
-                age_ms = now_millis() - intent.at,
+                age_ms = now_millis().saturating_sub(intent.at),
                 "finishing the follow-up work of an interrupted commit"
             );
             self.apply_intent(&mut None, id, parent, &intent, now_millis())

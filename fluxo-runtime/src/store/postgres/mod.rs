@@ -169,7 +169,8 @@ impl PostgresOptions {
 
     /// Sets how long an operation waits for a connection.
     pub fn acquire_timeout(mut self, timeout: Duration) -> Self {
-        self.acquire_timeout = timeout;
+        // The pool adds it to the clock: a year stands for longer ones.
+        self.acquire_timeout = timeout.min(Duration::from_secs(365 * 86_400));
         self
     }
 }

@@ -126,6 +126,11 @@ const DEFAULT_TEST_URL: &str = "redis://127.0.0.1:6379";
 /// The longest lease handed out (about 100 years); longer ones are cut to it.
 const MAX_LEASE_MS: Millis = 100 * 365 * 24 * 3_600_000;
 
+/// The latest wake-up time a script keeps exactly: its numbers are doubles,
+/// whole up to 2^53 (some 285,000 years after 1970). A later one (a sleep
+/// of `Duration::MAX`) is this one: never, in practice.
+const MAX_WAKE_MS: Millis = (1 << 53) - 1;
+
 /// How to open a [`RedisStore`].
 #[derive(Debug, Clone)]
 pub struct RedisOptions {
@@ -363,7 +368,9 @@ impl RedisStore {
             } => (
                 "park",
                 seen_inbox.to_string(),
-                wake_at.map(|t| t.to_string()).unwrap_or_default(),
+                wake_at
+                    .map(|t| t.min(MAX_WAKE_MS).to_string())
+                    .unwrap_or_default(),
                 &[],
             ),
             Transition::Release => ("release", String::new(), String::new(), &[]),

@@ -1,0 +1,68 @@
+//! Panics in user code (a step's body, a workflow's, a middleware's),
+//! caught where that code runs and turned into the errors a failure of it
+//! would give, so that a panic never takes a worker's run of an instance
+//! down with it.
+
+use std::any::Any;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use futures::FutureExt;
+
+use crate::error::{StepError, WorkflowError};
+
+/// The kind a caught panic's error carries: match it in a retry policy's
+/// `non_retryable` to stop retrying steps that panic.
+pub(crate) const PANIC_KIND: &str = "Panic";
+
+/// The message a panic was raised with.
+fn message(payload: &(dyn Any + Send)) -> &str {
+    if let Some(s) = payload.downcast_ref::<&'static str>() {
+        s
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s
+    } else {
+        "a panic without a message"
+    }
+}
+
+/// A step attempt's future, pinned where it was built: a panic in one of
+/// its polls is a retryable step error of kind [`PANIC_KIND`]. It holds the
+/// future by reference, so wrapping it moves nothing.
+pub(crate) struct CatchStep<'a, F>(pub(crate) Pin<&'a mut F>);
+
+impl<T, F> Future for CatchStep<'_, F>
+where
+    F: Future<Output = Result<T, StepError>>,
+{
+    type Output = Result<T, StepError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let fut = self.0.as_mut();
+        match std::panic::catch_unwind(AssertUnwindSafe(|| fut.poll(cx))) {
+            Ok(poll) => poll,
+            Err(payload) => Poll::Ready(Err(StepError::retryable(format!(
+                "the step panicked: {}",
+                message(&*payload)
+            ))
+            .with_kind(PANIC_KIND))),
+        }
+    }
+}
+
+/// Runs a workflow's body: a panic in it fails the workflow with an error of
+/// kind [`PANIC_KIND`] (`on_panic` builds the body's outcome from it).
+pub(crate) async fn catch_workflow<T, F>(fut: F, on_panic: impl FnOnce(WorkflowError) -> T) -> T
+where
+    F: Future<Output = T>,
+{
+    match AssertUnwindSafe(fut).catch_unwind().await {
+        Ok(out) => out,
+        Err(payload) => on_panic(
+            WorkflowError::new(format!("the workflow panicked: {}", message(&*payload)))
+                .with_kind(PANIC_KIND),
+        ),
+    }
+}
