@@ -18,6 +18,7 @@ backend_tests!(
     a_panicking_step_is_a_failed_attempt,
     a_panicking_workflow_fails_and_frees_its_slot,
     durations_too_long_for_the_clock_mean_forever,
+    a_panicking_cancellation_handler_lets_the_next_one_run,
     durable_retry_backoff_parks,
     short_and_long_durable_timers,
     signals_before_and_after_the_wait,

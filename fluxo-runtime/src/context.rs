@@ -260,22 +260,26 @@ impl WorkflowContext {
             // again: the wrappers below hold a reference to it. A panic in
             // the attempt (the step's body or a middleware) is the attempt's
             // error, retried as the policy says.
-            let run = std::pin::pin!(step.scope(self.attempt(&mut f, &info)));
-            let run = panics::CatchStep(run);
-            let result = match (options.timeout, &span) {
-                (None, None) => run.await,
-                (None, Some(span)) => run.instrument(span.clone()).await,
-                (Some(limit), span) => {
-                    let timed = tokio::time::timeout(limit, run);
-                    let result = match span {
-                        None => timed.await,
-                        Some(span) => timed.instrument(span.clone()).await,
-                    };
-                    match result {
-                        Ok(r) => r,
-                        Err(_) => Err(StepError::timed_out(limit)),
+            let result = {
+                let run = std::pin::pin!(step.scope(self.attempt(&mut f, &info)));
+                let run = panics::CatchStep(run);
+                match (options.timeout, &span) {
+                    (None, None) => run.await,
+                    (None, Some(span)) => run.instrument(span.clone()).await,
+                    (Some(limit), span) => {
+                        let timed = tokio::time::timeout(limit, run);
+                        let result = match span {
+                            None => timed.await,
+                            Some(span) => timed.instrument(span.clone()).await,
+                        };
+                        match result {
+                            Ok(r) => r,
+                            Err(_) => Err(StepError::timed_out(limit)),
+                        }
                     }
                 }
+                // The attempt's future ends here, a timed-out one with it,
+                // before its outcome is committed.
             };
             let _enter = span.as_ref().map(|span| span.enter());
             let error = match result.map(|v| serde_json::to_value(&v).map(|o| (v, o))) {

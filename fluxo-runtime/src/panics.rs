@@ -52,6 +52,17 @@ where
     }
 }
 
+/// Calls `f`, user code that builds a workflow's body: a panic in it is a
+/// [`WorkflowError`] of kind [`PANIC_KIND`].
+pub(crate) fn catch_call<T>(f: impl FnOnce() -> T) -> Result<T, Box<WorkflowError>> {
+    std::panic::catch_unwind(AssertUnwindSafe(f))
+        .map_err(|payload| Box::new(workflow_panicked(&*payload)))
+}
+
+fn workflow_panicked(payload: &(dyn Any + Send)) -> WorkflowError {
+    WorkflowError::new(format!("the workflow panicked: {}", message(payload))).with_kind(PANIC_KIND)
+}
+
 /// Runs a workflow's body: a panic in it fails the workflow with an error of
 /// kind [`PANIC_KIND`] (`on_panic` builds the body's outcome from it).
 pub(crate) async fn catch_workflow<T, F>(fut: F, on_panic: impl FnOnce(WorkflowError) -> T) -> T
@@ -60,9 +71,6 @@ where
 {
     match AssertUnwindSafe(fut).catch_unwind().await {
         Ok(out) => out,
-        Err(payload) => on_panic(
-            WorkflowError::new(format!("the workflow panicked: {}", message(&*payload)))
-                .with_kind(PANIC_KIND),
-        ),
+        Err(payload) => on_panic(workflow_panicked(&*payload)),
     }
 }

@@ -105,7 +105,8 @@ impl RetryPolicy {
         } else {
             1.0
         };
-        // Past what a `Duration` holds (an extreme coefficient), the longest.
+        // Past what a `Duration` holds (a `max_interval` near
+        // `Duration::MAX`), the longest.
         Duration::try_from_secs_f64((capped * spread).max(0.0)).unwrap_or(Duration::MAX)
     }
 }

@@ -140,7 +140,14 @@ async fn drive(
 ) -> Result<RunOutcome, Abort> {
     let run = registered_run(inst, workflow, version)?;
     let ctx = WorkflowContext::new(Arc::clone(inst));
-    let body = run(ctx.clone(), input).map_err(Abort::Fail)?;
+    // Building the body runs user code too (a hand-written `run`, a
+    // dynamic workflow's closure, the input's decoding).
+    // (`run`'s own result is as large as it ever was.)
+    #[allow(clippy::result_large_err)]
+    let body = match panics::catch_call(|| run(ctx.clone(), input)) {
+        Ok(body) => body.map_err(Abort::Fail)?,
+        Err(error) => return Ok(RunOutcome::Failed(*error)),
+    };
     let body = panics::catch_workflow(body, RunOutcome::Failed);
     match drive_future(worker, inst, context::scope(ctx.clone(), body)).await {
         Err(Abort::Cancelled) => {}
@@ -165,7 +172,7 @@ async fn drive(
         }
         for handler in handlers {
             // A handler that panics is over; the next one still runs.
-            let handler = panics::catch_workflow(handler(), |error| {
+            let handler = panics::catch_workflow(async move { handler().await }, |error| {
                 tracing::warn!(%error, "a cancellation handler panicked");
             });
             drive_future(worker, inst, context::scope(ctx.clone(), handler)).await?;
@@ -279,6 +286,11 @@ async fn finish(inst: &Instance, outcome: Result<RunOutcome, Abort>, created_at:
             Some(f) => (failure(f), Vec::new()),
             None => (Transition::Complete { output }, Vec::new()),
         },
+        // A panic mid-replay stopped the body before it reached the rest of
+        // its journal: the panic is what happened, not a divergence.
+        Ok(RunOutcome::Failed(error)) if error.kind() == panics::PANIC_KIND => {
+            (failure(Failure::Workflow { error }), Vec::new())
+        }
         Ok(RunOutcome::Failed(error)) => match diverged() {
             Some(f) => (failure(f), Vec::new()),
             None => (failure(Failure::Workflow { error }), Vec::new()),

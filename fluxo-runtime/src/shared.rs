@@ -57,11 +57,15 @@ impl Shared {
     }
 
     /// Calls `f` with the observer, if one is installed (so events are only
-    /// built when someone listens).
+    /// built when someone listens). An observer that panics is logged; the
+    /// workflow it watched goes on.
     #[inline]
     pub(crate) fn observe(&self, f: impl FnOnce(&dyn Observer)) {
         if let Some(o) = self.observer.get() {
-            f(o.as_ref());
+            let observed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(o.as_ref())));
+            if observed.is_err() {
+                tracing::warn!("an observer panicked; the event is dropped");
+            }
         }
     }
 

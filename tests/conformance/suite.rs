@@ -212,6 +212,31 @@ pub async fn a_panicking_workflow_fails_and_frees_its_slot(store: Arc<dyn Store>
     w.shutdown().await;
 }
 
+pub async fn a_panicking_cancellation_handler_lets_the_next_one_run(store: Arc<dyn Store>) {
+    let (fluxo, w) = setup(&store);
+    let h = PanickingHandler::start(&fluxo, ()).await.unwrap();
+    tokio::time::timeout(WAIT, async {
+        while !fluxo
+            .history(h.id())
+            .await
+            .unwrap()
+            .iter()
+            .any(|e| matches!(e.event, Event::TimerStarted { .. }))
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the timer starts");
+    h.cancel().await.unwrap();
+    match h.result_timeout(WAIT).await {
+        Err(Error::Cancelled { .. }) => {}
+        other => panic!("expected Cancelled, got {other:?}"),
+    }
+    assert_eq!(crate::common::log_of(h.id()), ["cleanup"]);
+    w.shutdown().await;
+}
+
 pub async fn durations_too_long_for_the_clock_mean_forever(store: Arc<dyn Store>) {
     let fluxo = fluxo_on(&store);
     let w = fluxo
@@ -229,8 +254,24 @@ pub async fn durations_too_long_for_the_clock_mean_forever(store: Arc<dyn Store>
     // cancel ends them.
     let far = SleepsPastTheCalendar::start(&fluxo, false).await.unwrap();
     let forever = SleepsPastTheCalendar::start(&fluxo, true).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    for h in [&far, &forever] {
+    for (h, fire_at) in [(&far, (1i64 << 43) * 1000), (&forever, i64::MAX)] {
+        // The timer is journaled with its time, saturated where it must be.
+        let started = tokio::time::timeout(WAIT, async {
+            loop {
+                let history = fluxo.history(h.id()).await.unwrap();
+                let timer = history.into_iter().find_map(|e| match e.event {
+                    Event::TimerStarted { fire_at } => Some(fire_at),
+                    _ => None,
+                });
+                if let Some(at) = timer {
+                    return at;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("the timer starts");
+        assert_eq!(started, fire_at);
         assert_eq!(h.status().await.unwrap(), WorkflowStatus::Running);
         h.cancel().await.unwrap();
         match h.result_timeout(WAIT).await {
@@ -241,7 +282,10 @@ pub async fn durations_too_long_for_the_clock_mean_forever(store: Arc<dyn Store>
     // The worker still claims.
     let h = Greet::start(&fluxo, "di".into()).await.unwrap();
     assert_eq!(h.result_timeout(WAIT).await.unwrap(), "hello di");
-    w.shutdown().await;
+    // Nothing runs, so a grace of `Duration::MAX` ends at once.
+    tokio::time::timeout(WAIT, w.shutdown())
+        .await
+        .expect("shutdown with nothing running");
 }
 
 pub async fn durable_retry_backoff_parks(store: Arc<dyn Store>) {

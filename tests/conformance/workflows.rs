@@ -322,6 +322,7 @@ pub fn register_all(fluxo: &Fluxo) {
     fluxo.register(PanickingStep).unwrap();
     fluxo.register(PanickingBody).unwrap();
     fluxo.register(SleepsPastTheCalendar).unwrap();
+    fluxo.register(PanickingHandler).unwrap();
 }
 
 /// Step contexts kept past their step, by workflow id.
@@ -484,6 +485,23 @@ pub async fn long_running(ctx: WorkflowContext) -> Result<u32, WorkflowError> {
     let id = ctx.id().to_owned();
     ctx.on_cancel(move || async move { record_compensation(&id, "cleanup") });
     Ok(long_step().await?)
+}
+
+/// Sleeps with two cancellation handlers: the one that runs first panics
+/// while it is being built, the other records "cleanup".
+#[fluxo::workflow]
+pub async fn panicking_handler(ctx: WorkflowContext) -> Result<u32, WorkflowError> {
+    let id = ctx.id().to_owned();
+    ctx.on_cancel(move || async move { record_compensation(&id, "cleanup") });
+    let id = ctx.id().to_owned();
+    ctx.on_cancel(move || {
+        if !id.is_empty() {
+            panic!("the handler panics");
+        }
+        async {}
+    });
+    ctx.sleep(Duration::from_secs(3600)).await;
+    Ok(0)
 }
 
 /// Restarts itself with a smaller counter until it reaches zero.

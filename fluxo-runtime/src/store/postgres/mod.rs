@@ -169,8 +169,7 @@ impl PostgresOptions {
 
     /// Sets how long an operation waits for a connection.
     pub fn acquire_timeout(mut self, timeout: Duration) -> Self {
-        // The pool adds it to the clock: a year stands for longer ones.
-        self.acquire_timeout = timeout.min(Duration::from_secs(365 * 86_400));
+        self.acquire_timeout = timeout;
         self
     }
 }
@@ -555,7 +554,12 @@ fn connect_options(options: &PostgresOptions) -> StoreResult<PgConnectOptions> {
 async fn open_pool(options: &PostgresOptions) -> StoreResult<PgPool> {
     PgPoolOptions::new()
         .max_connections(options.max_connections.max(1))
-        .acquire_timeout(options.acquire_timeout)
+        // The pool adds it to the clock: a year stands for longer ones.
+        .acquire_timeout(
+            options
+                .acquire_timeout
+                .min(Duration::from_secs(365 * 86_400)),
+        )
         // A test per acquire would double the round trips of most
         // operations; dead connections are found when they fail instead.
         .test_before_acquire(false)

@@ -107,8 +107,7 @@ impl SqliteOptions {
 
     /// Sets how long a write waits for another process's write lock.
     pub fn busy_timeout(mut self, timeout: Duration) -> Self {
-        // SQLite takes at most `i32::MAX` milliseconds (some 24 days).
-        self.busy_timeout = timeout.min(Duration::from_millis(i32::MAX as u64));
+        self.busy_timeout = timeout;
         self
     }
 

@@ -44,7 +44,11 @@ impl Opener {
             None => Connection::open_in_memory_with_flags(flags),
         }
         .map_err(db_err)?;
-        conn.busy_timeout(self.busy_timeout).map_err(db_err)?;
+        // SQLite takes at most `i32::MAX` milliseconds (some 24 days).
+        let busy = self
+            .busy_timeout
+            .min(Duration::from_millis(i32::MAX as u64));
+        conn.busy_timeout(busy).map_err(db_err)?;
         // The bundled SQLite enforces foreign keys by default; the schema
         // declares none, and later migrations must not change behaviour by
         // adding some.
