@@ -38,6 +38,7 @@ pub async fn run_all(store: &dyn Store) {
     lease_token_strictly_increases(store).await;
     claim_respects_ready_at_and_reports_next_wake(store).await;
     park_without_timer_waits_for_inbox(store).await;
+    park_until_the_end_of_time_stays_in_the_future(store).await;
     fenced_commit_with_stale_token_writes_nothing(store).await;
     commit_without_lease_is_refused(store).await;
     commit_to_unknown_instance_is_not_found(store).await;
@@ -117,6 +118,7 @@ macro_rules! store_conformance_tests {
             lease_token_strictly_increases,
             claim_respects_ready_at_and_reports_next_wake,
             park_without_timer_waits_for_inbox,
+            park_until_the_end_of_time_stays_in_the_future,
             fenced_commit_with_stale_token_writes_nothing,
             commit_without_lease_is_refused,
             commit_to_unknown_instance_is_not_found,
@@ -677,6 +679,27 @@ pub async fn claim_respects_ready_at_and_reports_next_wake(store: &dyn Store) {
     assert_eq!(apply(store, commit(c, vec![], park)).await, applied(false));
     claim_one(store, &past, &wf, LONG).await;
     assert_eq!(get(store, late).await.status, InstanceStatus::Running);
+}
+
+/// A park until `Millis::MAX` (a sleep of `Duration::MAX`) is not due, and
+/// the wake-up it reports stays far in the future: a store may hold it less
+/// precisely, never as a time in the past.
+pub async fn park_until_the_end_of_time_stays_in_the_future(store: &dyn Store) {
+    let wf = unique("wf");
+    let id = create(store, &wf, 1).await;
+    let c = claim_one(store, &id, &wf, LONG).await;
+    let park = Transition::Park {
+        wake_at: Some(Millis::MAX),
+        seen_inbox: c.inbox_seq,
+    };
+    assert_eq!(apply(store, commit(&c, vec![], park)).await, applied(false));
+    let batch = assert_not_claimable(store, &wf, "parked until the end of time").await;
+    let next = batch.next_wake.expect("the wake-up is reported");
+    let millennia = 1000 * 365 * 24 * HOUR;
+    assert!(
+        next > now_millis() + millennia,
+        "a wake-up at the end of time must stay in the future, got {next}"
+    );
 }
 
 /// A park without a timer makes the instance wait for its inbox only.
