@@ -1,7 +1,7 @@
-//! Panics in user code (a step's body, a workflow's, a middleware's),
-//! caught where that code runs and turned into the errors a failure of it
-//! would give, so that a panic never takes a worker's run of an instance
-//! down with it.
+//! Panics in user code (a step's body, a middleware's, a workflow's, a
+//! cancellation handler's), caught where that code runs and turned into the
+//! errors a failure of it would give, so that a panic in user code does not
+//! take the worker's run of the instance down with it.
 
 use std::any::Any;
 use std::future::Future;

@@ -142,7 +142,7 @@ async fn drive(
     let ctx = WorkflowContext::new(Arc::clone(inst));
     // Building the body runs user code too (a hand-written `run`, a
     // dynamic workflow's closure, the input's decoding).
-    // (`run`'s own result is as large as it ever was.)
+    // The lint looks at the closure, which returns what `run` always did.
     #[allow(clippy::result_large_err)]
     let body = match panics::catch_call(|| run(ctx.clone(), input)) {
         Ok(body) => body.map_err(Abort::Fail)?,
