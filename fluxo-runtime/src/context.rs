@@ -427,7 +427,7 @@ impl WorkflowContext {
     /// Sleeps durably: the wake-up time is journaled, and a long sleep parks
     /// the instance so it costs no worker slot and survives restarts.
     pub async fn sleep(&self, duration: Duration) {
-        let ms = duration.as_millis().min(i64::MAX as u128) as Millis;
+        let ms = crate::store::duration_millis(duration);
         self.timer(|now| now.saturating_add(ms)).await
     }
 

@@ -212,22 +212,29 @@ pub async fn a_panicking_workflow_fails_and_frees_its_slot(store: Arc<dyn Store>
     w.shutdown().await;
 }
 
-pub async fn a_panicking_cancellation_handler_lets_the_next_one_run(store: Arc<dyn Store>) {
-    let (fluxo, w) = setup(&store);
-    let h = PanickingHandler::start(&fluxo, ()).await.unwrap();
+/// Waits until instance `id` journals a timer; returns when it fires.
+async fn timer_started(fluxo: &Fluxo, id: &str) -> fluxo::store::Millis {
     tokio::time::timeout(WAIT, async {
-        while !fluxo
-            .history(h.id())
-            .await
-            .unwrap()
-            .iter()
-            .any(|e| matches!(e.event, Event::TimerStarted { .. }))
-        {
+        loop {
+            let history = fluxo.history(id).await.unwrap();
+            let timer = history.into_iter().find_map(|e| match e.event {
+                Event::TimerStarted { fire_at } => Some(fire_at),
+                _ => None,
+            });
+            if let Some(at) = timer {
+                return at;
+            }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     })
     .await
-    .expect("the timer starts");
+    .expect("the timer starts")
+}
+
+pub async fn a_panicking_cancellation_handler_lets_the_next_one_run(store: Arc<dyn Store>) {
+    let (fluxo, w) = setup(&store);
+    let h = PanickingHandler::start(&fluxo, ()).await.unwrap();
+    timer_started(&fluxo, h.id()).await;
     h.cancel().await.unwrap();
     match h.result_timeout(WAIT).await {
         Err(Error::Cancelled { .. }) => {}
@@ -256,22 +263,7 @@ pub async fn durations_too_long_for_the_clock_mean_forever(store: Arc<dyn Store>
     let forever = SleepsPastTheCalendar::start(&fluxo, true).await.unwrap();
     for (h, fire_at) in [(&far, (1i64 << 43) * 1000), (&forever, i64::MAX)] {
         // The timer is journaled with its time, saturated where it must be.
-        let started = tokio::time::timeout(WAIT, async {
-            loop {
-                let history = fluxo.history(h.id()).await.unwrap();
-                let timer = history.into_iter().find_map(|e| match e.event {
-                    Event::TimerStarted { fire_at } => Some(fire_at),
-                    _ => None,
-                });
-                if let Some(at) = timer {
-                    return at;
-                }
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        })
-        .await
-        .expect("the timer starts");
-        assert_eq!(started, fire_at);
+        assert_eq!(timer_started(&fluxo, h.id()).await, fire_at);
         assert_eq!(h.status().await.unwrap(), WorkflowStatus::Running);
         h.cancel().await.unwrap();
         match h.result_timeout(WAIT).await {

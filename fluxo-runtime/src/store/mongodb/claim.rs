@@ -19,7 +19,7 @@ use futures::TryStreamExt;
 use super::super::*;
 use super::codec::*;
 use super::commit::{Failure, Step};
-use super::{millis, MongoStore};
+use super::MongoStore;
 
 /// Candidates read per claim beyond the number still wanted, to make up
 /// for those other workers take meanwhile.
@@ -70,7 +70,7 @@ fn lease_update(req: &ClaimRequest, now: Millis) -> Document {
         "$inc": { LEASE_TOKEN: 1_i64 },
         "$set": {
             LEASE_OWNER: req.owner.as_str(),
-            LEASE_EXPIRES_AT: now.saturating_add(millis(req.lease)),
+            LEASE_EXPIRES_AT: now.saturating_add(duration_millis(req.lease)),
         },
         "$unset": { READY_AT: "" },
     }

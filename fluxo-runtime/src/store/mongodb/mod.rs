@@ -278,10 +278,6 @@ fn next_order() -> i64 {
     CREATION_ORDER.fetch_add(1, Ordering::Relaxed)
 }
 
-pub(super) fn millis(d: Duration) -> Millis {
-    Millis::try_from(d.as_millis()).unwrap_or(Millis::MAX)
-}
-
 /// What the server says it is.
 struct Topology {
     /// A replica set member or a `mongos`: transactions and change streams.
@@ -650,7 +646,8 @@ impl Store for MongoStore {
         if req.workflows.is_empty() {
             return Ok(ClaimBatch::default());
         }
-        self.sweep(now_millis(), millis(req.lease).max(1_000)).await;
+        self.sweep(now_millis(), duration_millis(req.lease).max(1_000))
+            .await;
         let now = now_millis();
         let docs = self.claim_documents(req, now).await?;
         let more = docs.len() >= req.limit.min(claim::BATCH);
@@ -713,7 +710,7 @@ impl Store for MongoStore {
         if held.is_empty() {
             return Ok(Vec::new());
         }
-        let expires = now_millis().saturating_add(millis(lease));
+        let expires = now_millis().saturating_add(duration_millis(lease));
         let mut statements = Vec::with_capacity(held.len());
         let mut cancelled = Vec::new();
         for doc in &held {

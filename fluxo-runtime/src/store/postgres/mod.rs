@@ -672,9 +672,7 @@ fn sql_int(v: u64) -> i64 {
 }
 
 fn millis(d: Duration) -> Millis {
-    Millis::try_from(d.as_millis())
-        .unwrap_or(Millis::MAX)
-        .min(MAX_LEASE_MS)
+    duration_millis(d).min(MAX_LEASE_MS)
 }
 
 fn col<'r, T>(row: &'r PgRow, index: usize) -> StoreResult<T>

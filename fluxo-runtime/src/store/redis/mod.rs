@@ -742,9 +742,7 @@ fn failed_reply(tag: &str, reply: &mut Reply, id: &str) -> StoreError {
 }
 
 fn millis(d: Duration) -> Millis {
-    Millis::try_from(d.as_millis())
-        .unwrap_or(Millis::MAX)
-        .min(MAX_LEASE_MS)
+    duration_millis(d).min(MAX_LEASE_MS)
 }
 
 // ---------------------------------------------------------------------------

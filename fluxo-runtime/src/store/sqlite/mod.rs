@@ -579,10 +579,6 @@ fn workflow_keys(workflows: &[(String, u32)]) -> StoreResult<String> {
     serde_json::to_string(&keys).map_err(StoreError::backend)
 }
 
-fn millis(d: Duration) -> Millis {
-    Millis::try_from(d.as_millis()).unwrap_or(Millis::MAX)
-}
-
 // ---------------------------------------------------------------------------
 // Commits
 
@@ -906,7 +902,7 @@ impl Store for SqliteStore {
     }
 
     async fn renew_leases(&self, owner: &str, lease: Duration) -> StoreResult<Vec<String>> {
-        let expires = now_millis().saturating_add(millis(lease));
+        let expires = now_millis().saturating_add(duration_millis(lease));
         let owner = owner.to_owned();
         let rows = self
             .write(move |conn| {
@@ -1019,7 +1015,7 @@ fn claim_tx(
     lease: Duration,
 ) -> StoreResult<ClaimBatch> {
     let now = now_millis();
-    let expires = now.saturating_add(millis(lease));
+    let expires = now.saturating_add(duration_millis(lease));
     let tx = begin(conn)?;
     let mut claimed = fetch_all(
         &tx,
