@@ -37,6 +37,8 @@ backend_tests!(
     lease_expiry_takeover_and_zombie_fencing,
     restart_under_the_same_worker_id_takes_over_at_once,
     a_full_worker_claims_again_when_a_slot_frees,
+    a_run_whose_end_the_store_missed_runs_again,
+    a_run_that_panics_in_the_store_runs_again_and_frees_its_slot,
     a_worker_whose_handle_is_dropped_keeps_working_at_rest,
     handle_from_another_process,
     long_history,

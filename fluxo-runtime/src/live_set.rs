@@ -16,6 +16,8 @@ pub(crate) struct LiveEntry {
     /// Set once the runner has rebuilt the instance.
     pub(crate) instance: Option<Arc<Instance>>,
     pub(crate) abort: AbortHandle,
+    /// The lease its current run holds (a resumed instance holds a new one).
+    pub(crate) lease_token: u64,
     /// Set while parked; `None` while running.
     pub(crate) parked: Option<Parked>,
 }
@@ -92,6 +94,17 @@ impl LiveSet {
         self.parked.insert(order, id.to_owned());
     }
 
+    /// Removes the entry whose runner is task `task`, if one is.
+    pub(crate) fn remove_task(&mut self, task: tokio::task::Id) -> Option<(String, LiveEntry)> {
+        let id = self
+            .entries
+            .iter()
+            .find(|(_, e)| e.abort.id() == task)
+            .map(|(id, _)| id.clone())?;
+        let entry = self.remove(&id)?;
+        Some((id, entry))
+    }
+
     /// Removes the instance parked longest ago.
     pub(crate) fn pop_longest_parked(&mut self) -> Option<(String, LiveEntry)> {
         let (_, id) = self.parked.pop_first()?;
@@ -119,6 +132,7 @@ mod tests {
             run: 0,
             instance: None,
             abort,
+            lease_token: 0,
             parked: None,
         }
     }
@@ -152,5 +166,19 @@ mod tests {
         assert_eq!(live.len(), 2);
         assert_eq!(live.drain().len(), 2);
         assert_eq!((live.len(), live.parked()), (0, 0));
+    }
+
+    #[test]
+    fn finds_an_entry_by_its_runner_task() {
+        let mut live = LiveSet::default();
+        live.insert_running("a".into(), entry());
+        let b = entry();
+        let task = b.abort.id();
+        live.insert_running("b".into(), b);
+        live.mark_parked("b", 1);
+        let (id, _) = live.remove_task(task).expect("b");
+        assert_eq!(id, "b");
+        assert_eq!((live.len(), live.parked()), (1, 0));
+        assert!(live.remove_task(task).is_none());
     }
 }

@@ -15,7 +15,7 @@ use crate::observe::LifecycleEvent;
 use crate::panics;
 use crate::payload;
 use crate::store::{
-    now_millis, ClaimedInstance, Commit, CommitOutcome, Millis, Transition, HISTORY_FORMAT,
+    now_millis, ClaimedInstance, CommitOutcome, Millis, Transition, HISTORY_FORMAT,
 };
 use crate::worker::WorkerRuntime;
 use crate::workflow::RunOutcome;
@@ -72,15 +72,8 @@ async fn run_inner(
             }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot load history; releasing the instance");
-                let release = Commit {
-                    instance_id: rec.id.as_str().into(),
-                    lease_token: claimed.lease_token,
-                    transition: Transition::Release,
-                    ..Commit::default()
-                };
-                // If this fails too, the lease expires and another claim retries.
-                let _ = shared.store.commit(release).await;
                 worker.detach(&rec.id, run);
+                worker.give_back(rec.id.as_str().into(), claimed.lease_token);
                 return;
             }
         }
@@ -123,10 +116,16 @@ async fn run_inner(
         Some(f) => Err(Abort::Fail(f)),
         None => drive(&worker, &inst, &inst.workflow, rec.version, &rec.input).await,
     };
-    finish(&inst, outcome, rec.created_at).await;
+    let recorded = finish(&inst, outcome, rec.created_at).await;
     inst.release_permit();
     worker.detach(id, run);
-    shared.finished.finished(id);
+    if recorded {
+        shared.finished.finished(id);
+    } else {
+        // Renewed with the worker's other leases, the lease would keep the
+        // instance here, not running, for as long as the process lives.
+        worker.give_back(Arc::clone(&inst.id), inst.lease_token());
+    }
 }
 
 /// Runs the workflow body; if a cancel request stops it, runs its
@@ -269,8 +268,10 @@ fn registered_run(
         })
 }
 
-/// Commits how the run ended.
-async fn finish(inst: &Instance, outcome: Result<RunOutcome, Abort>, created_at: Millis) {
+/// Commits how the run ended. Returns `false` when the store did not
+/// learn of it (the commit failed past its retries) and the instance still
+/// holds this run's lease; `true` when it did, or the lease is gone.
+async fn finish(inst: &Instance, outcome: Result<RunOutcome, Abort>, created_at: Millis) -> bool {
     let failure = |f: Failure| Transition::Fail {
         failure: payload::encode(&f).unwrap_or_default(),
     };
@@ -310,7 +311,7 @@ async fn finish(inst: &Instance, outcome: Result<RunOutcome, Abort>, created_at:
         ),
         Err(Abort::LeaseLost) => {
             tracing::warn!("lease lost to another worker; stopped running here");
-            return;
+            return true;
         }
         Err(Abort::ContinueAsNew(input)) => {
             match inst.continue_as_new(input).await {
@@ -322,10 +323,11 @@ async fn finish(inst: &Instance, outcome: Result<RunOutcome, Abort>, created_at:
                     inst.shared.notify_work();
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "cannot continue as new; the run will be retried")
+                    tracing::warn!(error = %e, "cannot continue as new; the run will be retried");
+                    return false;
                 }
             }
-            return;
+            return true;
         }
         Err(Abort::Store(e)) => {
             tracing::warn!(error = %e, "storage error; releasing the instance to be retried");
@@ -348,7 +350,10 @@ async fn finish(inst: &Instance, outcome: Result<RunOutcome, Abort>, created_at:
         _ => None,
     };
     match inst.commit_final(transition, cancel_children).await {
-        Ok(CommitOutcome::LeaseLost) => tracing::warn!("lease lost before the final commit"),
+        Ok(CommitOutcome::LeaseLost) => {
+            tracing::warn!("lease lost before the final commit");
+            true
+        }
         Ok(_) => {
             tracing::info!("workflow {what}");
             let (workflow, id) = (inst.workflow.as_str(), &*inst.id);
@@ -369,9 +374,11 @@ async fn finish(inst: &Instance, outcome: Result<RunOutcome, Abort>, created_at:
                 ("cancelled", _) => o.on_event(&LifecycleEvent::WorkflowCancelled { workflow, id }),
                 _ => {}
             });
+            true
         }
         Err(e) => {
-            tracing::warn!(error = %e, "cannot record that the workflow {what}; it will run again")
+            tracing::warn!(error = %e, "cannot record that the workflow {what}; it will run again");
+            false
         }
     }
 }

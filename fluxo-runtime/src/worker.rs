@@ -12,7 +12,9 @@ use crate::client::Fluxo;
 use crate::instance::{Instance, Resume};
 use crate::live_set::{LiveEntry, LiveSet};
 use crate::shared::Shared;
-use crate::store::{now_millis, ClaimRequest, ClaimedInstance, Commit, Millis, Transition};
+use crate::store::{
+    now_millis, ClaimRequest, ClaimedInstance, Commit, Millis, StoreError, Transition,
+};
 
 /// Configures and starts a worker. Get one from [`Fluxo::worker`].
 #[derive(Debug, Clone)]
@@ -304,8 +306,7 @@ impl WorkerRuntime {
                     }
                 }
             }
-            // Reap finished runner tasks.
-            while tasks.try_join_next().is_some() {}
+            self.reap(&mut tasks);
             if full_batch && self.semaphore.available_permits() > 0 {
                 continue;
             }
@@ -377,6 +378,8 @@ impl WorkerRuntime {
                         cancel_requested: c.record.cancel_requested,
                         permit,
                     });
+                    let mut entry = entry;
+                    entry.lease_token = c.lease_token;
                     live.insert_running(c.record.id.clone(), entry);
                     return;
                 }
@@ -385,6 +388,7 @@ impl WorkerRuntime {
             }
         }
         let id = c.record.id.clone();
+        let lease_token = c.lease_token;
         let run = self.next_run.fetch_add(1, Ordering::Relaxed);
         // Boxed: the runner's future is large, and the task would otherwise
         // copy all of it on every move into place.
@@ -396,9 +400,71 @@ impl WorkerRuntime {
                 run,
                 instance: None,
                 abort,
+                lease_token,
                 parked: None,
             },
         );
+    }
+
+    /// Reaps finished runner tasks. A runner that panicked never told the
+    /// store how its run ended (user code's panics are caught where it runs,
+    /// so this is a bug in engine or store code): its entry goes, which
+    /// frees its slot, and its lease is given back so the instance runs
+    /// again from its journal.
+    fn reap(self: &Arc<Self>, tasks: &mut JoinSet<()>) {
+        while let Some(done) = tasks.try_join_next() {
+            let Err(e) = done else { continue };
+            if !e.is_panic() {
+                continue;
+            }
+            let removed = self.live().remove_task(e.id());
+            if let Some((id, entry)) = removed {
+                tracing::error!(instance = %id, "the run panicked; giving its lease back so that it runs again");
+                let lease_token = entry.lease_token;
+                // Its instance held the slot.
+                drop(entry);
+                self.slot_freed.notify_one();
+                self.give_back(id.into(), lease_token);
+            }
+        }
+    }
+
+    /// Gives instance `id`'s lease back, so that a claim (here or in another
+    /// process) runs it again from its journal: for a run that ended without
+    /// the store learning how (its last commit failed past the retries, or
+    /// the run panicked). Until then the lease is renewed with this
+    /// worker's others, so this keeps trying in the background while the
+    /// store fails with backend errors, until the worker stops (the lease
+    /// then expires on its own).
+    pub(crate) fn give_back(self: &Arc<Self>, id: Arc<str>, lease_token: u64) {
+        let worker = Arc::clone(self);
+        tokio::spawn(async move {
+            let mut pause = Duration::from_millis(50);
+            loop {
+                let release = Commit {
+                    instance_id: Arc::clone(&id),
+                    lease_token,
+                    transition: Transition::Release,
+                    ..Commit::default()
+                };
+                match worker.shared.store.commit(release).await {
+                    Ok(_) => {
+                        tracing::debug!(instance = %id, "lease given back");
+                        worker.shared.notify_work();
+                        return;
+                    }
+                    Err(StoreError::Backend(e)) if !worker.stopping.load(Ordering::SeqCst) => {
+                        tracing::warn!(instance = %id, error = %e, ?pause, "cannot give the lease back yet; retrying");
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(Duration::from_secs(5));
+                    }
+                    Err(e) => {
+                        tracing::warn!(instance = %id, error = %e, "cannot give the lease back; it expires on its own");
+                        return;
+                    }
+                }
+            }
+        });
     }
 
     /// Passes a cancel request to instance `id` if it runs here.

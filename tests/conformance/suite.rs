@@ -1,5 +1,7 @@
 //! The suite's tests; each takes a fresh store of the backend under test.
 
+use std::sync::atomic::AtomicU32;
+use std::sync::atomic::Ordering::SeqCst;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -7,9 +9,9 @@ use fluxo::history::Event;
 use fluxo::prelude::*;
 use fluxo::store::{
     ClaimBatch, ClaimRequest, Commit, CommitOutcome, CreateOutcome, InboxSignal, InstanceRecord,
-    ListFilter, NewInstance, Store, StoreResult, StoredEvent,
+    ListFilter, NewInstance, Store, StoreError, StoreResult, StoredEvent, Transition,
 };
-use fluxo::{Error, Worker};
+use fluxo::{Error, Worker, WorkerBuilder};
 
 use crate::common::{count, open_gate};
 use crate::workflows::*;
@@ -22,12 +24,16 @@ fn fluxo_on(store: &Arc<dyn Store>) -> Fluxo {
     fluxo
 }
 
-fn worker(fluxo: &Fluxo) -> Worker {
+/// A worker with a short lease and poll interval, to configure further.
+fn worker_builder(fluxo: &Fluxo) -> WorkerBuilder {
     fluxo
         .worker()
         .lease(Duration::from_secs(5))
         .poll_interval(Duration::from_millis(20))
-        .spawn()
+}
+
+fn worker(fluxo: &Fluxo) -> Worker {
+    worker_builder(fluxo).spawn()
 }
 
 fn setup(store: &Arc<dyn Store>) -> (Fluxo, Worker) {
@@ -190,12 +196,7 @@ pub async fn a_panicking_step_is_a_failed_attempt(store: Arc<dyn Store>) {
 
 pub async fn a_panicking_workflow_fails_and_frees_its_slot(store: Arc<dyn Store>) {
     let fluxo = fluxo_on(&store);
-    let w = fluxo
-        .worker()
-        .concurrency(1)
-        .lease(Duration::from_secs(5))
-        .poll_interval(Duration::from_millis(20))
-        .spawn();
+    let w = worker_builder(&fluxo).concurrency(1).spawn();
     let h = PanickingBody::start(&fluxo, "ana".into()).await.unwrap();
     match h.result_timeout(WAIT).await {
         Err(Error::WorkflowFailed { error, .. }) => {
@@ -748,56 +749,159 @@ pub async fn a_full_worker_claims_again_when_a_slot_frees(store: Arc<dyn Store>)
     w.shutdown().await;
 }
 
-/// A store that passes everything to another, and every claim's result
-/// through a hook.
-struct ClaimHook<F>(Arc<dyn Store>, F);
+/// What a [`Hooked`] store calls on each claim's result.
+type ClaimHookFn = Box<dyn Fn(&mut ClaimBatch) + Send + Sync>;
+/// What a [`Hooked`] store calls before each commit: an error is the
+/// commit's answer, and the commit is not passed on.
+type CommitHookFn = Box<dyn Fn(&Commit) -> StoreResult<()> + Send + Sync>;
+
+/// A store that passes everything to another, each claim's result through
+/// one hook and each commit through another.
+struct Hooked {
+    inner: Arc<dyn Store>,
+    on_claim: ClaimHookFn,
+    on_commit: CommitHookFn,
+}
+
+impl Hooked {
+    fn new(inner: &Arc<dyn Store>) -> Self {
+        Hooked {
+            inner: Arc::clone(inner),
+            on_claim: Box::new(|_| {}),
+            on_commit: Box::new(|_| Ok(())),
+        }
+    }
+
+    fn on_claim(mut self, f: impl Fn(&mut ClaimBatch) + Send + Sync + 'static) -> Self {
+        self.on_claim = Box::new(f);
+        self
+    }
+
+    fn on_commit(mut self, f: impl Fn(&Commit) -> StoreResult<()> + Send + Sync + 'static) -> Self {
+        self.on_commit = Box::new(f);
+        self
+    }
+
+    fn build(self) -> Arc<dyn Store> {
+        Arc::new(self)
+    }
+}
 
 #[async_trait::async_trait]
-impl<F: Fn(&mut ClaimBatch) + Send + Sync + 'static> Store for ClaimHook<F> {
+impl Store for Hooked {
     fn backend_name(&self) -> &'static str {
-        self.0.backend_name()
+        self.inner.backend_name()
     }
     async fn create_instance(&self, new: NewInstance) -> StoreResult<CreateOutcome> {
-        self.0.create_instance(new).await
+        self.inner.create_instance(new).await
     }
     async fn get_instance(&self, id: &str) -> StoreResult<Option<InstanceRecord>> {
-        self.0.get_instance(id).await
+        self.inner.get_instance(id).await
     }
     async fn list_instances(&self, filter: ListFilter) -> StoreResult<Vec<InstanceRecord>> {
-        self.0.list_instances(filter).await
+        self.inner.list_instances(filter).await
     }
     async fn load_history(&self, id: &str) -> StoreResult<Vec<StoredEvent>> {
-        self.0.load_history(id).await
+        self.inner.load_history(id).await
     }
     async fn claim(&self, req: &ClaimRequest) -> StoreResult<ClaimBatch> {
-        let mut batch = self.0.claim(req).await?;
-        (self.1)(&mut batch);
+        let mut batch = self.inner.claim(req).await?;
+        (self.on_claim)(&mut batch);
         Ok(batch)
     }
     async fn renew_leases(&self, owner: &str, lease: Duration) -> StoreResult<Vec<String>> {
-        self.0.renew_leases(owner, lease).await
+        self.inner.renew_leases(owner, lease).await
     }
     async fn commit(&self, commit: Commit) -> StoreResult<CommitOutcome> {
-        self.0.commit(commit).await
+        (self.on_commit)(&commit)?;
+        self.inner.commit(commit).await
     }
     async fn send_signal(&self, id: &str, name: &str, payload: Vec<u8>) -> StoreResult<u64> {
-        self.0.send_signal(id, name, payload).await
+        self.inner.send_signal(id, name, payload).await
     }
     async fn next_signal(&self, id: &str, name: &str) -> StoreResult<(Option<InboxSignal>, u64)> {
-        self.0.next_signal(id, name).await
+        self.inner.next_signal(id, name).await
     }
     async fn request_cancel(&self, id: &str) -> StoreResult<fluxo::WorkflowStatus> {
-        self.0.request_cancel(id).await
+        self.inner.request_cancel(id).await
     }
+}
+
+pub async fn a_run_whose_end_the_store_missed_runs_again(store: Arc<dyn Store>) {
+    // The store is away for every try of the commit that completes the
+    // workflow (the engine's own retries of it included), then for the
+    // first two tries to give the lease back.
+    let completes = Arc::new(AtomicU32::new(0));
+    let releases = Arc::new(AtomicU32::new(0));
+    let (c, r) = (Arc::clone(&completes), Arc::clone(&releases));
+    let hooked = Hooked::new(&store)
+        .on_commit(move |commit| {
+            let tries = match commit.transition {
+                Transition::Complete { .. } => c.fetch_add(1, SeqCst),
+                Transition::Release => match r.fetch_add(1, SeqCst) {
+                    0 | 1 => return Err(StoreError::backend(std::io::Error::other("away"))),
+                    _ => return Ok(()),
+                },
+                _ => return Ok(()),
+            };
+            if tries < 7 {
+                return Err(StoreError::backend(std::io::Error::other("away")));
+            }
+            Ok(())
+        })
+        .build();
+    let (fluxo, w) = setup(&hooked);
+    let h = Greet::start(&fluxo, "again".into()).await.unwrap();
+    // Without the lease given back, this worker would keep renewing it
+    // and the instance would never run again.
+    assert_eq!(h.result_timeout(WAIT).await.unwrap(), "hello again");
+    assert_eq!(completes.load(SeqCst), 8, "seven failed tries, then one");
+    assert!(releases.load(SeqCst) >= 3, "two failed tries, then one");
+    assert_eq!(
+        count(&format!("{}/greet", h.id())),
+        1,
+        "the second run replayed the step from the journal"
+    );
+    assert_journal_dense(&fluxo, h.id()).await;
+    w.shutdown().await;
+}
+
+pub async fn a_run_that_panics_in_the_store_runs_again_and_frees_its_slot(store: Arc<dyn Store>) {
+    // The store panics in the first commit that completes a workflow: a bug
+    // in a store, outside any user code the engine catches panics of.
+    let panicked = Arc::new(AtomicU32::new(0));
+    let p = Arc::clone(&panicked);
+    let hooked = Hooked::new(&store)
+        .on_commit(move |commit| {
+            if matches!(commit.transition, Transition::Complete { .. })
+                && p.fetch_add(1, SeqCst) == 0
+            {
+                panic!("the store panics");
+            }
+            Ok(())
+        })
+        .build();
+    let fluxo = fluxo_on(&hooked);
+    let w = worker_builder(&fluxo).concurrency(1).spawn();
+    let h = Greet::start(&fluxo, "panic".into()).await.unwrap();
+    assert_eq!(h.result_timeout(WAIT).await.unwrap(), "hello panic");
+    assert_eq!(panicked.load(SeqCst), 2, "one panic, then one commit");
+    assert_eq!(count(&format!("{}/greet", h.id())), 1);
+    // The worker's one slot is free again.
+    let next = Greet::start(&fluxo, "next".into()).await.unwrap();
+    assert_eq!(next.result_timeout(WAIT).await.unwrap(), "hello next");
+    assert_eq!(w.live_instances(), 0);
+    w.shutdown().await;
 }
 
 pub async fn a_worker_whose_handle_is_dropped_keeps_working_at_rest(store: Arc<dyn Store>) {
     let claims = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let counted = Arc::clone(&claims);
-    let wrapped: Arc<dyn Store> =
-        Arc::new(ClaimHook(Arc::clone(&store), move |_: &mut ClaimBatch| {
+    let wrapped = Hooked::new(&store)
+        .on_claim(move |_| {
             counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        }));
+        })
+        .build();
     let fluxo = fluxo_on(&wrapped);
     // Dropping the handle does not stop the worker.
     drop(
@@ -872,12 +976,13 @@ pub async fn call_time_step_options(store: Arc<dyn Store>) {
 pub async fn incompatible_history_format(store: Arc<dyn Store>) {
     // Every instance reads as written by a future journal format, as after
     // a downgrade.
-    let wrapped: Arc<dyn Store> =
-        Arc::new(ClaimHook(Arc::clone(&store), |batch: &mut ClaimBatch| {
+    let wrapped = Hooked::new(&store)
+        .on_claim(|batch| {
             for c in &mut batch.claimed {
                 c.record.history_format = fluxo::store::HISTORY_FORMAT + 1;
             }
-        }));
+        })
+        .build();
     let (fluxo, w) = setup(&wrapped);
     let h = Greet::start(&fluxo, "old".into()).await.unwrap();
     match h.result_timeout(WAIT).await {
