@@ -44,6 +44,12 @@ struct Args {
     /// Repetitions of the sequential, throughput and history workloads.
     #[arg(long)]
     reps: Option<usize>,
+    /// Repetitions of the sequential, throughput and history workloads on
+    /// the in-memory backend, if more than --reps: its cells take a second
+    /// or two, and their figures move by up to a factor of two from one
+    /// cell (process) to the next, so their median needs more of them.
+    #[arg(long, default_value_t = 5)]
+    memory_reps: usize,
     /// Repetitions of the parked and recovery workloads (each is long).
     #[arg(long, default_value_t = 1)]
     heavy_reps: usize,
@@ -227,13 +233,23 @@ fn parent(args: Args) -> Result<()> {
         } else {
             run.args.backends.clone()
         };
-        let reps = if heavy {
-            run.args.heavy_reps.max(1)
-        } else {
-            reps
+        let (heavy_reps, memory_reps) = (run.args.heavy_reps, run.args.memory_reps);
+        let reps_on = |backend: Backend| {
+            if heavy {
+                heavy_reps.max(1)
+            } else if backend == Backend::Memory {
+                reps.max(memory_reps)
+            } else {
+                reps
+            }
         };
-        for rep in 0..reps {
+        let most = backends.iter().map(|&b| reps_on(b)).max().unwrap_or(0);
+        for rep in 0..most {
             for &backend in &backends {
+                let reps = reps_on(backend);
+                if rep >= reps {
+                    continue;
+                }
                 // Interleave: each repetition starts with the next engine.
                 let mut engines = run.args.engines.clone();
                 let n = engines.len();
@@ -1042,8 +1058,8 @@ fn report(
     );
     let _ = writeln!(
         s,
-        "- {reps} repetition(s) of sequential/throughput/history, {} of parked/recovery, engines interleaved in each; medians shown; each cell a fresh process on fresh storage (Postgres: a new database per engine and run, dropped after); budget {:.0} s per cell; total {:.0} s",
-        run.args.heavy_reps, p.budget_s, took.as_secs_f64()
+        "- {reps} repetition(s) of sequential/throughput/history ({} on memory, whose cells are short and move the most from one to the next), {} of parked/recovery, engines interleaved in each; medians shown; each cell a fresh process on fresh storage (Postgres: a new database per engine and run, dropped after); budget {:.0} s per cell; total {:.0} s",
+        reps.max(run.args.memory_reps), run.args.heavy_reps, p.budget_s, took.as_secs_f64()
     );
     if let Some(prof) = &run.profiling {
         let _ = writeln!(
