@@ -261,6 +261,11 @@ impl WorkerRuntime {
             self.take_over_own_leases().await;
         }
         let mut backoff = Duration::from_millis(50);
+        // How long to wait for a wake-up the store reports as due by this
+        // process's clock but did not hand out: its clock is behind ours
+        // (Postgres and Redis keep time by the server's). Doubles while that
+        // lasts, so a skew costs a few claims, not a loop of them.
+        let mut overdue = Duration::ZERO;
         // Built once; its workflows again only when registrations change.
         let mut req = ClaimRequest {
             owner: self.id.clone(),
@@ -278,6 +283,7 @@ impl WorkerRuntime {
             let free = self.semaphore.available_permits();
             let mut next_wake: Option<Millis> = None;
             let mut full_batch = false;
+            let mut claimed_none = false;
             if free > 0 {
                 {
                     let registry = self.shared.registry();
@@ -293,6 +299,7 @@ impl WorkerRuntime {
                             backoff = Duration::from_millis(50);
                             full_batch = batch.more || batch.claimed.len() == req.limit;
                             next_wake = batch.next_wake;
+                            claimed_none = batch.claimed.is_empty();
                             for c in batch.claimed {
                                 self.dispatch(c, &mut tasks);
                             }
@@ -316,9 +323,19 @@ impl WorkerRuntime {
             let slots_full = free == 0 || full_batch;
             let mut wait = poll_interval;
             if let Some(at) = next_wake {
-                wait = wait.min(Duration::from_millis(
-                    at.saturating_sub(now_millis()).max(0) as u64,
-                ));
+                let until = at.saturating_sub(now_millis());
+                if until <= 0 && claimed_none {
+                    overdue = overdue
+                        .saturating_mul(2)
+                        .max(Duration::from_millis(1))
+                        .min(poll_interval);
+                    wait = wait.min(overdue);
+                } else {
+                    overdue = Duration::ZERO;
+                    wait = wait.min(Duration::from_millis(until.max(0) as u64));
+                }
+            } else {
+                overdue = Duration::ZERO;
             }
             // A poll interval too long to add to the clock: a day, then
             // look again.

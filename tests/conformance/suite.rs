@@ -920,6 +920,42 @@ pub async fn a_worker_whose_handle_is_dropped_keeps_working_at_rest(store: Arc<d
     assert!(claims <= 50, "{claims} claims in 500 ms at rest");
 }
 
+pub async fn a_store_clock_behind_the_workers_costs_a_few_claims_not_a_loop(store: Arc<dyn Store>) {
+    // Every empty claim reports a wake-up a second ago by this process's
+    // clock, which the store's own clock has not reached: a server whose
+    // clock runs behind the worker's.
+    let claims = Arc::new(AtomicU32::new(0));
+    let counted = Arc::clone(&claims);
+    let wrapped = Hooked::new(&store)
+        .on_claim(move |batch| {
+            counted.fetch_add(1, SeqCst);
+            if batch.claimed.is_empty() {
+                batch.next_wake = Some(fluxo::store::now_millis() - 1000);
+            }
+        })
+        .build();
+    let fluxo = fluxo_on(&wrapped);
+    let w = fluxo
+        .worker()
+        .poll_interval(Duration::from_millis(50))
+        .spawn();
+    let h = Greet::start(&fluxo, "skewed".into()).await.unwrap();
+    assert_eq!(h.result_timeout(WAIT).await.unwrap(), "hello skewed");
+    // It waits 1 ms, then twice as long each time, up to its poll interval:
+    // some fifteen claims in half a second, not hundreds.
+    claims.store(0, SeqCst);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let n = claims.load(SeqCst);
+    assert!(n <= 40, "{n} claims in 500 ms");
+    // New work is still claimed at once.
+    let h = Greet::start(&fluxo, "later".into()).await.unwrap();
+    assert_eq!(
+        h.result_timeout(Duration::from_secs(5)).await.unwrap(),
+        "hello later"
+    );
+    w.shutdown().await;
+}
+
 pub async fn handle_from_another_process(store: Arc<dyn Store>) {
     let (fluxo, w) = setup(&store);
     let h = Approval::start(&fluxo, ()).await.unwrap();
