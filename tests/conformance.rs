@@ -55,4 +55,5 @@ backend_tests!(
     a_step_run_on_another_task_knows_its_workflow,
     middleware_wraps_steps,
     continue_as_new_keeps_the_id_and_empties_the_journal,
+    continue_as_new_on_a_store_without_it_fails_typed,
 );

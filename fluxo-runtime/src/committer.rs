@@ -20,7 +20,8 @@ use std::sync::Arc;
 use tokio::runtime::{Handle, RuntimeFlavor};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::store::{Commit, CommitOutcome, Store, StoreError, StoreResult};
+use crate::panics;
+use crate::store::{all_failed, Commit, CommitOutcome, Store, StoreError, StoreResult};
 
 /// The most commits written in one transaction.
 const MAX_BATCH: usize = 512;
@@ -109,7 +110,14 @@ async fn write_batches(
     while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
         let n = batch.len();
         let (commits, waiters): (Vec<Commit>, Vec<_>) = batch.drain(..).unzip();
-        let results = store.commit_batch(commits).await;
+        let results = panics::catch_store(store.commit_batch(commits), |message| {
+            tracing::error!(%message, commits = n, "the store panicked writing a group of commits");
+            all_failed(
+                StoreError::Backend(format!("the store panicked: {message}").into()),
+                n,
+            )
+        })
+        .await;
         pending.fetch_sub(n, Ordering::SeqCst);
         for (waiter, result) in waiters.into_iter().zip(results) {
             // The instance may have been dropped meanwhile; nothing to tell.

@@ -1,7 +1,9 @@
 //! Panics in user code (a step's body, a middleware's, a workflow's, a
 //! cancellation handler's), caught where that code runs and turned into the
 //! errors a failure of it would give, so that a panic in user code does not
-//! take the worker's run of the instance down with it.
+//! take the worker's run of the instance down with it; and a store's panic
+//! in a group commit, which would otherwise end the writer every instance's
+//! commits go through.
 
 use std::any::Any;
 use std::future::Future;
@@ -72,5 +74,18 @@ where
     match AssertUnwindSafe(fut).catch_unwind().await {
         Ok(out) => out,
         Err(payload) => on_panic(workflow_panicked(&*payload)),
+    }
+}
+
+/// Runs a store's write of a group of commits: a panic in it (a bug in the
+/// store) is answered by `on_panic`, given the panic's message, so that the
+/// group-commit writer goes on with the next group.
+pub(crate) async fn catch_store<T, F>(fut: F, on_panic: impl FnOnce(&str) -> T) -> T
+where
+    F: Future<Output = T>,
+{
+    match AssertUnwindSafe(fut).catch_unwind().await {
+        Ok(out) => out,
+        Err(payload) => on_panic(message(&*payload)),
     }
 }

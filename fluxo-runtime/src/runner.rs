@@ -15,7 +15,7 @@ use crate::observe::LifecycleEvent;
 use crate::panics;
 use crate::payload;
 use crate::store::{
-    now_millis, ClaimedInstance, CommitOutcome, Millis, Transition, HISTORY_FORMAT,
+    now_millis, ClaimedInstance, CommitOutcome, Millis, StoreError, Transition, HISTORY_FORMAT,
 };
 use crate::worker::WorkerRuntime;
 use crate::workflow::RunOutcome;
@@ -114,7 +114,7 @@ async fn run_inner(
 
     let outcome = match problem {
         Some(f) => Err(Abort::Fail(f)),
-        None => drive(&worker, &inst, &inst.workflow, rec.version, &rec.input).await,
+        None => drive(&worker, run, &inst, &inst.workflow, rec.version, &rec.input).await,
     };
     let recorded = finish(&inst, outcome, rec.created_at).await;
     inst.release_permit();
@@ -132,23 +132,24 @@ async fn run_inner(
 /// cancellation handlers (saga compensations) and reports the cancellation.
 async fn drive(
     worker: &Arc<WorkerRuntime>,
+    run: u64,
     inst: &Arc<Instance>,
     workflow: &str,
     version: u32,
     input: &[u8],
 ) -> Result<RunOutcome, Abort> {
-    let run = registered_run(inst, workflow, version)?;
+    let build = registered_run(inst, workflow, version)?;
     let ctx = WorkflowContext::new(Arc::clone(inst));
     // Building the body runs user code too (a hand-written `run`, a
     // dynamic workflow's closure, the input's decoding).
-    // The lint looks at the closure, which returns what `run` always did.
+    // The lint looks at the closure, which returns what `build` always did.
     #[allow(clippy::result_large_err)]
-    let body = match panics::catch_call(|| run(ctx.clone(), input)) {
+    let body = match panics::catch_call(|| build(ctx.clone(), input)) {
         Ok(body) => body.map_err(Abort::Fail)?,
         Err(error) => return Ok(RunOutcome::Failed(*error)),
     };
     let body = panics::catch_workflow(body, RunOutcome::Failed);
-    match drive_future(worker, inst, context::scope(ctx.clone(), body)).await {
+    match drive_future(worker, run, inst, context::scope(ctx.clone(), body)).await {
         Err(Abort::Cancelled) => {}
         // A body that gives up with an error after a cancel request (e.g. a
         // step that stopped because of it) counts as cancelled.
@@ -174,7 +175,7 @@ async fn drive(
             let handler = panics::catch_workflow(async move { handler().await }, |error| {
                 tracing::warn!(%error, "a cancellation handler panicked");
             });
-            drive_future(worker, inst, context::scope(ctx.clone(), handler)).await?;
+            drive_future(worker, run, inst, context::scope(ctx.clone(), handler)).await?;
         }
     }
     Err(Abort::Cancelled)
@@ -185,6 +186,7 @@ async fn drive(
 /// when it is idle, or after the grace period given to running steps.
 async fn drive_future<T>(
     worker: &Arc<WorkerRuntime>,
+    run: u64,
     inst: &Arc<Instance>,
     fut: impl std::future::Future<Output = T>,
 ) -> Result<T, Abort> {
@@ -218,7 +220,7 @@ async fn drive_future<T>(
                 match inst.park(wake_at).await {
                     Some(true) => {
                         tracing::debug!(?wake_at, "parked");
-                        worker.parked(&inst.id, inst.next_event_id(), wake_at);
+                        worker.parked(&inst.id, run, inst.next_event_id(), wake_at);
                         if !inst.wait_resume().await {
                             return Err(Abort::LeaseLost);
                         }
@@ -313,22 +315,28 @@ async fn finish(inst: &Instance, outcome: Result<RunOutcome, Abort>, created_at:
             tracing::warn!("lease lost to another worker; stopped running here");
             return true;
         }
-        Err(Abort::ContinueAsNew(input)) => {
-            match inst.continue_as_new(input).await {
-                Ok(CommitOutcome::LeaseLost) => {
-                    tracing::warn!("lease lost before continuing as new")
-                }
-                Ok(_) => {
-                    tracing::info!("workflow continued as new");
-                    inst.shared.notify_work();
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot continue as new; the run will be retried");
-                    return false;
-                }
+        Err(Abort::ContinueAsNew(input)) => match inst.continue_as_new(input).await {
+            Ok(CommitOutcome::LeaseLost) => {
+                tracing::warn!("lease lost before continuing as new");
+                return true;
             }
-            return true;
-        }
+            Ok(_) => {
+                tracing::info!("workflow continued as new");
+                inst.shared.notify_work();
+                return true;
+            }
+            // Every run would end the same way: the workflow fails.
+            Err(StoreError::Unsupported(message)) => (
+                failure(Failure::Workflow {
+                    error: WorkflowError::new(message).with_kind("Unsupported"),
+                }),
+                Vec::new(),
+            ),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot continue as new; the run will be retried");
+                return false;
+            }
+        },
         Err(Abort::Store(e)) => {
             tracing::warn!(error = %e, "storage error; releasing the instance to be retried");
             (Transition::Release, Vec::new())

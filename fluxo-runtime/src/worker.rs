@@ -13,7 +13,8 @@ use crate::instance::{Instance, Resume};
 use crate::live_set::{LiveEntry, LiveSet};
 use crate::shared::Shared;
 use crate::store::{
-    now_millis, ClaimRequest, ClaimedInstance, Commit, Millis, StoreError, Transition,
+    now_millis, ClaimRequest, ClaimedInstance, Commit, CommitOutcome, Millis, StoreError,
+    Transition,
 };
 
 /// Configures and starts a worker. Get one from [`Fluxo::worker`].
@@ -210,16 +211,16 @@ impl Worker {
             if entry.parked.is_some() {
                 continue;
             }
-            if let Some(inst) = entry.instance {
-                let release = Commit {
-                    instance_id: id.as_str().into(),
-                    lease_token: inst.lease_token(),
-                    transition: Transition::Release,
-                    ..Commit::default()
-                };
-                if let Err(e) = self.rt.shared.store.commit(release).await {
-                    tracing::warn!(instance = %id, error = %e, "cannot release instance; its lease will expire");
-                }
+            // Also a run still loading its journal, and one just resumed
+            // (its new lease is the entry's before the runner has it).
+            let release = Commit {
+                instance_id: id.as_str().into(),
+                lease_token: entry.lease_token,
+                transition: Transition::Release,
+                ..Commit::default()
+            };
+            if let Err(e) = self.rt.shared.store.commit(release).await {
+                tracing::warn!(instance = %id, error = %e, "cannot release instance; its lease will expire");
             }
         }
         let _ = self.task.await;
@@ -465,6 +466,7 @@ impl WorkerRuntime {
                     ..Commit::default()
                 };
                 match worker.shared.store.commit(release).await {
+                    Ok(CommitOutcome::LeaseLost) => return,
                     Ok(_) => {
                         tracing::debug!(instance = %id, "lease given back");
                         worker.shared.notify_work();
@@ -476,7 +478,7 @@ impl WorkerRuntime {
                         pause = (pause * 2).min(Duration::from_secs(5));
                     }
                     Err(e) => {
-                        tracing::warn!(instance = %id, error = %e, "cannot give the lease back; it expires on its own");
+                        tracing::warn!(instance = %id, error = %e, "cannot give the lease back");
                         return;
                     }
                 }
@@ -530,11 +532,15 @@ impl WorkerRuntime {
         self.slot_freed.notify_one();
     }
 
-    /// Records that an instance parked with `next_event_id` journal entries,
-    /// and evicts the longest-parked ones beyond the cache size.
-    pub(crate) fn parked(&self, id: &str, next_event_id: u64, wake_at: Option<Millis>) {
+    /// Records that run `run` of an instance parked with `next_event_id`
+    /// journal entries, and evicts the longest-parked ones beyond the cache
+    /// size. A newer run of the instance (claimed here once the park was
+    /// written) keeps its entry as it is.
+    pub(crate) fn parked(&self, id: &str, run: u64, next_event_id: u64, wake_at: Option<Millis>) {
         let mut live = self.live();
-        live.mark_parked(id, next_event_id);
+        if live.get(id).is_some_and(|e| e.run == run) {
+            live.mark_parked(id, next_event_id);
+        }
         while live.parked() > self.max_cached {
             match live.pop_longest_parked() {
                 Some((_, evicted)) => evicted.abort.abort(),

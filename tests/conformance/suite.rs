@@ -755,8 +755,11 @@ type ClaimHookFn = Box<dyn Fn(&mut ClaimBatch) + Send + Sync>;
 /// commit's answer, and the commit is not passed on.
 type CommitHookFn = Box<dyn Fn(&Commit) -> StoreResult<()> + Send + Sync>;
 
-/// A store that passes everything to another, each claim's result through
-/// one hook and each commit through another.
+/// A store that passes its calls to another, each claim's result through
+/// one hook and each commit through another, also in a group commit (it
+/// groups commits when the other store does). It keeps the trait's
+/// defaults for the rest: every commit reaches a hook, and it cannot
+/// continue a workflow as new.
 struct Hooked {
     inner: Arc<dyn Store>,
     on_claim: ClaimHookFn,
@@ -815,6 +818,32 @@ impl Store for Hooked {
     async fn commit(&self, commit: Commit) -> StoreResult<CommitOutcome> {
         (self.on_commit)(&commit)?;
         self.inner.commit(commit).await
+    }
+    fn prefers_batches(&self) -> bool {
+        self.inner.prefers_batches()
+    }
+    async fn commit_batch(&self, commits: Vec<Commit>) -> Vec<StoreResult<CommitOutcome>> {
+        // The hook's errors answer their commits; the rest go on together.
+        let mut answers = Vec::with_capacity(commits.len());
+        let mut passed = Vec::new();
+        for commit in commits {
+            match (self.on_commit)(&commit) {
+                Ok(()) => {
+                    answers.push(None);
+                    passed.push(commit);
+                }
+                Err(e) => answers.push(Some(Err(e))),
+            }
+        }
+        let mut written = self.inner.commit_batch(passed).await.into_iter();
+        answers
+            .into_iter()
+            .map(|answer| {
+                answer
+                    .or_else(|| written.next())
+                    .expect("one answer per commit")
+            })
+            .collect()
     }
     async fn send_signal(&self, id: &str, name: &str, payload: Vec<u8>) -> StoreResult<u64> {
         self.inner.send_signal(id, name, payload).await
@@ -883,6 +912,8 @@ pub async fn a_run_that_panics_in_the_store_runs_again_and_frees_its_slot(store:
         .build();
     let fluxo = fluxo_on(&hooked);
     let w = worker_builder(&fluxo).concurrency(1).spawn();
+    // On memory the panic ends the run's task; on the stores that group
+    // commits it happens in the group-commit writer.
     let h = Greet::start(&fluxo, "panic".into()).await.unwrap();
     assert_eq!(h.result_timeout(WAIT).await.unwrap(), "hello panic");
     assert_eq!(panicked.load(SeqCst), 2, "one panic, then one commit");
@@ -890,7 +921,21 @@ pub async fn a_run_that_panics_in_the_store_runs_again_and_frees_its_slot(store:
     // The worker's one slot is free again.
     let next = Greet::start(&fluxo, "next".into()).await.unwrap();
     assert_eq!(next.result_timeout(WAIT).await.unwrap(), "hello next");
-    assert_eq!(w.live_instances(), 0);
+    w.shutdown().await;
+}
+
+pub async fn continue_as_new_on_a_store_without_it_fails_typed(store: Arc<dyn Store>) {
+    let hooked = Hooked::new(&store).build();
+    let (fluxo, w) = setup(&hooked);
+    let h = Countdown::start(&fluxo, 1).await.unwrap();
+    match h.result_timeout(WAIT).await {
+        Err(Error::WorkflowFailed { error, .. }) => {
+            assert_eq!(error.kind(), "Unsupported");
+            assert!(error.message().contains("continue-as-new"), "{error:?}");
+        }
+        other => panic!("expected WorkflowFailed, got {other:?}"),
+    }
+    assert_eq!(count(&format!("{}/tick", h.id())), 1, "run once, not again");
     w.shutdown().await;
 }
 
