@@ -2,8 +2,8 @@
 //! cancellation handler's), caught where that code runs and turned into the
 //! errors a failure of it would give, so that a panic in user code does not
 //! take the worker's run of the instance down with it; and a store's panic
-//! in a group commit, which would otherwise end the writer every instance's
-//! commits go through.
+//! in a call of the engine's own tasks (a group commit, a lease given back),
+//! which would otherwise end them.
 
 use std::any::Any;
 use std::future::Future;
@@ -77,9 +77,10 @@ where
     }
 }
 
-/// Runs a store's write of a group of commits: a panic in it (a bug in the
-/// store) is answered by `on_panic`, given the panic's message, so that the
-/// group-commit writer goes on with the next group.
+/// Runs a store call made by a task of the engine's own (the group-commit
+/// writer's write of a group, a worker giving a lease back): a panic in it
+/// (a bug in the store) is answered by `on_panic`, given the panic's
+/// message, so that the task goes on.
 pub(crate) async fn catch_store<T, F>(fut: F, on_panic: impl FnOnce(&str) -> T) -> T
 where
     F: Future<Output = T>,

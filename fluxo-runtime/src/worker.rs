@@ -11,6 +11,7 @@ use tokio::task::JoinSet;
 use crate::client::Fluxo;
 use crate::instance::{Instance, Resume};
 use crate::live_set::{LiveEntry, LiveSet};
+use crate::panics;
 use crate::shared::Shared;
 use crate::store::{
     now_millis, ClaimRequest, ClaimedInstance, Commit, CommitOutcome, Millis, StoreError,
@@ -281,6 +282,7 @@ impl WorkerRuntime {
         let idle = tokio::time::sleep(Duration::ZERO);
         tokio::pin!(idle);
         while !*stop.borrow() {
+            self.reap(&mut tasks);
             let free = self.semaphore.available_permits();
             let mut next_wake: Option<Millis> = None;
             let mut full_batch = false;
@@ -314,7 +316,6 @@ impl WorkerRuntime {
                     }
                 }
             }
-            self.reap(&mut tasks);
             if full_batch && self.semaphore.available_permits() > 0 {
                 continue;
             }
@@ -465,7 +466,13 @@ impl WorkerRuntime {
                     transition: Transition::Release,
                     ..Commit::default()
                 };
-                match worker.shared.store.commit(release).await {
+                // A store that panics here is treated as one that failed.
+                let answer = panics::catch_store(worker.shared.store.commit(release), |message| {
+                    Err(StoreError::Backend(
+                        format!("the store panicked: {message}").into(),
+                    ))
+                });
+                match answer.await {
                     Ok(CommitOutcome::LeaseLost) => return,
                     Ok(_) => {
                         tracing::debug!(instance = %id, "lease given back");
@@ -486,7 +493,6 @@ impl WorkerRuntime {
         });
     }
 
-    /// Passes a cancel request to instance `id` if it runs here.
     /// Ends the leases held under this worker's id, which belong to an
     /// earlier process of the same id (this one holds none yet), so the
     /// claims that follow take those instances at once.
@@ -507,6 +513,7 @@ impl WorkerRuntime {
         }
     }
 
+    /// Passes a cancel request to instance `id` if it runs here.
     pub(crate) fn cancel_live(&self, id: &str) {
         let inst = self.live().get(id).and_then(|e| e.instance.clone());
         if let Some(inst) = inst {

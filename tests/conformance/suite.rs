@@ -896,15 +896,20 @@ pub async fn a_run_whose_end_the_store_missed_runs_again(store: Arc<dyn Store>) 
 }
 
 pub async fn a_run_that_panics_in_the_store_runs_again_and_frees_its_slot(store: Arc<dyn Store>) {
-    // The store panics in the first commit that completes a workflow: a bug
-    // in a store, outside any user code the engine catches panics of.
+    // The store panics in the first commit that completes a workflow, and
+    // in the first that releases one: a bug in a store, outside any user
+    // code the engine catches panics of.
     let panicked = Arc::new(AtomicU32::new(0));
-    let p = Arc::clone(&panicked);
+    let releases = Arc::new(AtomicU32::new(0));
+    let (p, r) = (Arc::clone(&panicked), Arc::clone(&releases));
     let hooked = Hooked::new(&store)
         .on_commit(move |commit| {
-            if matches!(commit.transition, Transition::Complete { .. })
-                && p.fetch_add(1, SeqCst) == 0
-            {
+            let first = match commit.transition {
+                Transition::Complete { .. } => p.fetch_add(1, SeqCst) == 0,
+                Transition::Release => r.fetch_add(1, SeqCst) == 0,
+                _ => false,
+            };
+            if first {
                 panic!("the store panics");
             }
             Ok(())
@@ -912,8 +917,9 @@ pub async fn a_run_that_panics_in_the_store_runs_again_and_frees_its_slot(store:
         .build();
     let fluxo = fluxo_on(&hooked);
     let w = worker_builder(&fluxo).concurrency(1).spawn();
-    // On memory the panic ends the run's task; on the stores that group
-    // commits it happens in the group-commit writer.
+    // On memory the panic ends the run's task, and the lease given back
+    // meets the second panic; on the stores that group commits it happens
+    // in the group-commit writer.
     let h = Greet::start(&fluxo, "panic".into()).await.unwrap();
     assert_eq!(h.result_timeout(WAIT).await.unwrap(), "hello panic");
     assert_eq!(panicked.load(SeqCst), 2, "one panic, then one commit");
