@@ -110,7 +110,10 @@ async fn write_batches(
     while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
         let n = batch.len();
         let (commits, waiters): (Vec<Commit>, Vec<_>) = batch.drain(..).unzip();
-        let results = panics::catch_store(store.commit_batch(commits), |message| {
+        // Built inside the catch too: a store's call may panic before it
+        // returns its future.
+        let write = async { store.commit_batch(commits).await };
+        let results = panics::catch_store(write, |message| {
             tracing::error!(%message, commits = n, "the store panicked writing a group of commits");
             all_failed(
                 StoreError::Backend(format!("the store panicked: {message}").into()),

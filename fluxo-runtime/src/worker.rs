@@ -249,8 +249,12 @@ impl WorkerRuntime {
     async fn run(self: Arc<Self>, cfg: WorkerBuilder, mut stop: watch::Receiver<bool>) {
         tracing::info!(worker = %self.id, concurrency = cfg.concurrency, backend = self.shared.store.backend_name(), "worker started");
         let mut tasks = JoinSet::new();
+        // Renewal ends with this loop, however it ends: leases renewed for a
+        // loop that no longer runs their instances would keep them here.
         let renew =
-            tokio::spawn(Arc::clone(&self).renew_leases(cfg.lease, cfg.renew, stop.clone()));
+            tokio::spawn(Arc::clone(&self).renew_leases(cfg.lease, cfg.renew, stop.clone()))
+                .abort_handle();
+        let _renewal = AbortOnDrop(renew);
         let mut work = self.shared.work.subscribe();
         // Other processes' work, pushed by the store when it can.
         let mut pushed = self.shared.store.work_notifications();
@@ -263,11 +267,13 @@ impl WorkerRuntime {
             self.take_over_own_leases().await;
         }
         let mut backoff = Duration::from_millis(50);
-        // How long to wait for a wake-up the store reports as due by this
-        // process's clock but did not hand out: its clock is behind ours
-        // (Postgres and Redis keep time by the server's). Doubles while that
-        // lasts, so a skew costs a few claims, not a loop of them.
-        let mut overdue = Duration::ZERO;
+        // Since when the store has reported a wake-up that is due by this
+        // process's clock but not handed it out: its clock is behind ours
+        // (Postgres and Redis keep time by the server's). The worker waits
+        // as long as that has lasted (at least 1 ms, at most its poll
+        // interval) before it claims again, so a skew costs a few claims,
+        // not a loop of them, and delays the wake-up by about as much again.
+        let mut overdue_since: Option<Instant> = None;
         // Built once; its workflows again only when registrations change.
         let mut req = ClaimRequest {
             owner: self.id.clone(),
@@ -297,7 +303,13 @@ impl WorkerRuntime {
                 }
                 req.limit = free.min(256);
                 if !req.workflows.is_empty() {
-                    match self.shared.store.claim(&req).await {
+                    // A store that panics here is treated as one that failed.
+                    let claimed = panics::catch_store(self.shared.store.claim(&req), |message| {
+                        Err(StoreError::Backend(
+                            format!("the store panicked: {message}").into(),
+                        ))
+                    });
+                    match claimed.await {
                         Ok(batch) => {
                             backoff = Duration::from_millis(50);
                             full_batch = batch.more || batch.claimed.len() == req.limit;
@@ -327,17 +339,14 @@ impl WorkerRuntime {
             if let Some(at) = next_wake {
                 let until = at.saturating_sub(now_millis());
                 if until <= 0 && claimed_none {
-                    overdue = overdue
-                        .saturating_mul(2)
-                        .max(Duration::from_millis(1))
-                        .min(poll_interval);
-                    wait = wait.min(overdue);
+                    let since = *overdue_since.get_or_insert_with(Instant::now);
+                    wait = wait.min(since.elapsed().max(Duration::from_millis(1)));
                 } else {
-                    overdue = Duration::ZERO;
+                    overdue_since = None;
                     wait = wait.min(Duration::from_millis(until.max(0) as u64));
                 }
             } else {
-                overdue = Duration::ZERO;
+                overdue_since = None;
             }
             // A poll interval too long to add to the clock: a day, then
             // look again.
@@ -374,13 +383,18 @@ impl WorkerRuntime {
                 _ = stopped => {}
             }
         }
-        renew.abort();
         // Runner tasks are aborted by `Worker::shutdown`; wait for them here.
         while tasks.join_next().await.is_some() {}
     }
 
     /// Resumes a cached parked instance, or starts a runner that replays it.
     fn dispatch(self: &Arc<Self>, c: ClaimedInstance, tasks: &mut JoinSet<()>) {
+        if self.stopping.load(Ordering::SeqCst) {
+            // Claimed as `shutdown` began: it may have released what it
+            // found already, so this one goes back at once.
+            self.give_back(c.record.id.as_str().into(), c.lease_token);
+            return;
+        }
         let Ok(permit) = Arc::clone(&self.semaphore).try_acquire_owned() else {
             // Cannot happen: we claim at most the free permits. Leave the
             // claim to expire rather than run over the limit.
@@ -589,5 +603,14 @@ impl WorkerRuntime {
                 Err(e) => tracing::warn!(error = %e, "lease renewal failed"),
             }
         }
+    }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }

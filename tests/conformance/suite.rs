@@ -930,6 +930,29 @@ pub async fn a_run_that_panics_in_the_store_runs_again_and_frees_its_slot(store:
     w.shutdown().await;
 }
 
+pub async fn a_store_that_panics_in_a_claim_leaves_the_worker_claiming(store: Arc<dyn Store>) {
+    let claims = Arc::new(AtomicU32::new(0));
+    let c = Arc::clone(&claims);
+    let hooked = Hooked::new(&store)
+        .on_claim(move |_| {
+            if c.fetch_add(1, SeqCst) == 0 {
+                panic!("the store panics");
+            }
+        })
+        .build();
+    let (fluxo, w) = setup(&hooked);
+    // The first claim, with nothing to claim yet, panics.
+    let waited = tokio::time::Instant::now();
+    while claims.load(SeqCst) == 0 {
+        assert!(waited.elapsed() < WAIT, "the worker never claimed");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let h = Greet::start(&fluxo, "claimed".into()).await.unwrap();
+    assert_eq!(h.result_timeout(WAIT).await.unwrap(), "hello claimed");
+    assert!(claims.load(SeqCst) >= 2);
+    w.shutdown().await;
+}
+
 pub async fn continue_as_new_on_a_store_without_it_fails_typed(store: Arc<dyn Store>) {
     let hooked = Hooked::new(&store).build();
     let (fluxo, w) = setup(&hooked);
