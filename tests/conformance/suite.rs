@@ -1015,8 +1015,8 @@ pub async fn a_store_clock_behind_the_workers_costs_a_few_claims_not_a_loop(stor
         .spawn();
     let h = Greet::start(&fluxo, "skewed".into()).await.unwrap();
     assert_eq!(h.result_timeout(WAIT).await.unwrap(), "hello skewed");
-    // It waits 1 ms, then twice as long each time, up to its poll interval:
-    // some fifteen claims in half a second, not hundreds.
+    // It waits as long as the wake-up has been overdue (1 ms at first), up
+    // to its poll interval: some ten claims in half a second, not hundreds.
     claims.store(0, SeqCst);
     tokio::time::sleep(Duration::from_millis(500)).await;
     let n = claims.load(SeqCst);
