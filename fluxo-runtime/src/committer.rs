@@ -113,12 +113,9 @@ async fn write_batches(
         // Built inside the catch too: a store's call may panic before it
         // returns its future.
         let write = async { store.commit_batch(commits).await };
-        let results = panics::catch_store(write, |message| {
-            tracing::error!(%message, commits = n, "the store panicked writing a group of commits");
-            all_failed(
-                StoreError::Backend(format!("the store panicked: {message}").into()),
-                n,
-            )
+        let results = panics::catch_store(write, |error| {
+            tracing::error!(%error, commits = n, "writing a group of commits");
+            all_failed(error, n)
         })
         .await;
         pending.fetch_sub(n, Ordering::SeqCst);

@@ -14,6 +14,7 @@ use std::task::{Context, Poll};
 use futures::FutureExt;
 
 use crate::error::{StepError, WorkflowError};
+use crate::store::{StoreError, StoreResult};
 
 /// The kind a caught panic's error carries: match it in a retry policy's
 /// `non_retryable` to stop retrying steps that panic.
@@ -78,15 +79,25 @@ where
 }
 
 /// Runs a store call made by a task of the engine's own (the group-commit
-/// writer's write of a group, a worker giving a lease back): a panic in it
-/// (a bug in the store) is answered by `on_panic`, given the panic's
-/// message, so that the task goes on.
-pub(crate) async fn catch_store<T, F>(fut: F, on_panic: impl FnOnce(&str) -> T) -> T
+/// writer's write of a group, a claim, a lease given back): a panic in it
+/// (a bug in the store) is answered by `on_panic`, given the error it
+/// stands for, so that the task goes on.
+pub(crate) async fn catch_store<T, F>(fut: F, on_panic: impl FnOnce(StoreError) -> T) -> T
 where
     F: Future<Output = T>,
 {
     match AssertUnwindSafe(fut).catch_unwind().await {
         Ok(out) => out,
-        Err(payload) => on_panic(message(&*payload)),
+        Err(payload) => on_panic(StoreError::Backend(
+            format!("the store panicked: {}", message(&*payload)).into(),
+        )),
     }
+}
+
+/// [`catch_store`] for a call that answers one result: a panic is that
+/// call's backend error.
+pub(crate) async fn catch_store_call<T>(
+    fut: impl Future<Output = StoreResult<T>>,
+) -> StoreResult<T> {
+    catch_store(fut, Err).await
 }

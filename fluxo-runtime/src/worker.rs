@@ -214,12 +214,7 @@ impl Worker {
             }
             // Also a run still loading its journal, and one just resumed
             // (its new lease is the entry's before the runner has it).
-            let release = Commit {
-                instance_id: id.as_str().into(),
-                lease_token: entry.lease_token,
-                transition: Transition::Release,
-                ..Commit::default()
-            };
+            let release = release(id.as_str().into(), entry.lease_token);
             if let Err(e) = self.rt.shared.store.commit(release).await {
                 tracing::warn!(instance = %id, error = %e, "cannot release instance; its lease will expire");
             }
@@ -304,12 +299,7 @@ impl WorkerRuntime {
                 req.limit = free.min(256);
                 if !req.workflows.is_empty() {
                     // A store that panics here is treated as one that failed.
-                    let claimed = panics::catch_store(self.shared.store.claim(&req), |message| {
-                        Err(StoreError::Backend(
-                            format!("the store panicked: {message}").into(),
-                        ))
-                    });
-                    match claimed.await {
+                    match panics::catch_store_call(self.shared.store.claim(&req)).await {
                         Ok(batch) => {
                             backoff = Duration::from_millis(50);
                             full_batch = batch.more || batch.claimed.len() == req.limit;
@@ -474,19 +464,9 @@ impl WorkerRuntime {
         tokio::spawn(async move {
             let mut pause = Duration::from_millis(50);
             loop {
-                let release = Commit {
-                    instance_id: Arc::clone(&id),
-                    lease_token,
-                    transition: Transition::Release,
-                    ..Commit::default()
-                };
                 // A store that panics here is treated as one that failed.
-                let answer = panics::catch_store(worker.shared.store.commit(release), |message| {
-                    Err(StoreError::Backend(
-                        format!("the store panicked: {message}").into(),
-                    ))
-                });
-                match answer.await {
+                let release = release(Arc::clone(&id), lease_token);
+                match panics::catch_store_call(worker.shared.store.commit(release)).await {
                     Ok(CommitOutcome::LeaseLost) => return,
                     Ok(_) => {
                         tracing::debug!(instance = %id, "lease given back");
@@ -603,6 +583,17 @@ impl WorkerRuntime {
                 Err(e) => tracing::warn!(error = %e, "lease renewal failed"),
             }
         }
+    }
+}
+
+/// The commit that ends lease `lease_token` of instance `id` and leaves the
+/// instance runnable at once.
+fn release(id: Arc<str>, lease_token: u64) -> Commit {
+    Commit {
+        instance_id: id,
+        lease_token,
+        transition: Transition::Release,
+        ..Commit::default()
     }
 }
 

@@ -856,29 +856,41 @@ impl Store for Hooked {
     }
 }
 
+/// Counts the commits that complete an instance and those that release
+/// one, and tells whether a commit is among the first few of its kind.
+#[derive(Clone, Default)]
+struct FirstTries {
+    completes: Arc<AtomicU32>,
+    releases: Arc<AtomicU32>,
+}
+
+impl FirstTries {
+    /// Counts `commit`; whether it is among the first `completes` commits
+    /// that complete an instance or the first `releases` that release one.
+    fn among_first(&self, commit: &Commit, completes: u32, releases: u32) -> bool {
+        match commit.transition {
+            Transition::Complete { .. } => self.completes.fetch_add(1, SeqCst) < completes,
+            Transition::Release => self.releases.fetch_add(1, SeqCst) < releases,
+            _ => false,
+        }
+    }
+}
+
 pub async fn a_run_whose_end_the_store_missed_runs_again(store: Arc<dyn Store>) {
     // The store is away for every try of the commit that completes the
     // workflow (the engine's own retries of it included), then for the
     // first two tries to give the lease back.
-    let completes = Arc::new(AtomicU32::new(0));
-    let releases = Arc::new(AtomicU32::new(0));
-    let (c, r) = (Arc::clone(&completes), Arc::clone(&releases));
+    let tries = FirstTries::default();
+    let counted = tries.clone();
     let hooked = Hooked::new(&store)
         .on_commit(move |commit| {
-            let tries = match commit.transition {
-                Transition::Complete { .. } => c.fetch_add(1, SeqCst),
-                Transition::Release => match r.fetch_add(1, SeqCst) {
-                    0 | 1 => return Err(StoreError::backend(std::io::Error::other("away"))),
-                    _ => return Ok(()),
-                },
-                _ => return Ok(()),
-            };
-            if tries < 7 {
+            if counted.among_first(commit, 7, 2) {
                 return Err(StoreError::backend(std::io::Error::other("away")));
             }
             Ok(())
         })
         .build();
+    let (completes, releases) = (&tries.completes, &tries.releases);
     let (fluxo, w) = setup(&hooked);
     let h = Greet::start(&fluxo, "again".into()).await.unwrap();
     // Without the lease given back, this worker would keep renewing it
@@ -899,22 +911,17 @@ pub async fn a_run_that_panics_in_the_store_runs_again_and_frees_its_slot(store:
     // The store panics in the first commit that completes a workflow, and
     // in the first that releases one: a bug in a store, outside any user
     // code the engine catches panics of.
-    let panicked = Arc::new(AtomicU32::new(0));
-    let releases = Arc::new(AtomicU32::new(0));
-    let (p, r) = (Arc::clone(&panicked), Arc::clone(&releases));
+    let tries = FirstTries::default();
+    let counted = tries.clone();
     let hooked = Hooked::new(&store)
         .on_commit(move |commit| {
-            let first = match commit.transition {
-                Transition::Complete { .. } => p.fetch_add(1, SeqCst) == 0,
-                Transition::Release => r.fetch_add(1, SeqCst) == 0,
-                _ => false,
-            };
-            if first {
+            if counted.among_first(commit, 1, 1) {
                 panic!("the store panics");
             }
             Ok(())
         })
         .build();
+    let panicked = &tries.completes;
     let fluxo = fluxo_on(&hooked);
     let w = worker_builder(&fluxo).concurrency(1).spawn();
     // On memory the panic ends the run's task, and the lease given back
