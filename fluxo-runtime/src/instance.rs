@@ -378,7 +378,7 @@ impl Instance {
     /// abort is set.
     pub(crate) async fn commit_ending<E: Entry + Sync>(
         &self,
-        mut ending: Option<OpGuard<'_>>,
+        ending: Option<OpGuard<'_>>,
         seq: u64,
         events: &[E],
         extra: CommitExtra,
@@ -399,7 +399,7 @@ impl Instance {
         // the lock, so if building panics the turn is passed on after the
         // lock is let go.
         let turn;
-        let (first, lazy) = loop {
+        let (not_done, lazy) = loop {
             {
                 let mut st = self.state();
                 if st.abort.is_some() {
@@ -408,23 +408,50 @@ impl Instance {
                 if take_turn(&mut st) {
                     turn = CommitTurn(self);
                     let lazy = st.lazy.len();
-                    break (
-                        self.build_commit(&st, lazy, seq, events, fresh_extra()),
-                        lazy,
-                    );
+                    let commit = self.build_commit(&st, lazy, seq, events, fresh_extra());
+                    // A store that applies a commit at once (in memory)
+                    // does so under the lock that built it, and the
+                    // bookkeeping goes on under the same lock: one lock a
+                    // commit instead of two.
+                    match self.shared.store.commit_now(commit) {
+                        CommitNow::Done(done) if !is_backend_error(&done) => {
+                            let written = lazy + events.len();
+                            return self.settle(done, st, turn, lazy, written, ending);
+                        }
+                        not_done => {
+                            drop(st);
+                            break (not_done, lazy);
+                        }
+                    }
                 }
             }
             self.turn_passed().await;
         };
         let again = || self.build_commit(&self.state(), lazy, seq, events, fresh_extra());
-        // Matched here, not in a helper future: the commit is not moved
-        // into one when the store takes it at once.
-        let outcome = match self.shared.store.commit_now(first) {
-            CommitNow::Done(done) if !is_backend_error(&done) => done,
-            not_done => self.write_through(not_done, again).await,
-        };
-        let mut st = self.state();
-        let written = match outcome {
+        let outcome = self.write_through(not_done, again).await;
+        self.settle(
+            outcome,
+            self.state(),
+            turn,
+            lazy,
+            lazy + events.len(),
+            ending,
+        )
+    }
+
+    /// Records the outcome of a commit of the first `lazy` lazily recorded
+    /// events and others, `written` entries in all, under the instance's
+    /// lock `st`, passes the turn on, and ends operation `ending`.
+    fn settle(
+        &self,
+        outcome: Result<CommitOutcome, StoreError>,
+        mut st: MutexGuard<'_, State>,
+        turn: CommitTurn<'_>,
+        lazy: usize,
+        written: usize,
+        mut ending: Option<OpGuard<'_>>,
+    ) -> Option<Committed> {
+        let result = match outcome {
             Ok(CommitOutcome::Applied { cancel_requested }) => {
                 Ok((Committed::Applied, cancel_requested))
             }
@@ -439,16 +466,16 @@ impl Instance {
             Err(e) => Err(Abort::Store(e)),
         };
         let mut wake_runner = false;
-        let written = match written {
-            Ok(written) => {
-                st.next_event_id += (lazy + events.len()) as u64;
+        let result = match result {
+            Ok(result) => {
+                st.next_event_id += written as u64;
                 if lazy > 0 {
                     st.lazy.drain(..lazy);
                 }
                 if let Some(op) = ending.take() {
                     wake_runner = op.end(&mut st);
                 }
-                Some(written)
+                Some(result)
             }
             Err(reason) => {
                 // Set under the lock that passes the turn on: a commit
@@ -470,7 +497,7 @@ impl Instance {
         // the runner drops the halted operation: the runner never sees the
         // instance idle without it.
         drop(ending);
-        let (committed, cancel_requested) = written?;
+        let (committed, cancel_requested) = result?;
         if cancel_requested {
             self.request_cancel();
         }
