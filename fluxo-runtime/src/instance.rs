@@ -441,16 +441,22 @@ impl Instance {
 
     /// Records the outcome of a commit of the first `lazy` lazily recorded
     /// events and others, `written` entries in all, under the instance's
-    /// lock `st`, passes the turn on, and ends operation `ending`.
+    /// lock `st`, passes the turn on, and ends operation `ending`. A lost
+    /// lease or a store error aborts the instance and returns `None`; a
+    /// cancel request the store reported is passed on to the instance.
     fn settle(
         &self,
         outcome: Result<CommitOutcome, StoreError>,
-        mut st: MutexGuard<'_, State>,
+        st: MutexGuard<'_, State>,
         turn: CommitTurn<'_>,
         lazy: usize,
         written: usize,
         mut ending: Option<OpGuard<'_>>,
     ) -> Option<Committed> {
+        // A local, so that on a panic the lock is let go before `turn` and
+        // `ending` (parameters, dropped after the body's locals) take it
+        // again to pass the turn on and end the operation.
+        let mut st = st;
         let result = match outcome {
             Ok(CommitOutcome::Applied { cancel_requested }) => {
                 Ok((Committed::Applied, cancel_requested))

@@ -452,9 +452,9 @@ impl Run {
                 // On the runtime every cell runs on (multi-threaded, a
                 // worker per core), in a task of its own as an engine's
                 // commits are: awaited from the thread that blocks on the
-                // runtime, every reply would cross from the worker that
-                // polls the socket to that thread, which on these machines
-                // costs more than the round trip's own work.
+                // runtime, every reply would wait for the worker running
+                // the I/O driver to wake that thread, which on these
+                // machines costs more than the round trip's own work.
                 let url = self.args.postgres_url.clone();
                 let probed = tokio::runtime::Builder::new_multi_thread()
                     .enable_all()

@@ -476,7 +476,10 @@ pub trait Store: Send + Sync + 'static {
     /// store that reaches a disk or a server keeps that default (a blocking
     /// local store has [`Store::try_commit_here`] instead, which the engine
     /// calls only where it may block). A backend error answered here is
-    /// retried through [`Store::commit`].
+    /// retried through [`Store::commit`]. The engine calls it holding the
+    /// instance's own lock, so that the bookkeeping of an applied commit
+    /// follows under the same lock: it must not call back into the engine,
+    /// and should hold locks of its own only briefly.
     fn commit_now(&self, commit: Commit) -> CommitNow {
         CommitNow::Later(commit)
     }
