@@ -385,8 +385,15 @@ impl Fluxo {
                 FinishedLookup::Unfinished => {}
             }
             // Local finishes notify at once; other processes are polled.
-            let _ = tokio::time::timeout(poll, notified).await;
-            poll = (poll * 2).min(Duration::from_millis(250));
+            // While a worker here runs the instance, its finish (or its
+            // leaving this process) wakes this wait, so the store is read
+            // again only after a second.
+            if self.shared.finished.runs_here(id) {
+                let _ = tokio::time::timeout(Duration::from_secs(1), notified).await;
+            } else {
+                let _ = tokio::time::timeout(poll, notified).await;
+                poll = (poll * 2).min(Duration::from_millis(250));
+            }
         }
     }
 }

@@ -3,6 +3,12 @@
 //! Each waited-on instance has its own [`Notify`], so a finish wakes only
 //! the callers waiting for that instance (who then read its record), not
 //! every waiter of the process.
+//!
+//! It also knows which instances a worker of this process is running now
+//! (leased and not parked): a caller waiting for one of those hears of its
+//! finish at once, so it need not poll the store meanwhile, only when the
+//! run leaves this process (it parks, loses its lease or ends), which
+//! wakes the callers too.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -14,6 +20,9 @@ use tokio::sync::Notify;
 #[derive(Default)]
 pub(crate) struct FinishWatches {
     by_id: Mutex<Map>,
+    /// Instances running here, each with its number of runs (a run that
+    /// ends may overlap the next one's start for a moment).
+    running: Mutex<HashMap<Arc<str>, usize, foldhash::fast::RandomState>>,
 }
 
 /// Watched ids, hashed with a fast seeded hasher (every finish looks one
@@ -51,6 +60,80 @@ impl FinishWatches {
         if let Some(notify) = notify {
             notify.notify_waiters();
         }
+    }
+
+    /// Marks instance `id` as running here until the guard is dropped.
+    pub(crate) fn run_here(self: &Arc<Self>, id: Arc<str>) -> RunningHere {
+        self.enter(&id);
+        RunningHere {
+            watches: Arc::clone(self),
+            id,
+        }
+    }
+
+    /// Whether a worker of this process runs instance `id` now.
+    pub(crate) fn runs_here(&self, id: &str) -> bool {
+        self.running().contains_key(id)
+    }
+
+    fn running(&self) -> MutexGuard<'_, HashMap<Arc<str>, usize, foldhash::fast::RandomState>> {
+        self.running.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn enter(&self, id: &Arc<str>) {
+        *self.running().entry(Arc::clone(id)).or_insert(0) += 1;
+    }
+
+    /// One run of `id` left; when none is left, its watchers are woken to
+    /// look at the store again (and poll it from then on).
+    fn leave(&self, id: &str) {
+        let gone = {
+            let mut running = self.running();
+            match running.get_mut(id) {
+                Some(n) if *n > 1 => {
+                    *n -= 1;
+                    false
+                }
+                Some(_) => {
+                    running.remove(id);
+                    true
+                }
+                None => false,
+            }
+        };
+        if gone {
+            self.finished(id);
+        }
+    }
+}
+
+/// A run of an instance in this process; see [`FinishWatches::run_here`].
+pub(crate) struct RunningHere {
+    watches: Arc<FinishWatches>,
+    id: Arc<str>,
+}
+
+impl RunningHere {
+    /// The instance is away (parked, its lease given back) until the
+    /// returned guard is dropped.
+    pub(crate) fn away(&self) -> Away<'_> {
+        self.watches.leave(&self.id);
+        Away(self)
+    }
+}
+
+impl Drop for RunningHere {
+    fn drop(&mut self) {
+        self.watches.leave(&self.id);
+    }
+}
+
+/// See [`RunningHere::away`].
+pub(crate) struct Away<'a>(&'a RunningHere);
+
+impl Drop for Away<'_> {
+    fn drop(&mut self) {
+        self.0.watches.enter(&self.0.id);
     }
 }
 
@@ -113,6 +196,31 @@ mod tests {
                 .is_err(),
             "b did not finish"
         );
+    }
+
+    #[tokio::test]
+    async fn a_run_leaving_wakes_the_watchers_and_counts_overlapping_runs() {
+        let watches = Arc::new(FinishWatches::default());
+        let watch = watches.watch("a");
+        let run = watches.run_here("a".into());
+        assert!(watches.runs_here("a") && !watches.runs_here("b"));
+        // A next run that starts before this one has ended.
+        let next = watches.run_here("a".into());
+        drop(run);
+        assert!(watches.runs_here("a"), "the next run still has it");
+        let left = watch.notify().notified();
+        tokio::pin!(left);
+        left.as_mut().enable();
+        let away = next.away();
+        assert!(!watches.runs_here("a"), "parked: away");
+        tokio::time::timeout(Duration::from_secs(1), left)
+            .await
+            .expect("leaving woke the watcher");
+        drop(away);
+        assert!(watches.runs_here("a"), "resumed");
+        drop(next);
+        assert!(!watches.runs_here("a"));
+        assert!(watches.running().is_empty());
     }
 
     #[test]

@@ -754,6 +754,9 @@ type ClaimHookFn = Box<dyn Fn(&mut ClaimBatch) + Send + Sync>;
 /// What a [`Hooked`] store calls before each commit: an error is the
 /// commit's answer, and the commit is not passed on.
 type CommitHookFn = Box<dyn Fn(&Commit) -> StoreResult<()> + Send + Sync>;
+/// What a [`Hooked`] store calls with the id of each instance it reads
+/// (a caller waiting for a result reads it so).
+type GetHookFn = Box<dyn Fn(&str) + Send + Sync>;
 
 /// A store that passes its calls to another, each claim's result through
 /// one hook and each commit through another, also in a group commit (it
@@ -764,6 +767,7 @@ struct Hooked {
     inner: Arc<dyn Store>,
     on_claim: ClaimHookFn,
     on_commit: CommitHookFn,
+    on_get: GetHookFn,
 }
 
 impl Hooked {
@@ -772,7 +776,13 @@ impl Hooked {
             inner: Arc::clone(inner),
             on_claim: Box::new(|_| {}),
             on_commit: Box::new(|_| Ok(())),
+            on_get: Box::new(|_| {}),
         }
+    }
+
+    fn on_get(mut self, f: impl Fn(&str) + Send + Sync + 'static) -> Self {
+        self.on_get = Box::new(f);
+        self
     }
 
     fn on_claim(mut self, f: impl Fn(&mut ClaimBatch) + Send + Sync + 'static) -> Self {
@@ -799,6 +809,7 @@ impl Store for Hooked {
         self.inner.create_instance(new).await
     }
     async fn get_instance(&self, id: &str) -> StoreResult<Option<InstanceRecord>> {
+        (self.on_get)(id);
         self.inner.get_instance(id).await
     }
     async fn list_instances(&self, filter: ListFilter) -> StoreResult<Vec<InstanceRecord>> {
@@ -874,6 +885,47 @@ impl FirstTries {
             _ => false,
         }
     }
+}
+
+pub async fn a_result_awaited_where_the_instance_runs_reads_the_store_once(store: Arc<dyn Store>) {
+    // A caller waiting for an instance that a worker of its own process
+    // runs hears of the finish from that worker: it reads the store when
+    // it starts waiting and when told, not on a timer meanwhile (polling
+    // would read it some nine times in the 600 ms the step is held).
+    let reads = Arc::new(AtomicU32::new(0));
+    let watched = Arc::new(std::sync::Mutex::new(String::new()));
+    let (counted, id_of) = (Arc::clone(&reads), Arc::clone(&watched));
+    let hooked = Hooked::new(&store)
+        .on_get(move |id| {
+            if *id_of.lock().unwrap() == id {
+                counted.fetch_add(1, SeqCst);
+            }
+        })
+        .build();
+    let (fluxo, w) = setup(&hooked);
+    let gate = format!("gate-{}", uuid_suffix());
+    let h = Gated::start(&fluxo, gate.clone()).await.unwrap();
+    *watched.lock().unwrap() = h.id().to_owned();
+    gate_step_started(h.id()).await;
+    let waiting = tokio::spawn({
+        let h = h.clone();
+        async move { h.result_timeout(WAIT).await }
+    });
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let while_held = reads.load(SeqCst);
+    assert!(
+        (1..=2).contains(&while_held),
+        "read {while_held} times while the step was held"
+    );
+    let opened = std::time::Instant::now();
+    open_gate(&gate);
+    assert_eq!(waiting.await.unwrap().unwrap(), 1);
+    assert!(
+        opened.elapsed() < Duration::from_millis(900),
+        "the finish was heard at once, not at the next read ({:?})",
+        opened.elapsed()
+    );
+    w.shutdown().await;
 }
 
 pub async fn a_run_whose_end_the_store_missed_runs_again(store: Arc<dyn Store>) {
