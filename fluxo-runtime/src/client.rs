@@ -385,11 +385,12 @@ impl Fluxo {
                 FinishedLookup::Unfinished => {}
             }
             // Local finishes notify at once; other processes are polled.
-            // While a worker here runs the instance, its finish (or its
-            // leaving this process) wakes this wait, so the store is read
-            // again only after a second.
+            // While a worker of this client runs the instance, its finish
+            // wakes this wait, and the store is read every 250 ms only, in
+            // case the run went elsewhere without this process noticing yet
+            // (a lease lost during a long step).
             if self.shared.finished.runs_here(id) {
-                let _ = tokio::time::timeout(Duration::from_secs(1), notified).await;
+                let _ = tokio::time::timeout(Duration::from_millis(250), notified).await;
             } else {
                 let _ = tokio::time::timeout(poll, notified).await;
                 poll = (poll * 2).min(Duration::from_millis(250));

@@ -4,11 +4,11 @@
 //! the callers waiting for that instance (who then read its record), not
 //! every waiter of the process.
 //!
-//! It also knows which instances a worker of this process is running now
+//! It also knows which instances a worker of this client is running now
 //! (leased and not parked): a caller waiting for one of those hears of its
-//! finish at once, so it need not poll the store meanwhile, only when the
-//! run leaves this process (it parks, loses its lease or ends), which
-//! wakes the callers too.
+//! finish at once, so it need not poll the store on a growing schedule
+//! meanwhile; it looks at the store only now and then, for a run that
+//! went elsewhere without this process noticing yet.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -84,25 +84,16 @@ impl FinishWatches {
         *self.running().entry(Arc::clone(id)).or_insert(0) += 1;
     }
 
-    /// One run of `id` left; when none is left, its watchers are woken to
-    /// look at the store again (and poll it from then on).
+    /// One run of `id` left (its waiting callers are not woken: a run that
+    /// parks often would make them read the store as often).
     fn leave(&self, id: &str) {
-        let gone = {
-            let mut running = self.running();
-            match running.get_mut(id) {
-                Some(n) if *n > 1 => {
-                    *n -= 1;
-                    false
-                }
-                Some(_) => {
-                    running.remove(id);
-                    true
-                }
-                None => false,
+        let mut running = self.running();
+        match running.get_mut(id) {
+            Some(n) if *n > 1 => *n -= 1,
+            Some(_) => {
+                running.remove(id);
             }
-        };
-        if gone {
-            self.finished(id);
+            None => {}
         }
     }
 }
@@ -199,23 +190,16 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_run_leaving_wakes_the_watchers_and_counts_overlapping_runs() {
+    async fn runs_are_counted_while_here_and_not_while_away() {
         let watches = Arc::new(FinishWatches::default());
-        let watch = watches.watch("a");
         let run = watches.run_here("a".into());
         assert!(watches.runs_here("a") && !watches.runs_here("b"));
         // A next run that starts before this one has ended.
         let next = watches.run_here("a".into());
         drop(run);
         assert!(watches.runs_here("a"), "the next run still has it");
-        let left = watch.notify().notified();
-        tokio::pin!(left);
-        left.as_mut().enable();
         let away = next.away();
         assert!(!watches.runs_here("a"), "parked: away");
-        tokio::time::timeout(Duration::from_secs(1), left)
-            .await
-            .expect("leaving woke the watcher");
         drop(away);
         assert!(watches.runs_here("a"), "resumed");
         drop(next);
