@@ -389,7 +389,7 @@ impl Fluxo {
             // wakes this wait, and the store is read every 250 ms only, in
             // case the run went elsewhere without this process noticing yet
             // (a lease lost during a long step).
-            if self.shared.finished.runs_here(id) {
+            if self.shared.runs_here(id) {
                 let _ = tokio::time::timeout(Duration::from_millis(250), notified).await;
             } else {
                 let _ = tokio::time::timeout(poll, notified).await;

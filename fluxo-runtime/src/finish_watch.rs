@@ -3,12 +3,6 @@
 //! Each waited-on instance has its own [`Notify`], so a finish wakes only
 //! the callers waiting for that instance (who then read its record), not
 //! every waiter of the process.
-//!
-//! It also knows which instances a worker of this client is running now
-//! (leased and not parked): a caller waiting for one of those hears of its
-//! finish at once, so it need not poll the store on a growing schedule
-//! meanwhile; it looks at the store only now and then, for a run that
-//! went elsewhere without this process noticing yet.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -20,9 +14,6 @@ use tokio::sync::Notify;
 #[derive(Default)]
 pub(crate) struct FinishWatches {
     by_id: Mutex<Map>,
-    /// Instances running here, each with its number of runs (a run that
-    /// ends may overlap the next one's start for a moment).
-    running: Mutex<HashMap<Arc<str>, usize, foldhash::fast::RandomState>>,
 }
 
 /// Watched ids, hashed with a fast seeded hasher (every finish looks one
@@ -60,71 +51,6 @@ impl FinishWatches {
         if let Some(notify) = notify {
             notify.notify_waiters();
         }
-    }
-
-    /// Marks instance `id` as running here until the guard is dropped.
-    pub(crate) fn run_here(self: &Arc<Self>, id: Arc<str>) -> RunningHere {
-        self.enter(&id);
-        RunningHere {
-            watches: Arc::clone(self),
-            id,
-        }
-    }
-
-    /// Whether a worker of this process runs instance `id` now.
-    pub(crate) fn runs_here(&self, id: &str) -> bool {
-        self.running().contains_key(id)
-    }
-
-    fn running(&self) -> MutexGuard<'_, HashMap<Arc<str>, usize, foldhash::fast::RandomState>> {
-        self.running.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn enter(&self, id: &Arc<str>) {
-        *self.running().entry(Arc::clone(id)).or_insert(0) += 1;
-    }
-
-    /// One run of `id` left (its waiting callers are not woken: a run that
-    /// parks often would make them read the store as often).
-    fn leave(&self, id: &str) {
-        let mut running = self.running();
-        match running.get_mut(id) {
-            Some(n) if *n > 1 => *n -= 1,
-            Some(_) => {
-                running.remove(id);
-            }
-            None => {}
-        }
-    }
-}
-
-/// A run of an instance in this process; see [`FinishWatches::run_here`].
-pub(crate) struct RunningHere {
-    watches: Arc<FinishWatches>,
-    id: Arc<str>,
-}
-
-impl RunningHere {
-    /// The instance is away (parked, its lease given back) until the
-    /// returned guard is dropped.
-    pub(crate) fn away(&self) -> Away<'_> {
-        self.watches.leave(&self.id);
-        Away(self)
-    }
-}
-
-impl Drop for RunningHere {
-    fn drop(&mut self) {
-        self.watches.leave(&self.id);
-    }
-}
-
-/// See [`RunningHere::away`].
-pub(crate) struct Away<'a>(&'a RunningHere);
-
-impl Drop for Away<'_> {
-    fn drop(&mut self) {
-        self.0.watches.enter(&self.0.id);
     }
 }
 
@@ -187,24 +113,6 @@ mod tests {
                 .is_err(),
             "b did not finish"
         );
-    }
-
-    #[tokio::test]
-    async fn runs_are_counted_while_here_and_not_while_away() {
-        let watches = Arc::new(FinishWatches::default());
-        let run = watches.run_here("a".into());
-        assert!(watches.runs_here("a") && !watches.runs_here("b"));
-        // A next run that starts before this one has ended.
-        let next = watches.run_here("a".into());
-        drop(run);
-        assert!(watches.runs_here("a"), "the next run still has it");
-        let away = next.away();
-        assert!(!watches.runs_here("a"), "parked: away");
-        drop(away);
-        assert!(watches.runs_here("a"), "resumed");
-        drop(next);
-        assert!(!watches.runs_here("a"));
-        assert!(watches.running().is_empty());
     }
 
     #[test]

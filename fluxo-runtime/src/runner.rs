@@ -9,7 +9,6 @@ use tracing::Instrument;
 
 use crate::context::{self, WorkflowContext};
 use crate::error::{Failure, WorkflowError};
-use crate::finish_watch::RunningHere;
 use crate::history::{Event, Replay};
 use crate::instance::{Abort, Instance, InstanceInit};
 use crate::observe::LifecycleEvent;
@@ -44,9 +43,6 @@ async fn run_inner(
 ) {
     let shared = Arc::clone(&worker.shared);
     let rec = claimed.record;
-    // Callers waiting on this instance here hear of its finish at once
-    // while this run has it, and need not poll the store meanwhile.
-    let here = shared.finished.run_here(rec.id.as_str().into());
 
     // Rebuild the journal; a problem with it fails the instance below.
     let mut problem = None;
@@ -118,10 +114,7 @@ async fn run_inner(
 
     let outcome = match problem {
         Some(f) => Err(Abort::Fail(f)),
-        None => {
-            let (workflow, version, input) = (&inst.workflow, rec.version, &rec.input);
-            drive(&worker, run, &inst, &here, workflow, version, input).await
-        }
+        None => drive(&worker, run, &inst, &inst.workflow, rec.version, &rec.input).await,
     };
     let recorded = finish(&inst, outcome, rec.created_at).await;
     inst.release_permit();
@@ -141,7 +134,6 @@ async fn drive(
     worker: &Arc<WorkerRuntime>,
     run: u64,
     inst: &Arc<Instance>,
-    here: &RunningHere,
     workflow: &str,
     version: u32,
     input: &[u8],
@@ -157,7 +149,7 @@ async fn drive(
         Err(error) => return Ok(RunOutcome::Failed(*error)),
     };
     let body = panics::catch_workflow(body, RunOutcome::Failed);
-    match drive_future(worker, run, inst, here, context::scope(ctx.clone(), body)).await {
+    match drive_future(worker, run, inst, context::scope(ctx.clone(), body)).await {
         Err(Abort::Cancelled) => {}
         // A body that gives up with an error after a cancel request (e.g. a
         // step that stopped because of it) counts as cancelled.
@@ -183,14 +175,7 @@ async fn drive(
             let handler = panics::catch_workflow(async move { handler().await }, |error| {
                 tracing::warn!(%error, "a cancellation handler panicked");
             });
-            drive_future(
-                worker,
-                run,
-                inst,
-                here,
-                context::scope(ctx.clone(), handler),
-            )
-            .await?;
+            drive_future(worker, run, inst, context::scope(ctx.clone(), handler)).await?;
         }
     }
     Err(Abort::Cancelled)
@@ -203,7 +188,6 @@ async fn drive_future<T>(
     worker: &Arc<WorkerRuntime>,
     run: u64,
     inst: &Arc<Instance>,
-    here: &RunningHere,
     fut: impl std::future::Future<Output = T>,
 ) -> Result<T, Abort> {
     let mut fut = std::pin::pin!(fut);
@@ -237,12 +221,9 @@ async fn drive_future<T>(
                     Some(true) => {
                         tracing::debug!(?wake_at, "parked");
                         worker.parked(&inst.id, run, inst.next_event_id(), wake_at);
-                        // Parked, it may go on in another process.
-                        let away = here.away();
                         if !inst.wait_resume().await {
                             return Err(Abort::LeaseLost);
                         }
-                        drop(away);
                         tracing::debug!("resumed");
                     }
                     Some(false) => {}

@@ -46,14 +46,28 @@ impl Shared {
         })
     }
 
+    /// This client's workers that are still alive.
+    fn local_workers(&self) -> Vec<Arc<crate::worker::WorkerRuntime>> {
+        let mut workers = self.workers.lock().unwrap_or_else(|e| e.into_inner());
+        workers.retain(|w| w.strong_count() > 0);
+        workers
+            .iter()
+            .filter_map(std::sync::Weak::upgrade)
+            .collect()
+    }
+
     /// Tells a local worker running instance `id` that a cancel was
     /// requested (other processes learn it from the store).
     pub(crate) fn cancel_local(&self, id: &str) {
-        let mut workers = self.workers.lock().unwrap_or_else(|e| e.into_inner());
-        workers.retain(|w| w.strong_count() > 0);
-        for w in workers.iter().filter_map(std::sync::Weak::upgrade) {
+        for w in self.local_workers() {
             w.cancel_live(id);
         }
+    }
+
+    /// Whether a worker of this client runs instance `id` now (leased and
+    /// not parked): its finish will then be told here at once.
+    pub(crate) fn runs_here(&self, id: &str) -> bool {
+        self.local_workers().iter().any(|w| w.runs(id))
     }
 
     /// Calls `f` with the observer, if one is installed (so events are only

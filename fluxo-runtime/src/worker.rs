@@ -507,6 +507,11 @@ impl WorkerRuntime {
         }
     }
 
+    /// Whether this worker runs instance `id` now: claimed, and not parked.
+    pub(crate) fn runs(&self, id: &str) -> bool {
+        self.live().get(id).is_some_and(|e| e.parked.is_none())
+    }
+
     /// Passes a cancel request to instance `id` if it runs here.
     pub(crate) fn cancel_live(&self, id: &str) {
         let inst = self.live().get(id).and_then(|e| e.instance.clone());
