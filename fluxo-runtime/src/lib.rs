@@ -2,6 +2,7 @@
 //! storage backends. Users depend on the `fluxo` facade crate, which
 //! re-exports what is public here together with the macros.
 
+mod abort_on_drop;
 mod client;
 mod committer;
 mod context;

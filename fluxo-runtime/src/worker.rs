@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{watch, Notify, Semaphore};
 use tokio::task::JoinSet;
 
+use crate::abort_on_drop::AbortOnDrop;
 use crate::client::Fluxo;
 use crate::instance::{Instance, Resume};
 use crate::live_set::{LiveEntry, LiveSet};
@@ -599,14 +600,5 @@ fn release(id: Arc<str>, lease_token: u64) -> Commit {
         lease_token,
         transition: Transition::Release,
         ..Commit::default()
-    }
-}
-
-/// Aborts a task when dropped.
-struct AbortOnDrop(tokio::task::AbortHandle);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }

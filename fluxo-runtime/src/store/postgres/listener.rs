@@ -3,10 +3,10 @@
 
 use std::time::Duration;
 
+use crate::abort_on_drop::AbortOnDrop;
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
 use sqlx::PgPool;
 use tokio::sync::watch;
-use tokio::task::AbortHandle;
 
 /// The first wait before connecting again after a failure.
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
@@ -38,15 +38,6 @@ impl Notifier {
         let mut rx = self.rx.clone();
         rx.mark_unchanged();
         rx
-    }
-}
-
-/// Aborts a task when dropped.
-struct AbortOnDrop(AbortHandle);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 
