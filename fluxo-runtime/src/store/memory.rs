@@ -303,13 +303,13 @@ impl State {
         {
             return Ok(CommitOutcome::LeaseLost);
         }
-        for (expected, e) in (inst.history.len() as u64..).zip(&c.events) {
-            if e.event_id != expected {
-                return Err(StoreError::Conflict(format!(
-                    "instance {:?}: journal entry {} written where {} was expected",
-                    c.instance_id, e.event_id, expected
-                )));
-            }
+        let next_event_id = inst.history.len() as u64;
+        if c.events
+            .iter()
+            .zip(next_event_id..)
+            .any(|(e, expected)| e.event_id != expected)
+        {
+            return Err(journal_conflict(&c, next_event_id));
         }
         for e in &c.events {
             inst.history.push(e);

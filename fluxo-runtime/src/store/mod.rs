@@ -403,6 +403,7 @@ pub(crate) fn all_failed(e: StoreError, n: usize) -> Vec<StoreResult<CommitOutco
 
 /// Why commit `c`, made under a lease that is still current, does not fit
 /// a journal whose next entry is `next_event_id`.
+#[cfg(any(feature = "memory", feature = "sqlite", feature = "postgres"))]
 pub(crate) fn journal_conflict(c: &Commit, next_event_id: u64) -> StoreError {
     match c
         .events
