@@ -820,7 +820,7 @@ fn metric_rows(w: Workload) -> Vec<MetricRow> {
     if w == Workload::Sequential {
         rows.push(MetricRow {
             key: "floor_us",
-            label: "bare store commit just before the engine's cells, no engine (µs; SQLite: UPDATE + INSERT transaction, Postgres: one INSERT, awaited in a task of a multi-threaded runtime as an engine's commits are)",
+            label: "bare store commit just before the engine's cells, no engine (µs; SQLite: a transaction reading the fence and inserting the journal row, Postgres: one INSERT, awaited in a task of a multi-threaded runtime as an engine's commits are)",
             lower_better: true,
             variant: None,
         });

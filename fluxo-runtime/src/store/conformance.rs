@@ -44,6 +44,7 @@ pub async fn run_all(store: &dyn Store) {
     commit_to_unknown_instance_is_not_found(store).await;
     event_ids_continue_without_gaps(store).await;
     single_entry_commits_are_fenced(store).await;
+    a_step_commit_moves_updated_at(store).await;
     history_round_trips(store).await;
     park_and_wake_by_signal(store).await;
     park_refused_when_inbox_moved(store).await;
@@ -124,6 +125,7 @@ macro_rules! store_conformance_tests {
             commit_to_unknown_instance_is_not_found,
             event_ids_continue_without_gaps,
             single_entry_commits_are_fenced,
+            a_step_commit_moves_updated_at,
             history_round_trips,
             park_and_wake_by_signal,
             park_refused_when_inbox_moved,
@@ -997,6 +999,33 @@ pub async fn single_entry_commits_are_fenced(store: &dyn Store) {
         again.next_event_id, 3,
         "next_event_id counts the stored entries"
     );
+}
+
+/// A commit that only adds a journal entry (a step's) is a change of the
+/// instance: its `updated_at` moves, as read and as listed.
+pub async fn a_step_commit_moves_updated_at(store: &dyn Store) {
+    let wf = unique("wf");
+    let id = create(store, &wf, 1).await;
+    let c = claim_one(store, &id, &wf, LONG).await;
+    let before = get(store, &id).await.updated_at;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let step = commit(&c, vec![event(0, 0, "step")], Transition::None);
+    assert_eq!(apply(store, step).await, applied(false));
+    let after = get(store, &id).await.updated_at;
+    // A store may stamp a step from a coarse clock, a few ms behind.
+    assert!(
+        after >= before + 100,
+        "a step 200 ms later moved updated_at from {before} to {after} only"
+    );
+    let listed = store
+        .list_instances(ListFilter {
+            workflow: Some(wf),
+            ..ListFilter::default()
+        })
+        .await
+        .expect("list_instances");
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].updated_at, after, "listed as read");
 }
 
 /// The journal reads back exactly as written, ordered by event id.

@@ -14,9 +14,10 @@ use crate::store::{StoreError, StoreResult};
 
 /// The schema migrations, in order. `PRAGMA user_version` holds how many of
 /// them a database file has applied.
-pub(super) const MIGRATIONS: &[&str] = &[include_str!(
-    "../../../migrations/sqlite/0001_initial_schema.sql"
-)];
+pub(super) const MIGRATIONS: &[&str] = &[
+    include_str!("../../../migrations/sqlite/0001_initial_schema.sql"),
+    include_str!("../../../migrations/sqlite/0002_journal_end_from_the_journal.sql"),
+];
 
 /// Prepared statements kept per connection; more than the store uses.
 const STATEMENT_CACHE: usize = 64;
