@@ -41,6 +41,7 @@ backend_tests!(
     a_run_whose_end_the_store_missed_runs_again,
     a_run_that_panics_in_the_store_runs_again_and_frees_its_slot,
     a_store_that_panics_in_a_claim_leaves_the_worker_claiming,
+    a_claim_whose_answer_is_lost_runs_once_its_lease_runs_out,
     a_worker_whose_handle_is_dropped_keeps_working_at_rest,
     a_store_clock_behind_the_workers_costs_a_few_claims_not_a_loop,
     handle_from_another_process,

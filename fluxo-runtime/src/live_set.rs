@@ -56,6 +56,16 @@ impl LiveSet {
         self.parked.len()
     }
 
+    /// The ids of the instances that are not parked: those whose leases
+    /// the worker holds.
+    pub(crate) fn running_ids(&self) -> Vec<String> {
+        self.entries
+            .iter()
+            .filter(|(_, e)| e.parked.is_none())
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
     pub(crate) fn get(&self, id: &str) -> Option<&LiveEntry> {
         self.entries.get(id)
     }
@@ -154,6 +164,9 @@ mod tests {
         assert_eq!(a.parked.map(|p| p.journal_len), Some(2));
         live.insert_running("a".into(), a);
         assert_eq!((live.parked(), live.running()), (2, 2));
+        let mut running = live.running_ids();
+        running.sort();
+        assert_eq!(running, ["a", "d"], "the parked ones hold no lease");
 
         let (id, e) = live.pop_longest_parked().expect("c");
         assert_eq!(

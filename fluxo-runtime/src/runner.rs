@@ -122,8 +122,8 @@ async fn run_inner(
     if recorded {
         shared.finished.finished(id);
     } else {
-        // Renewed with the worker's other leases, the lease would keep the
-        // instance here, not running, for as long as the process lives.
+        // Detached, its lease is no longer renewed; given back, a claim
+        // takes the instance at once instead of when the lease runs out.
         worker.give_back(Arc::clone(&inst.id), inst.lease_token());
     }
 }

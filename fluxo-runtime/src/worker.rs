@@ -456,10 +456,11 @@ impl WorkerRuntime {
     /// Gives instance `id`'s lease back, so that a claim (here or in another
     /// process) runs it again from its journal: for a run that ended without
     /// the store learning how (its last commit failed past the retries, or
-    /// the run panicked). Until then the lease is renewed with this
-    /// worker's others, so this keeps trying in the background while the
-    /// store fails with backend errors, until the worker stops (the lease
-    /// then expires on its own).
+    /// the run panicked). The instance has left the worker's live set, so
+    /// its lease is no longer renewed: this keeps trying in the background
+    /// while the store fails with backend errors, until the lease runs out
+    /// (a claim then takes the instance as it would after a give-back) or
+    /// the worker stops.
     pub(crate) fn give_back(self: &Arc<Self>, id: Arc<str>, lease_token: u64) {
         let worker = Arc::clone(self);
         tokio::spawn(async move {
@@ -492,13 +493,7 @@ impl WorkerRuntime {
     /// earlier process of the same id (this one holds none yet), so the
     /// claims that follow take those instances at once.
     async fn take_over_own_leases(&self) {
-        // A renewal to zero length ends each lease now.
-        match self
-            .shared
-            .store
-            .renew_leases(&self.id, Duration::ZERO)
-            .await
-        {
+        match self.shared.store.end_leases(&self.id).await {
             Ok(_) => {
                 tracing::debug!(worker = %self.id, "ended leases left by an earlier process of this id")
             }
@@ -577,7 +572,18 @@ impl WorkerRuntime {
             if *stop.borrow() || self.stopping.load(Ordering::SeqCst) {
                 return;
             }
-            match self.shared.store.renew_leases(&self.id, lease).await {
+            // Only the instances this worker runs: a lease it holds
+            // without knowing (a claim whose answer was lost) runs out.
+            let running = self.live().running_ids();
+            if running.is_empty() {
+                continue;
+            }
+            match self
+                .shared
+                .store
+                .renew_leases(&self.id, &running, lease)
+                .await
+            {
                 Ok(cancelled) => {
                     for id in cancelled {
                         let inst = self.live().get(&id).and_then(|e| e.instance.clone());

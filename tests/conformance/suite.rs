@@ -823,8 +823,16 @@ impl Store for Hooked {
         (self.on_claim)(&mut batch);
         Ok(batch)
     }
-    async fn renew_leases(&self, owner: &str, lease: Duration) -> StoreResult<Vec<String>> {
-        self.inner.renew_leases(owner, lease).await
+    async fn renew_leases(
+        &self,
+        owner: &str,
+        ids: &[String],
+        lease: Duration,
+    ) -> StoreResult<Vec<String>> {
+        self.inner.renew_leases(owner, ids, lease).await
+    }
+    async fn end_leases(&self, owner: &str) -> StoreResult<()> {
+        self.inner.end_leases(owner).await
     }
     async fn commit(&self, commit: Commit) -> StoreResult<CommitOutcome> {
         (self.on_commit)(&commit)?;
@@ -1006,6 +1014,36 @@ pub async fn a_store_that_panics_in_a_claim_leaves_the_worker_claiming(store: Ar
     let h = Greet::start(&fluxo, "claimed".into()).await.unwrap();
     assert_eq!(h.result_timeout(WAIT).await.unwrap(), "hello claimed");
     assert!(claims.load(SeqCst) >= 2);
+    w.shutdown().await;
+}
+
+pub async fn a_claim_whose_answer_is_lost_runs_once_its_lease_runs_out(store: Arc<dyn Store>) {
+    // The first claim that leases an instance never reaches the worker, as
+    // when the connection drops after the store applied it: the instance
+    // is leased to the worker, which does not know. Renewing only what it
+    // runs, the worker lets that lease run out, and a claim takes the
+    // instance then; renewing every lease it holds, it kept it forever.
+    let lost = Arc::new(AtomicU32::new(0));
+    let l = Arc::clone(&lost);
+    let hooked = Hooked::new(&store)
+        .on_claim(move |batch| {
+            if !batch.claimed.is_empty() && l.fetch_add(1, SeqCst) == 0 {
+                batch.claimed.clear();
+            }
+        })
+        .build();
+    let fluxo = fluxo_on(&hooked);
+    let lease = Duration::from_secs(1);
+    let w = worker_builder(&fluxo).lease(lease).spawn();
+    let h = Greet::start(&fluxo, "lost".into()).await.unwrap();
+    let started = tokio::time::Instant::now();
+    assert_eq!(h.result_timeout(WAIT).await.unwrap(), "hello lost");
+    assert!(lost.load(SeqCst) >= 1, "the first claim's answer was lost");
+    assert!(
+        started.elapsed() >= lease / 2,
+        "ran before the lost lease could have run out"
+    );
+    assert_eq!(count(&format!("{}/greet", h.id())), 1);
     w.shutdown().await;
 }
 

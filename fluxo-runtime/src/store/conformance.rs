@@ -62,7 +62,8 @@ pub async fn run_all(store: &dyn Store) {
     cancel_instances_written_by_the_same_commit(store).await;
     signal_ids_are_never_reused(store).await;
     continue_as_new_restarts_with_an_empty_journal(store).await;
-    renewing_to_zero_ends_the_leases(store).await;
+    renewal_extends_only_the_listed_leases(store).await;
+    end_leases_lets_any_worker_claim_at_once(store).await;
     get_if_finished_reads_only_finished_instances(store).await;
     commit_now_commits_as_commit_does_or_hands_back(store).await;
 }
@@ -143,7 +144,8 @@ macro_rules! store_conformance_tests {
             cancel_instances_written_by_the_same_commit,
             signal_ids_are_never_reused,
             continue_as_new_restarts_with_an_empty_journal,
-            renewing_to_zero_ends_the_leases,
+            renewal_extends_only_the_listed_leases,
+            end_leases_lets_any_worker_claim_at_once,
             get_if_finished_reads_only_finished_instances,
             commit_now_commits_as_commit_does_or_hands_back,
         );
@@ -1366,7 +1368,8 @@ pub async fn request_cancel_semantics(store: &dyn Store) {
     assert_eq!(r.status, InstanceStatus::Completed);
 }
 
-/// Renewal extends every lease of the owner and reports cancel requests.
+/// Renewal extends the owner's leases on the listed instances and reports
+/// those with a cancel request.
 pub async fn renew_leases_extends_and_reports_cancel(store: &dyn Store) {
     let wf = unique("wf");
     let owner = unique("owner");
@@ -1379,8 +1382,9 @@ pub async fn renew_leases_extends_and_reports_cancel(store: &dyn Store) {
         InstanceStatus::Running
     );
 
+    let both = [a.clone(), b.clone()];
     let cancelled = store
-        .renew_leases(&owner, LONG)
+        .renew_leases(&owner, &both, LONG)
         .await
         .expect("renew_leases");
     assert_eq!(
@@ -1397,10 +1401,13 @@ pub async fn renew_leases_extends_and_reports_cancel(store: &dyn Store) {
         );
     }
     let none = store
-        .renew_leases(&unique("owner"), LONG)
+        .renew_leases(&unique("owner"), &both, LONG)
         .await
         .expect("renew_leases");
-    assert!(none.is_empty(), "an owner without leases renews nothing");
+    assert!(
+        none.is_empty(),
+        "an owner without those leases renews nothing"
+    );
 
     let mine = batch
         .claimed
@@ -1412,7 +1419,7 @@ pub async fn renew_leases_extends_and_reports_cancel(store: &dyn Store) {
         applied(false)
     );
     let cancelled = store
-        .renew_leases(&owner, LONG)
+        .renew_leases(&owner, &both, LONG)
         .await
         .expect("renew_leases");
     assert_eq!(
@@ -1423,10 +1430,57 @@ pub async fn renew_leases_extends_and_reports_cancel(store: &dyn Store) {
     claim_one(store, &a, &wf, LONG).await;
 }
 
-/// A renewal to zero length ends an owner's leases now: another worker
-/// claims the instances at once under newer tokens, and the old holder is
-/// fenced off. Other owners' leases are untouched.
-pub async fn renewing_to_zero_ends_the_leases(store: &dyn Store) {
+/// A renewal extends the listed leases only. A lease the owner holds on an
+/// instance it does not list (one a claim whose answer was lost left it)
+/// runs out, and another worker claims that instance; listing it after
+/// that does not take it back.
+pub async fn renewal_extends_only_the_listed_leases(store: &dyn Store) {
+    let wf = unique("wf");
+    let owner = unique("owner");
+    let a = create(store, &wf, 1).await;
+    let b = create(store, &wf, 1).await;
+    let batch = claim(store, &owner, &wf, 10, EXPIRED).await;
+    assert_eq!(batch.claimed.len(), 2);
+    store
+        .renew_leases(&owner, std::slice::from_ref(&a), LONG)
+        .await
+        .expect("renew_leases");
+    let other = claim(store, &unique("owner"), &wf, 10, EXPIRED).await;
+    assert_eq!(
+        ids(&other),
+        vec![b.as_str()],
+        "only the lease not listed ran out"
+    );
+    // `b` is the other owner's now, under a lease that has run out: the
+    // first owner's renewal must not extend it.
+    assert!(store
+        .renew_leases(&owner, &[a.clone(), b.clone()], LONG)
+        .await
+        .expect("renew_leases")
+        .is_empty());
+    assert!(store
+        .renew_leases(&owner, &[], LONG)
+        .await
+        .expect("renew_leases")
+        .is_empty());
+    let third = claim(store, &unique("owner"), &wf, 10, LONG).await;
+    assert_eq!(
+        ids(&third),
+        vec![b.as_str()],
+        "a renewal extends its owner's leases only"
+    );
+    assert_eq!(
+        apply(store, commit(&other.claimed[0], vec![], Transition::None)).await,
+        CommitOutcome::LeaseLost,
+        "the second holder is fenced off"
+    );
+    assert_not_claimable(store, &wf, "one renewed lease, one new").await;
+}
+
+/// Ending an owner's leases lets another worker claim the instances at
+/// once under newer tokens, and the old holder is fenced off. Other
+/// owners' leases are untouched.
+pub async fn end_leases_lets_any_worker_claim_at_once(store: &dyn Store) {
     let wf = unique("wf");
     let dead = unique("owner");
     create(store, &wf, 1).await;
@@ -1437,10 +1491,7 @@ pub async fn renewing_to_zero_ends_the_leases(store: &dyn Store) {
     assert_eq!(other.claimed.len(), 1);
     assert_not_claimable(store, &wf, "both leases are long").await;
 
-    store
-        .renew_leases(&dead, Duration::ZERO)
-        .await
-        .expect("renew_leases");
+    store.end_leases(&dead).await.expect("end_leases");
     let again = claim(store, &unique("owner"), &wf, 10, LONG).await;
     let ids: Vec<&str> = ids(&again);
     assert_eq!(

@@ -26,11 +26,11 @@ struct State {
     instances: HashMap<Arc<str>, Instance, foldhash::fast::RandomState>,
     /// Creation order, for listing newest first.
     order: Vec<Arc<str>>,
-    /// When each unfinished instance can next be claimed: all a claim or a
-    /// lease renewal looks at, so their cost grows with the instances due
-    /// (a claim) or leased (a renewal), not with those parked until a
-    /// signal or finished. (Instances due of workflows no claim names are
-    /// passed over by each claim.)
+    /// When each unfinished instance can next be claimed: all a claim or
+    /// the end of an owner's leases looks at, so their cost grows with the
+    /// instances due (a claim) or leased (`end_leases`), not with those
+    /// parked until a signal or finished. (Instances due of workflows no
+    /// claim names are passed over by each claim.)
     due: DueIndex,
     next_signal_id: u64,
     /// The newest instance's creation time. Clocks are read before the lock
@@ -515,7 +515,34 @@ impl Store for MemoryStore {
         Ok(batch)
     }
 
-    async fn renew_leases(&self, owner: &str, lease: Duration) -> StoreResult<Vec<String>> {
+    async fn renew_leases(
+        &self,
+        owner: &str,
+        ids: &[String],
+        lease: Duration,
+    ) -> StoreResult<Vec<String>> {
+        let expires = now_millis().saturating_add(duration_millis(lease));
+        let mut state = self.lock();
+        let State { instances, due, .. } = &mut *state;
+        let mut cancelled = Vec::new();
+        for id in ids {
+            let Some(inst) = instances.get_mut(id.as_str()) else {
+                continue;
+            };
+            if inst.lease_owner.as_deref() == Some(owner) {
+                inst.lease_expires_at = expires;
+                due.update(inst);
+                if inst.record.cancel_requested {
+                    cancelled.push(inst.record.id.clone());
+                }
+            }
+        }
+        cancelled.sort();
+        cancelled.dedup();
+        Ok(cancelled)
+    }
+
+    async fn end_leases(&self, owner: &str) -> StoreResult<()> {
         let now = now_millis();
         let mut state = self.lock();
         let State {
@@ -525,20 +552,16 @@ impl Store for MemoryStore {
             ..
         } = &mut *state;
         let leased: Vec<usize> = due.leases.iter().map(|&(_, position)| position).collect();
-        let mut cancelled = Vec::new();
         for position in leased {
             let Some(inst) = instances.get_mut(&order[position]) else {
                 continue;
             };
             if inst.lease_owner.as_deref() == Some(owner) {
-                inst.lease_expires_at = now.saturating_add(duration_millis(lease));
+                inst.lease_expires_at = now;
                 due.update(inst);
-                if inst.record.cancel_requested {
-                    cancelled.push(inst.record.id.clone());
-                }
             }
         }
-        Ok(cancelled)
+        Ok(())
     }
 
     async fn commit(&self, commit: Commit) -> StoreResult<CommitOutcome> {
@@ -871,8 +894,12 @@ mod tests {
                     }
                     Op::Renew { claim, to_zero } => if let Some(c) = pick(&claims, claim) {
                         if let Some(owner) = owners.get(&c.record.id) {
-                            let lease = if to_zero { Duration::ZERO } else { HOUR };
-                            block_on(store.renew_leases(owner, lease)).unwrap();
+                            if to_zero {
+                                block_on(store.end_leases(owner)).unwrap();
+                            } else {
+                                let ids = [c.record.id.clone()];
+                                block_on(store.renew_leases(owner, &ids, HOUR)).unwrap();
+                            }
                         }
                     },
                     _ => {}

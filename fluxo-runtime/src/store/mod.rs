@@ -459,12 +459,26 @@ pub trait Store: Send + Sync + 'static {
     /// workflows. Each claim increments the instance's lease token.
     async fn claim(&self, req: &ClaimRequest) -> StoreResult<ClaimBatch>;
 
-    /// Extends every lease held by `owner` to `lease` from now. Returns the
-    /// ids of the instances it holds that have a cancel request. A zero
-    /// `lease` ends the leases now, so any worker can claim the instances at
-    /// once (a worker starting under the id of a process that died does
-    /// this).
-    async fn renew_leases(&self, owner: &str, lease: Duration) -> StoreResult<Vec<String>>;
+    /// Extends `owner`'s leases on the instances `ids` to `lease` from now,
+    /// and returns those of them that have a cancel request, sorted. An id
+    /// not leased to `owner` (any more) is skipped.
+    ///
+    /// A lease `owner` holds on an instance it does not list is left to run
+    /// out. A worker lists the instances it runs, so an instance leased to
+    /// it by a claim whose answer never arrived (the connection dropped
+    /// after the store applied it) becomes claimable again once that lease
+    /// ends, instead of being renewed for as long as the worker lives.
+    async fn renew_leases(
+        &self,
+        owner: &str,
+        ids: &[String],
+        lease: Duration,
+    ) -> StoreResult<Vec<String>>;
+
+    /// Ends every lease held by `owner` now, so that any worker can claim
+    /// those instances at once. A worker starting under the id of a process
+    /// that died does this.
+    async fn end_leases(&self, owner: &str) -> StoreResult<()>;
 
     /// Applies one fenced change atomically.
     async fn commit(&self, commit: Commit) -> StoreResult<CommitOutcome>;

@@ -388,7 +388,8 @@ impl MongoStore {
     }
 
     /// Releases a lease this claim took but cannot use, so that the next
-    /// claim can take the instance (otherwise renewals would keep it).
+    /// claim can take the instance at once instead of when the lease runs
+    /// out.
     async fn hand_back(&self, c: &ClaimedInstance) {
         let released = self
             .inner
@@ -443,6 +444,76 @@ impl MongoStore {
             }
             Err(e) => tracing::warn!(error = %e, "cannot look for unfinished follow-up work"),
         }
+    }
+
+    /// Extends the leases of `owner` on the instances `filter` matches to
+    /// `lease` from now; those of them with a cancel request, sorted.
+    async fn extend_leases(
+        &self,
+        owner: &str,
+        filter: Document,
+        lease: Duration,
+    ) -> StoreResult<Vec<String>> {
+        let held: Vec<Document> = self
+            .inner
+            .instances
+            .find(filter)
+            .projection(doc! { ID: 1, CANCEL_REQUESTED: 1 })
+            .await
+            .map_err(mongo_err)?
+            .try_collect()
+            .await
+            .map_err(mongo_err)?;
+        if held.is_empty() {
+            return Ok(Vec::new());
+        }
+        let expires = now_millis().saturating_add(duration_millis(lease));
+        let mut statements = Vec::with_capacity(held.len());
+        let mut cancelled = Vec::new();
+        for doc in &held {
+            let f = Fields::new(doc, "instance");
+            let id = f.str(ID)?;
+            statements.push(doc! {
+                "q": { ID: id, LEASE_OWNER: owner },
+                "u": { "$set": { LEASE_EXPIRES_AT: expires } },
+                "multi": false,
+            });
+            if f.bool(CANCEL_REQUESTED)? {
+                cancelled.push(id.to_owned());
+            }
+        }
+        // One round trip with one single-document update per lease. An
+        // update of an instance whose commit transaction is in flight waits
+        // for it on the server; as single-document updates, they hold one
+        // pooled connection (not the whole pool) and no lock that the
+        // transaction needs to finish.
+        for batch in statements.chunks(RENEWALS_PER_COMMAND) {
+            let reply = self
+                .inner
+                .instances
+                .client()
+                .database(&self.inner.database)
+                .run_command(doc! {
+                    "update": self.inner.instances.name(),
+                    "updates": batch,
+                    "ordered": false,
+                    "writeConcern": { "w": "majority", "j": true },
+                })
+                .await
+                .map_err(mongo_err)?;
+            let failure = match (reply.get("writeErrors"), reply.get("writeConcernError")) {
+                (Some(Bson::Array(errors)), _) if !errors.is_empty() => Some(&errors[0]),
+                (_, Some(error)) => Some(error),
+                _ => None,
+            };
+            if let Some(failure) = failure {
+                return Err(StoreError::backend(std::io::Error::other(format!(
+                    "renewing leases failed: {failure}"
+                ))));
+            }
+        }
+        cancelled.sort();
+        Ok(cancelled)
     }
 }
 
@@ -696,67 +767,24 @@ impl Store for MongoStore {
         })
     }
 
-    async fn renew_leases(&self, owner: &str, lease: Duration) -> StoreResult<Vec<String>> {
-        let held: Vec<Document> = self
-            .inner
-            .instances
-            .find(doc! { LEASE_OWNER: owner })
-            .projection(doc! { ID: 1, CANCEL_REQUESTED: 1 })
+    async fn renew_leases(
+        &self,
+        owner: &str,
+        ids: &[String],
+        lease: Duration,
+    ) -> StoreResult<Vec<String>> {
+        self.extend_leases(
+            owner,
+            doc! { ID: { "$in": ids }, LEASE_OWNER: owner },
+            lease,
+        )
+        .await
+    }
+
+    async fn end_leases(&self, owner: &str) -> StoreResult<()> {
+        self.extend_leases(owner, doc! { LEASE_OWNER: owner }, Duration::ZERO)
             .await
-            .map_err(mongo_err)?
-            .try_collect()
-            .await
-            .map_err(mongo_err)?;
-        if held.is_empty() {
-            return Ok(Vec::new());
-        }
-        let expires = now_millis().saturating_add(duration_millis(lease));
-        let mut statements = Vec::with_capacity(held.len());
-        let mut cancelled = Vec::new();
-        for doc in &held {
-            let f = Fields::new(doc, "instance");
-            let id = f.str(ID)?;
-            statements.push(doc! {
-                "q": { ID: id, LEASE_OWNER: owner },
-                "u": { "$set": { LEASE_EXPIRES_AT: expires } },
-                "multi": false,
-            });
-            if f.bool(CANCEL_REQUESTED)? {
-                cancelled.push(id.to_owned());
-            }
-        }
-        // One round trip with one single-document update per lease. An
-        // update of an instance whose commit transaction is in flight waits
-        // for it on the server; as single-document updates, they hold one
-        // pooled connection (not the whole pool) and no lock that the
-        // transaction needs to finish.
-        for batch in statements.chunks(RENEWALS_PER_COMMAND) {
-            let reply = self
-                .inner
-                .instances
-                .client()
-                .database(&self.inner.database)
-                .run_command(doc! {
-                    "update": self.inner.instances.name(),
-                    "updates": batch,
-                    "ordered": false,
-                    "writeConcern": { "w": "majority", "j": true },
-                })
-                .await
-                .map_err(mongo_err)?;
-            let failure = match (reply.get("writeErrors"), reply.get("writeConcernError")) {
-                (Some(Bson::Array(errors)), _) if !errors.is_empty() => Some(&errors[0]),
-                (_, Some(error)) => Some(error),
-                _ => None,
-            };
-            if let Some(failure) = failure {
-                return Err(StoreError::backend(std::io::Error::other(format!(
-                    "renewing leases failed: {failure}"
-                ))));
-            }
-        }
-        cancelled.sort();
-        Ok(cancelled)
+            .map(drop)
     }
 
     async fn commit(&self, commit: Commit) -> StoreResult<CommitOutcome> {

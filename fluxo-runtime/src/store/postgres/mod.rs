@@ -1148,14 +1148,31 @@ impl Store for PostgresStore {
         Ok(batch)
     }
 
-    async fn renew_leases(&self, owner: &str, lease: Duration) -> StoreResult<Vec<String>> {
+    async fn renew_leases(
+        &self,
+        owner: &str,
+        ids: &[String],
+        lease: Duration,
+    ) -> StoreResult<Vec<String>> {
         match sqlx::query_scalar(&self.sql().renew)
             .bind(owner)
             .bind(millis(lease))
+            .bind(ids)
             .fetch_all(&self.inner.pool)
             .await
         {
             Ok(ids) => Ok(ids),
+            Err(e) => Err(self.fail(e).await),
+        }
+    }
+
+    async fn end_leases(&self, owner: &str) -> StoreResult<()> {
+        match sqlx::query(&self.sql().end_leases)
+            .bind(owner)
+            .execute(&self.inner.pool)
+            .await
+        {
+            Ok(_) => Ok(()),
             Err(e) => Err(self.fail(e).await),
         }
     }

@@ -118,7 +118,10 @@ pub(super) struct Statements {
     pub list_by_both: String,
     pub load_history: String,
     pub claim: String,
+    /// $1 owner, $2 lease in ms, $3 instance ids.
     pub renew: String,
+    /// $1 owner.
+    pub end_leases: String,
     pub send_signal: String,
     pub next_signal: String,
     pub request_cancel: String,
@@ -222,8 +225,11 @@ impl Statements {
             ),
             renew: format!(
                 "WITH r AS (UPDATE {s}.instances SET lease_expires_at = {NOW} + $2 \
-                   WHERE lease_owner = $1 RETURNING id, cancel_requested) \
+                   WHERE id = ANY($3) AND lease_owner = $1 RETURNING id, cancel_requested) \
                  SELECT id FROM r WHERE cancel_requested ORDER BY id"
+            ),
+            end_leases: format!(
+                "UPDATE {s}.instances SET lease_expires_at = {NOW} WHERE lease_owner = $1"
             ),
             send_signal: format!(
                 "WITH w AS (UPDATE {s}.instances \

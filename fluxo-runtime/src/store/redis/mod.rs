@@ -358,6 +358,22 @@ impl RedisStore {
             .map_err(redis_err)
     }
 
+    /// Runs the renewal script; the ids it reports with a cancel request.
+    async fn run_renew(
+        &self,
+        call: &ScriptInvocation<'_>,
+        owner: &str,
+    ) -> StoreResult<Vec<String>> {
+        let (tag, mut reply) = Reply::new(self.run(call).await?, "renew_leases")?;
+        match tag.as_str() {
+            "ok" => into_array(reply.next()?, "renew_leases")?
+                .into_iter()
+                .map(|v| into_string(v, "renew_leases"))
+                .collect(),
+            other => Err(failed_reply(other, &mut reply, owner)),
+        }
+    }
+
     fn commit_call<'a>(&'a self, c: &Commit) -> ScriptInvocation<'a> {
         let mut call = self.call(&self.inner.scripts.commit, &self.key("i", &c.instance_id));
         let (kind, seen, wake_at, payload): (&str, String, String, &[u8]) = match &c.transition {
@@ -887,17 +903,21 @@ impl Store for RedisStore {
         })
     }
 
-    async fn renew_leases(&self, owner: &str, lease: Duration) -> StoreResult<Vec<String>> {
+    async fn renew_leases(
+        &self,
+        owner: &str,
+        ids: &[String],
+        lease: Duration,
+    ) -> StoreResult<Vec<String>> {
         let mut call = self.call(&self.inner.scripts.renew, &self.key("owner", owner));
-        call.arg(owner).arg(millis(lease));
-        let (tag, mut reply) = Reply::new(self.run(&call).await?, "renew_leases")?;
-        match tag.as_str() {
-            "ok" => into_array(reply.next()?, "renew_leases")?
-                .into_iter()
-                .map(|v| into_string(v, "renew_leases"))
-                .collect(),
-            other => Err(failed_reply(other, &mut reply, owner)),
-        }
+        call.arg(owner).arg(millis(lease)).arg("listed").arg(ids);
+        self.run_renew(&call, owner).await
+    }
+
+    async fn end_leases(&self, owner: &str) -> StoreResult<()> {
+        let mut call = self.call(&self.inner.scripts.renew, &self.key("owner", owner));
+        call.arg(owner).arg(0).arg("all");
+        self.run_renew(&call, owner).await.map(drop)
     }
 
     async fn commit(&self, commit: Commit) -> StoreResult<CommitOutcome> {

@@ -381,7 +381,7 @@ async fn keys_stay_under_the_prefix_in_one_slot() {
     first.consume_signal = Some(sid);
     store.commit(first).await.expect("commit");
     store
-        .renew_leases(&owner, Duration::from_secs(60))
+        .renew_leases(&owner, std::slice::from_ref(&id), Duration::from_secs(60))
         .await
         .expect("renew");
 
@@ -431,7 +431,7 @@ async fn keys_stay_under_the_prefix_in_one_slot() {
         Err(StoreError::NotFound(_))
     ));
     assert!(elsewhere
-        .renew_leases(&owner, Duration::from_secs(60))
+        .renew_leases(&owner, std::slice::from_ref(&id), Duration::from_secs(60))
         .await
         .expect("renew")
         .is_empty());

@@ -468,8 +468,13 @@ const NEXT_SIGNAL: &str = "SELECT i.inbox_seq, s.signal_id, s.payload FROM insta
         ORDER BY signal_id LIMIT 1) \
      WHERE i.id = ?1";
 
-const RENEW: &str = "UPDATE instances SET lease_expires_at = ?2 WHERE lease_owner = ?1 \
+/// ?1 owner, ?2 lease expiry, ?3 JSON array of instance ids.
+const RENEW: &str = "UPDATE instances SET lease_expires_at = ?2 \
+     WHERE id IN (SELECT value FROM json_each(?3)) AND lease_owner = ?1 \
      RETURNING id, cancel_requested";
+
+/// ?1 owner, ?2 now.
+const END_LEASES: &str = "UPDATE instances SET lease_expires_at = ?2 WHERE lease_owner = ?1";
 
 /// Leases expired leases first, then due instances by wake-up time. ?1 owner,
 /// ?2 lease expiry, ?3 now, ?4 JSON array of `workflow@version`, ?5 limit.
@@ -961,21 +966,36 @@ impl Store for SqliteStore {
             .await
     }
 
-    async fn renew_leases(&self, owner: &str, lease: Duration) -> StoreResult<Vec<String>> {
+    async fn renew_leases(
+        &self,
+        owner: &str,
+        ids: &[String],
+        lease: Duration,
+    ) -> StoreResult<Vec<String>> {
         let expires = now_millis().saturating_add(duration_millis(lease));
         let owner = owner.to_owned();
+        let ids = serde_json::to_string(ids).map_err(StoreError::backend)?;
         let rows = self
             .write(move |conn| {
-                fetch_all(conn, RENEW, params![owner, expires], |row| {
+                fetch_all(conn, RENEW, params![owner, expires, ids], |row| {
                     Ok((col::<String>(row, 0)?, col::<bool>(row, 1)?))
                 })
             })
             .await?;
-        Ok(rows
+        let mut cancelled: Vec<String> = rows
             .into_iter()
             .filter(|(_, cancelled)| *cancelled)
             .map(|(id, _)| id)
-            .collect())
+            .collect();
+        cancelled.sort();
+        Ok(cancelled)
+    }
+
+    async fn end_leases(&self, owner: &str) -> StoreResult<()> {
+        let owner = owner.to_owned();
+        self.write(move |conn| execute(conn, END_LEASES, params![owner, now_millis()]))
+            .await
+            .map(drop)
     }
 
     async fn commit(&self, commit: Commit) -> StoreResult<CommitOutcome> {
@@ -1943,6 +1963,7 @@ mod tests {
             ("claim", CLAIM),
             ("next_wake", NEXT_WAKE),
             ("renew", RENEW),
+            ("end_leases", END_LEASES),
             ("fence", FENCE_PARK),
             ("fence_entries", FENCE_ENTRIES),
             ("fence_diagnose", FENCE_DIAGNOSE),
