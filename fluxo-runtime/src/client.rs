@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::error::{DecodeError, Error, Failure};
+use crate::finish_watch::{Ended, FinishWatch};
 use crate::history::Event;
 use crate::observe::LifecycleEvent;
 use crate::payload;
@@ -180,10 +181,10 @@ impl Fluxo {
     /// Waits for instance `id` to finish and returns its output as JSON, or
     /// the typed error it ended with.
     pub async fn result_value(&self, id: &str) -> Result<serde_json::Value, Error> {
-        let rec = self.wait_finished(id).await?;
+        let rec = self.wait_ended(id).await?;
         match rec.status {
-            InstanceStatus::Completed => {
-                payload::decode(&rec.output.unwrap_or_default()).map_err(|message| {
+            InstanceStatus::Completed => payload::decode(rec.output.as_deref().unwrap_or_default())
+                .map_err(|message| {
                     Error::Decode(Box::new(DecodeError {
                         workflow: rec.workflow.clone(),
                         id: rec.id.clone(),
@@ -192,8 +193,7 @@ impl Fluxo {
                         type_name: "serde_json::Value".into(),
                         message,
                     }))
-                })
-            }
+                }),
             _ => Err(rec
                 .failure
                 .as_deref()
@@ -371,19 +371,49 @@ impl Fluxo {
 
     /// Waits until an instance finishes and returns its record.
     pub async fn wait_finished(&self, id: &str) -> Result<InstanceRecord, Error> {
+        self.wait_end(id, |_| None, |rec| rec).await
+    }
+
+    /// Waits until instance `id` finishes and returns how it ended: handed
+    /// over by the worker of this process that recorded it, if one did, or
+    /// else read from the store.
+    pub(crate) async fn wait_ended(&self, id: &str) -> Result<Arc<Ended>, Error> {
+        self.wait_end(id, FinishWatch::ended, |rec| Arc::new(rec.into()))
+            .await
+    }
+
+    /// Waits until instance `id` finishes: `here` takes what a finish in
+    /// this process left with the watch, `read` the record the store
+    /// returns.
+    async fn wait_end<T>(
+        &self,
+        id: &str,
+        here: impl Fn(&FinishWatch) -> Option<T>,
+        read: impl Fn(InstanceRecord) -> T,
+    ) -> Result<T, Error> {
         let mut poll = Duration::from_millis(2);
         let watch = self.shared.finished.watch(id);
+        // An instance that a worker of this client runs has not finished,
+        // and its end wakes this wait: the store is read only after that,
+        // when the end was not handed over, or after 250 ms.
+        let mut look = !self.shared.runs_here(id);
         loop {
             let notified = watch.notify().notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            // A lost connection while waiting is retried, not returned.
-            let store = &self.shared.store;
-            match crate::instance::retry_transient(|| store.get_if_finished(id)).await? {
-                FinishedLookup::Finished(rec) => return Ok(rec),
-                FinishedLookup::NotFound => return Err(Error::NotFound { id: id.to_owned() }),
-                FinishedLookup::Unfinished => {}
+            if let Some(end) = here(&watch) {
+                return Ok(end);
             }
+            if look {
+                // A lost connection while waiting is retried, not returned.
+                let store = &self.shared.store;
+                match crate::instance::retry_transient(|| store.get_if_finished(id)).await? {
+                    FinishedLookup::Finished(rec) => return Ok(read(rec)),
+                    FinishedLookup::NotFound => return Err(Error::NotFound { id: id.to_owned() }),
+                    FinishedLookup::Unfinished => {}
+                }
+            }
+            look = true;
             // Local finishes notify at once; other processes are polled.
             // While a worker of this client runs the instance, its finish
             // wakes this wait, and the store is read every 250 ms only, in
@@ -478,8 +508,8 @@ impl<W: Workflow> WorkflowHandle<W> {
     /// Waits for the instance to finish and returns its typed output, or the
     /// typed error it ended with.
     pub async fn result(&self) -> Result<W::Output, Error> {
-        let rec = self.fluxo.wait_finished(&self.id).await?;
-        outcome::<W>(rec)
+        let ended = self.fluxo.wait_ended(&self.id).await?;
+        outcome::<W>(&ended)
     }
 
     /// Like [`WorkflowHandle::result`], giving up after `timeout`.
@@ -546,22 +576,22 @@ impl<W: Workflow> WorkflowHandle<W> {
         if !rec.status.is_finished() {
             return Ok(None);
         }
-        outcome::<W>(rec).map(Some)
+        outcome::<W>(&rec.into()).map(Some)
     }
 }
 
-fn outcome<W: Workflow>(rec: InstanceRecord) -> Result<W::Output, Error> {
+fn outcome<W: Workflow>(rec: &Ended) -> Result<W::Output, Error> {
     if rec.workflow != W::NAME {
         return Err(Error::WorkflowMismatch {
-            id: rec.id,
+            id: rec.id.clone(),
             expected: W::NAME.to_owned(),
-            found: rec.workflow,
+            found: rec.workflow.clone(),
         });
     }
     match rec.status {
         InstanceStatus::Completed => {
-            let bytes = rec.output.unwrap_or_default();
-            payload::decode(&bytes).map_err(|message| {
+            let bytes = rec.output.as_deref().unwrap_or_default();
+            payload::decode(bytes).map_err(|message| {
                 Error::Decode(Box::new(DecodeError {
                     workflow: rec.workflow.clone(),
                     id: rec.id.clone(),

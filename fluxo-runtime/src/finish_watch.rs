@@ -1,13 +1,39 @@
 //! Wake-ups for callers waiting on one instance to finish in this process.
 //!
 //! Each waited-on instance has its own [`Notify`], so a finish wakes only
-//! the callers waiting for that instance (who then read its record), not
-//! every waiter of the process.
+//! the callers waiting for that instance, not every waiter of the process.
+//! A finish recorded by a worker of this process also leaves how the
+//! instance ended with its watchers, so they need not read it back from the
+//! store.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use tokio::sync::Notify;
+
+use crate::store::{InstanceRecord, InstanceStatus};
+
+/// How an instance ended: what a caller of `result()` needs of its record.
+#[derive(Debug, Clone)]
+pub(crate) struct Ended {
+    pub(crate) id: String,
+    pub(crate) workflow: String,
+    pub(crate) status: InstanceStatus,
+    pub(crate) output: Option<Vec<u8>>,
+    pub(crate) failure: Option<Vec<u8>>,
+}
+
+impl From<InstanceRecord> for Ended {
+    fn from(rec: InstanceRecord) -> Self {
+        Ended {
+            id: rec.id,
+            workflow: rec.workflow,
+            status: rec.status,
+            output: rec.output,
+            failure: rec.failure,
+        }
+    }
+}
 
 /// The instances callers are waiting on, each with the [`Notify`] its
 /// finish fires. Entries live as long as a [`FinishWatch`] holds them.
@@ -18,7 +44,15 @@ pub(crate) struct FinishWatches {
 
 /// Watched ids, hashed with a fast seeded hasher (every finish looks one
 /// up); each key is shared with the watches that hold it.
-type Map = HashMap<Arc<str>, Arc<Notify>, foldhash::fast::RandomState>;
+type Map = HashMap<Arc<str>, Arc<Watched>, foldhash::fast::RandomState>;
+
+/// One watched instance.
+#[derive(Default)]
+struct Watched {
+    notify: Notify,
+    /// Set by a finish recorded here, before its watchers are woken.
+    ended: OnceLock<Arc<Ended>>,
+}
 
 impl FinishWatches {
     fn map(&self) -> MutexGuard<'_, Map> {
@@ -28,28 +62,39 @@ impl FinishWatches {
     /// Starts watching instance `id`.
     pub(crate) fn watch(self: &Arc<Self>, id: &str) -> FinishWatch {
         let mut map = self.map();
-        let (id, notify) = match map.get_key_value(id) {
-            Some((id, notify)) => (Arc::clone(id), Arc::clone(notify)),
+        let (id, watched) = match map.get_key_value(id) {
+            Some((id, watched)) => (Arc::clone(id), Arc::clone(watched)),
             None => {
                 let id: Arc<str> = id.into();
-                let notify = Arc::new(Notify::new());
-                map.insert(Arc::clone(&id), Arc::clone(&notify));
-                (id, notify)
+                let watched = Arc::new(Watched::default());
+                map.insert(Arc::clone(&id), Arc::clone(&watched));
+                (id, watched)
             }
         };
         drop(map);
         FinishWatch {
             watches: Arc::clone(self),
             id,
-            notify,
+            watched,
         }
     }
 
-    /// Instance `id` finished here: wakes its watchers, if any.
-    pub(crate) fn finished(&self, id: &str) {
-        let notify = self.map().get(id).cloned();
-        if let Some(notify) = notify {
-            notify.notify_waiters();
+    /// Whether a caller waits on instance `id`: only then is how it ended
+    /// worth keeping for [`FinishWatches::finished`].
+    pub(crate) fn is_watched(&self, id: &str) -> bool {
+        self.map().contains_key(id)
+    }
+
+    /// A run of instance `id` ended here: wakes its watchers, if any, and
+    /// leaves them `ended` when the run recorded the instance's end (a run
+    /// that lost its lease, or continued as new, ended without it).
+    pub(crate) fn finished(&self, id: &str, ended: Option<Ended>) {
+        let watched = self.map().get(id).cloned();
+        if let Some(watched) = watched {
+            if let Some(ended) = ended {
+                let _ = watched.ended.set(Arc::new(ended));
+            }
+            watched.notify.notify_waiters();
         }
     }
 }
@@ -58,15 +103,21 @@ impl FinishWatches {
 pub(crate) struct FinishWatch {
     watches: Arc<FinishWatches>,
     id: Arc<str>,
-    notify: Arc<Notify>,
+    watched: Arc<Watched>,
 }
 
 impl FinishWatch {
-    /// The notification fired when the instance finishes here. Enable it
-    /// (or poll it) before reading the instance's status, so a finish in
-    /// between is not missed.
+    /// The notification fired when a run of the instance ends here. Enable
+    /// it (or poll it) before reading [`FinishWatch::ended`] or the
+    /// instance's status, so an end in between is not missed.
     pub(crate) fn notify(&self) -> &Notify {
-        &self.notify
+        &self.watched.notify
+    }
+
+    /// How the instance ended, if a worker of this process recorded it
+    /// while this watch (or another on the same instance) was held.
+    pub(crate) fn ended(&self) -> Option<Arc<Ended>> {
+        self.watched.ended.get().cloned()
     }
 }
 
@@ -74,7 +125,7 @@ impl Drop for FinishWatch {
     fn drop(&mut self) {
         let mut map = self.watches.map();
         // The map's reference and ours: nobody else watches this instance.
-        if Arc::strong_count(&self.notify) == 2 {
+        if Arc::strong_count(&self.watched) == 2 {
             map.remove(&self.id);
         }
     }
@@ -100,7 +151,7 @@ mod tests {
         fa1.as_mut().enable();
         fa2.as_mut().enable();
         fb.as_mut().enable();
-        watches.finished("a");
+        watches.finished("a", None);
         tokio::time::timeout(Duration::from_secs(1), fa1)
             .await
             .expect("first watcher of a");
@@ -125,7 +176,40 @@ mod tests {
         drop(second);
         assert!(watches.map().is_empty());
         // A finish nobody waits for is a lookup and nothing else.
-        watches.finished("a");
+        watches.finished("a", Some(ended("a")));
         assert!(watches.map().is_empty());
+    }
+
+    fn ended(id: &str) -> Ended {
+        Ended {
+            id: id.into(),
+            workflow: "wf".into(),
+            status: InstanceStatus::Completed,
+            output: Some(b"out".to_vec()),
+            failure: None,
+        }
+    }
+
+    #[test]
+    fn a_recorded_end_stays_with_the_watchers_of_its_instance() {
+        let watches = Arc::new(FinishWatches::default());
+        let a = watches.watch("a");
+        let b = watches.watch("b");
+        assert!(watches.is_watched("a") && !watches.is_watched("c"));
+        // A run that ended without recording the end (its lease lost).
+        watches.finished("a", None);
+        assert!(a.ended().is_none());
+        watches.finished("a", Some(ended("a")));
+        assert_eq!(
+            a.ended().expect("ended").output.as_deref(),
+            Some(&b"out"[..])
+        );
+        // A caller that starts watching while another still does sees it.
+        let late = watches.watch("a");
+        assert!(late.ended().is_some());
+        assert!(b.ended().is_none());
+        drop((a, late));
+        // Once nobody watched it, a new watch starts afresh.
+        assert!(watches.watch("a").ended().is_none());
     }
 }

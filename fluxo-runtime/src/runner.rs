@@ -9,13 +9,15 @@ use tracing::Instrument;
 
 use crate::context::{self, WorkflowContext};
 use crate::error::{Failure, WorkflowError};
+use crate::finish_watch::Ended;
 use crate::history::{Event, Replay};
 use crate::instance::{Abort, Instance, InstanceInit};
 use crate::observe::LifecycleEvent;
 use crate::panics;
 use crate::payload;
 use crate::store::{
-    now_millis, ClaimedInstance, CommitOutcome, Millis, StoreError, Transition, HISTORY_FORMAT,
+    now_millis, ClaimedInstance, CommitOutcome, InstanceStatus, Millis, StoreError, Transition,
+    HISTORY_FORMAT,
 };
 use crate::worker::WorkerRuntime;
 use crate::workflow::RunOutcome;
@@ -116,11 +118,11 @@ async fn run_inner(
         Some(f) => Err(Abort::Fail(f)),
         None => drive(&worker, run, &inst, &inst.workflow, rec.version, &rec.input).await,
     };
-    let recorded = finish(&inst, outcome, rec.created_at).await;
+    let end = finish(&inst, outcome, rec.created_at).await;
     inst.release_permit();
     worker.detach(id, run);
-    if recorded {
-        shared.finished.finished(id);
+    if let RunEnd::Recorded(ended) = end {
+        shared.finished.finished(id, ended);
     } else {
         // Detached, its lease is no longer renewed; given back, a claim
         // takes the instance at once instead of when the lease runs out.
@@ -273,7 +275,36 @@ fn registered_run(
 /// Commits how the run ended. Returns `false` when the store did not
 /// learn of it (the commit failed past its retries) and the instance still
 /// holds this run's lease; `true` when it did, or the lease is gone.
-async fn finish(inst: &Instance, outcome: Result<RunOutcome, Abort>, created_at: Millis) -> bool {
+/// What became of a run's end.
+enum RunEnd {
+    /// The store has it, or the instance is another worker's now. With how
+    /// the instance ended, when this run recorded that and a caller in this
+    /// process waits for it.
+    Recorded(Option<Ended>),
+    /// The store missed it: the lease goes back.
+    Missed,
+}
+
+/// How the instance ends with `transition`, for the callers waiting on it
+/// here (none: `None`, and nothing is copied); `None` too for a transition
+/// that does not end it.
+fn ended(inst: &Instance, transition: &Transition) -> Option<Ended> {
+    let (status, output, failure) = match transition {
+        Transition::Complete { output } => (InstanceStatus::Completed, Some(output), None),
+        Transition::Fail { failure } => (InstanceStatus::Failed, None, Some(failure)),
+        Transition::Cancel { failure } => (InstanceStatus::Cancelled, None, Some(failure)),
+        _ => return None,
+    };
+    inst.shared.finished.is_watched(&inst.id).then(|| Ended {
+        id: inst.id.to_string(),
+        workflow: inst.workflow.clone(),
+        status,
+        output: output.cloned(),
+        failure: failure.cloned(),
+    })
+}
+
+async fn finish(inst: &Instance, outcome: Result<RunOutcome, Abort>, created_at: Millis) -> RunEnd {
     let failure = |f: Failure| Transition::Fail {
         failure: payload::encode(&f).unwrap_or_default(),
     };
@@ -313,17 +344,17 @@ async fn finish(inst: &Instance, outcome: Result<RunOutcome, Abort>, created_at:
         ),
         Err(Abort::LeaseLost) => {
             tracing::warn!("lease lost to another worker; stopped running here");
-            return true;
+            return RunEnd::Recorded(None);
         }
         Err(Abort::ContinueAsNew(input)) => match inst.continue_as_new(input).await {
             Ok(CommitOutcome::LeaseLost) => {
                 tracing::warn!("lease lost before continuing as new");
-                return true;
+                return RunEnd::Recorded(None);
             }
             Ok(_) => {
                 tracing::info!("workflow continued as new");
                 inst.shared.notify_work();
-                return true;
+                return RunEnd::Recorded(None);
             }
             // Every run would end the same way: the workflow fails.
             Err(StoreError::Unsupported(message)) => (
@@ -334,7 +365,7 @@ async fn finish(inst: &Instance, outcome: Result<RunOutcome, Abort>, created_at:
             ),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot continue as new; the run will be retried");
-                return false;
+                return RunEnd::Missed;
             }
         },
         Err(Abort::Store(e)) => {
@@ -357,10 +388,11 @@ async fn finish(inst: &Instance, outcome: Result<RunOutcome, Abort>, created_at:
         }
         _ => None,
     };
+    let ended = ended(inst, &transition);
     match inst.commit_final(transition, cancel_children).await {
         Ok(CommitOutcome::LeaseLost) => {
             tracing::warn!("lease lost before the final commit");
-            true
+            RunEnd::Recorded(None)
         }
         Ok(_) => {
             tracing::info!("workflow {what}");
@@ -382,11 +414,11 @@ async fn finish(inst: &Instance, outcome: Result<RunOutcome, Abort>, created_at:
                 ("cancelled", _) => o.on_event(&LifecycleEvent::WorkflowCancelled { workflow, id }),
                 _ => {}
             });
-            true
+            RunEnd::Recorded(ended)
         }
         Err(e) => {
             tracing::warn!(error = %e, "cannot record that the workflow {what}; it will run again");
-            false
+            RunEnd::Missed
         }
     }
 }

@@ -895,42 +895,83 @@ impl FirstTries {
     }
 }
 
-pub async fn a_result_awaited_where_the_instance_runs_reads_the_store_seldom(
-    store: Arc<dyn Store>,
-) {
-    // A caller waiting for an instance that a worker of its own client
-    // runs hears of the finish from that worker: it reads the store when
-    // it starts waiting, then every 250 ms, not on the polling schedule
-    // for other processes' instances (which reads it nine times in the
-    // 600 ms the step is held).
+/// A worker over a store that counts the reads of one instance's record,
+/// and that instance (a `Gated` workflow) held in its gate step.
+struct HeldInGate {
+    worker: Worker,
+    handle: WorkflowHandle<Gated>,
+    gate: String,
+    reads: Arc<AtomicU32>,
+}
+
+async fn held_in_gate(store: &Arc<dyn Store>) -> HeldInGate {
     let reads = Arc::new(AtomicU32::new(0));
     let watched = Arc::new(std::sync::Mutex::new(String::new()));
     let (counted, id_of) = (Arc::clone(&reads), Arc::clone(&watched));
-    let hooked = Hooked::new(&store)
+    let hooked = Hooked::new(store)
         .on_get(move |id| {
             if *id_of.lock().unwrap() == id {
                 counted.fetch_add(1, SeqCst);
             }
         })
         .build();
-    let (fluxo, w) = setup(&hooked);
+    let (fluxo, worker) = setup(&hooked);
     let gate = format!("gate-{}", uuid_suffix());
-    let h = Gated::start(&fluxo, gate.clone()).await.unwrap();
-    *watched.lock().unwrap() = h.id().to_owned();
-    gate_step_started(h.id()).await;
+    let handle = Gated::start(&fluxo, gate.clone()).await.unwrap();
+    *watched.lock().unwrap() = handle.id().to_owned();
+    gate_step_started(handle.id()).await;
+    HeldInGate {
+        worker,
+        handle,
+        gate,
+        reads,
+    }
+}
+
+pub async fn a_result_awaited_where_the_instance_runs_reads_the_store_seldom(
+    store: Arc<dyn Store>,
+) {
+    // A caller waiting for an instance that a worker of its own client
+    // runs hears of the finish from that worker: it reads the store every
+    // 250 ms, not on the polling schedule for other processes' instances
+    // (which reads it nine times in the 600 ms the step is held).
+    let held = held_in_gate(&store).await;
     let waiting = tokio::spawn({
-        let h = h.clone();
+        let h = held.handle.clone();
         async move { h.result_timeout(WAIT).await }
     });
     tokio::time::sleep(Duration::from_millis(600)).await;
-    let while_held = reads.load(SeqCst);
+    let while_held = held.reads.load(SeqCst);
     assert!(
         (1..=4).contains(&while_held),
         "read {while_held} times while the step was held"
     );
-    open_gate(&gate);
+    open_gate(&held.gate);
     assert_eq!(waiting.await.unwrap().unwrap(), 1);
-    w.shutdown().await;
+    held.worker.shutdown().await;
+}
+
+pub async fn a_result_awaited_where_the_instance_runs_is_handed_over(store: Arc<dyn Store>) {
+    // The worker that records the end leaves it with the callers waiting
+    // in its process: a caller that began waiting while the instance ran
+    // here reads nothing from the store.
+    let held = held_in_gate(&store).await;
+    let waiting = tokio::spawn({
+        let h = held.handle.clone();
+        async move { h.result_timeout(WAIT).await }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    open_gate(&held.gate);
+    assert_eq!(waiting.await.unwrap().unwrap(), 1);
+    assert_eq!(
+        held.reads.load(SeqCst),
+        0,
+        "the result was read from the store"
+    );
+    // A caller that comes later reads the store, and gets the same.
+    assert_eq!(held.handle.result_timeout(WAIT).await.unwrap(), 1);
+    assert_eq!(held.reads.load(SeqCst), 1);
+    held.worker.shutdown().await;
 }
 
 pub async fn a_run_whose_end_the_store_missed_runs_again(store: Arc<dyn Store>) {
