@@ -89,8 +89,10 @@ impl FinishWatches {
     /// leaves them `ended` when the run recorded the instance's end (a run
     /// that lost its lease, or continued as new, ended without it).
     pub(crate) fn finished(&self, id: &str, ended: Option<Ended>) {
-        let watched = self.map().get(id).cloned();
-        if let Some(watched) = watched {
+        // Under the map's lock: a copy of the entry held outside it would
+        // keep a watch that ends meanwhile from removing it (see `Drop`).
+        let map = self.map();
+        if let Some(watched) = map.get(id) {
             if let Some(ended) = ended {
                 let _ = watched.ended.set(Arc::new(ended));
             }

@@ -272,9 +272,6 @@ fn registered_run(
         })
 }
 
-/// Commits how the run ended. Returns `false` when the store did not
-/// learn of it (the commit failed past its retries) and the instance still
-/// holds this run's lease; `true` when it did, or the lease is gone.
 /// What became of a run's end.
 enum RunEnd {
     /// The store has it, or the instance is another worker's now. With how
@@ -304,6 +301,9 @@ fn ended(inst: &Instance, transition: &Transition) -> Option<Ended> {
     })
 }
 
+/// Commits how the run ended: [`RunEnd::Missed`] when the store did not
+/// learn of it (the commit failed past its retries) and the instance still
+/// holds this run's lease.
 async fn finish(inst: &Instance, outcome: Result<RunOutcome, Abort>, created_at: Millis) -> RunEnd {
     let failure = |f: Failure| Transition::Fail {
         failure: payload::encode(&f).unwrap_or_default(),
