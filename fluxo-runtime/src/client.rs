@@ -181,26 +181,8 @@ impl Fluxo {
     /// Waits for instance `id` to finish and returns its output as JSON, or
     /// the typed error it ended with.
     pub async fn result_value(&self, id: &str) -> Result<serde_json::Value, Error> {
-        let rec = self.wait_ended(id).await?;
-        match rec.status {
-            InstanceStatus::Completed => payload::decode(rec.output.as_deref().unwrap_or_default())
-                .map_err(|message| {
-                    Error::Decode(Box::new(DecodeError {
-                        workflow: rec.workflow.clone(),
-                        id: rec.id.clone(),
-                        seq: None,
-                        what: "output".into(),
-                        type_name: "serde_json::Value".into(),
-                        message,
-                    }))
-                }),
-            _ => Err(rec
-                .failure
-                .as_deref()
-                .and_then(|f| payload::decode::<Failure>(f).ok())
-                .unwrap_or(Failure::Cancelled)
-                .into_error(&rec.workflow, &rec.id)),
-        }
+        let ended = self.wait_ended(id).await?;
+        output_of(&ended, "serde_json::Value")
     }
 
     /// Installs an observer of lifecycle events (once per `Fluxo`; use a
@@ -588,27 +570,29 @@ fn outcome<W: Workflow>(rec: &Ended) -> Result<W::Output, Error> {
             found: rec.workflow.clone(),
         });
     }
+    output_of(rec, std::any::type_name::<W::Output>())
+}
+
+/// The output of a finished instance decoded as `T` (named `type_name` in
+/// a decode error), or the typed error it ended with.
+fn output_of<T: serde::de::DeserializeOwned>(rec: &Ended, type_name: &str) -> Result<T, Error> {
     match rec.status {
-        InstanceStatus::Completed => {
-            let bytes = rec.output.as_deref().unwrap_or_default();
-            payload::decode(bytes).map_err(|message| {
+        InstanceStatus::Completed => payload::decode(rec.output.as_deref().unwrap_or_default())
+            .map_err(|message| {
                 Error::Decode(Box::new(DecodeError {
                     workflow: rec.workflow.clone(),
                     id: rec.id.clone(),
                     seq: None,
                     what: "output".into(),
-                    type_name: std::any::type_name::<W::Output>().to_owned(),
+                    type_name: type_name.to_owned(),
                     message,
                 }))
-            })
-        }
-        _ => {
-            let failure = rec
-                .failure
-                .as_deref()
-                .and_then(|f| payload::decode::<Failure>(f).ok())
-                .unwrap_or(Failure::Cancelled);
-            Err(failure.into_error(&rec.workflow, &rec.id))
-        }
+            }),
+        _ => Err(rec
+            .failure
+            .as_deref()
+            .and_then(|f| payload::decode::<Failure>(f).ok())
+            .unwrap_or(Failure::Cancelled)
+            .into_error(&rec.workflow, &rec.id)),
     }
 }

@@ -586,10 +586,7 @@ impl WorkerRuntime {
             {
                 Ok(cancelled) => {
                     for id in cancelled {
-                        let inst = self.live().get(&id).and_then(|e| e.instance.clone());
-                        if let Some(inst) = inst {
-                            inst.request_cancel();
-                        }
+                        self.cancel_live(&id);
                     }
                 }
                 Err(e) => tracing::warn!(error = %e, "lease renewal failed"),

@@ -358,13 +358,21 @@ impl RedisStore {
             .map_err(redis_err)
     }
 
-    /// Runs the renewal script; the ids it reports with a cancel request.
+    /// Runs the renewal script on `owner`'s leases of `ids`, or on all of
+    /// them (`None`); the ids it reports with a cancel request.
     async fn run_renew(
         &self,
-        call: &ScriptInvocation<'_>,
         owner: &str,
+        lease: Duration,
+        ids: Option<&[String]>,
     ) -> StoreResult<Vec<String>> {
-        let (tag, mut reply) = Reply::new(self.run(call).await?, "renew_leases")?;
+        let mut call = self.call(&self.inner.scripts.renew, &self.key("owner", owner));
+        call.arg(owner).arg(millis(lease));
+        match ids {
+            Some(ids) => call.arg("listed").arg(ids),
+            None => call.arg("all"),
+        };
+        let (tag, mut reply) = Reply::new(self.run(&call).await?, "renew_leases")?;
         match tag.as_str() {
             "ok" => into_array(reply.next()?, "renew_leases")?
                 .into_iter()
@@ -909,15 +917,11 @@ impl Store for RedisStore {
         ids: &[String],
         lease: Duration,
     ) -> StoreResult<Vec<String>> {
-        let mut call = self.call(&self.inner.scripts.renew, &self.key("owner", owner));
-        call.arg(owner).arg(millis(lease)).arg("listed").arg(ids);
-        self.run_renew(&call, owner).await
+        self.run_renew(owner, lease, Some(ids)).await
     }
 
     async fn end_leases(&self, owner: &str) -> StoreResult<()> {
-        let mut call = self.call(&self.inner.scripts.renew, &self.key("owner", owner));
-        call.arg(owner).arg(0).arg("all");
-        self.run_renew(&call, owner).await.map(drop)
+        self.run_renew(owner, Duration::ZERO, None).await.map(drop)
     }
 
     async fn commit(&self, commit: Commit) -> StoreResult<CommitOutcome> {
