@@ -39,6 +39,7 @@ backend_tests!(
     a_full_worker_claims_again_when_a_slot_frees,
     a_result_awaited_where_the_instance_runs_reads_the_store_seldom,
     a_result_awaited_where_the_instance_runs_is_handed_over,
+    a_result_awaited_before_its_instance_runs_here_reads_nothing_once_it_does,
     a_run_whose_end_the_store_missed_runs_again,
     a_run_that_panics_in_the_store_runs_again_and_frees_its_slot,
     a_store_that_panics_in_a_claim_leaves_the_worker_claiming,

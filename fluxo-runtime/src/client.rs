@@ -395,18 +395,22 @@ impl Fluxo {
                     FinishedLookup::Unfinished => {}
                 }
             }
-            look = true;
             // Local finishes notify at once; other processes are polled.
             // While a worker of this client runs the instance, its finish
             // wakes this wait, and the store is read every 250 ms only, in
             // case the run went elsewhere without this process noticing yet
-            // (a lease lost during a long step).
-            if self.shared.runs_here(id) {
-                let _ = tokio::time::timeout(Duration::from_millis(250), notified).await;
+            // (a lease lost during a long step). A claim by a worker here
+            // wakes the wait too, which then reads nothing.
+            let timed_out = if self.shared.runs_here(id) {
+                tokio::time::timeout(Duration::from_millis(250), notified)
+                    .await
+                    .is_err()
             } else {
-                let _ = tokio::time::timeout(poll, notified).await;
+                let waited = tokio::time::timeout(poll, notified).await;
                 poll = (poll * 2).min(Duration::from_millis(250));
-            }
+                waited.is_err()
+            };
+            look = timed_out || !self.shared.runs_here(id);
         }
     }
 }

@@ -2,6 +2,8 @@
 //!
 //! Each waited-on instance has its own [`Notify`], so a finish wakes only
 //! the callers waiting for that instance, not every waiter of the process.
+//! A claim by a worker of this process wakes them too: from then on the
+//! instance's end is heard of here, and they stop polling the store.
 //! A finish recorded by a worker of this process also leaves how the
 //! instance ended with its watchers, so they need not read it back from the
 //! store.
@@ -85,6 +87,15 @@ impl FinishWatches {
         self.map().contains_key(id)
     }
 
+    /// A worker of this process claimed instance `id`: wakes its watchers,
+    /// if any, which need not read the store while the run goes on here
+    /// (its end wakes them again).
+    pub(crate) fn claimed(&self, id: &str) {
+        if let Some(watched) = self.map().get(id) {
+            watched.notify.notify_waiters();
+        }
+    }
+
     /// A run of instance `id` ended here: wakes its watchers, if any, and
     /// leaves them `ended` when the run recorded the instance's end (a run
     /// that lost its lease, or continued as new, ended without it).
@@ -109,9 +120,10 @@ pub(crate) struct FinishWatch {
 }
 
 impl FinishWatch {
-    /// The notification fired when a run of the instance ends here. Enable
-    /// it (or poll it) before reading [`FinishWatch::ended`] or the
-    /// instance's status, so an end in between is not missed.
+    /// The notification fired when a worker here claims the instance and
+    /// when a run of it ends here. Enable it (or poll it) before reading
+    /// [`FinishWatch::ended`] or the instance's status, so an end in
+    /// between is not missed.
     pub(crate) fn notify(&self) -> &Notify {
         &self.watched.notify
     }

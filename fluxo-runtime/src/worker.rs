@@ -405,6 +405,8 @@ impl WorkerRuntime {
                     let mut entry = entry;
                     entry.lease_token = c.lease_token;
                     live.insert_running(c.record.id.clone(), entry);
+                    drop(live);
+                    self.shared.finished.claimed(&c.record.id);
                     return;
                 }
                 // Someone else advanced it, or our copy is mid-park: replay.
@@ -419,7 +421,7 @@ impl WorkerRuntime {
         let runner = Box::pin(crate::runner::run(Arc::clone(self), c, run, permit));
         let abort = tasks.spawn(runner);
         live.insert_running(
-            id,
+            id.clone(),
             LiveEntry {
                 run,
                 instance: None,
@@ -428,6 +430,9 @@ impl WorkerRuntime {
                 parked: None,
             },
         );
+        drop(live);
+        // Callers waiting on its end hear of it here from now on.
+        self.shared.finished.claimed(&id);
     }
 
     /// Reaps finished runner tasks. A runner that panicked never told the

@@ -992,6 +992,59 @@ pub async fn a_result_awaited_where_the_instance_runs_is_handed_over(store: Arc<
     panic!("every waiting caller read the finished record from the store");
 }
 
+pub async fn a_result_awaited_before_its_instance_runs_here_reads_nothing_once_it_does(
+    store: Arc<dyn Store>,
+) {
+    // A caller waiting for an instance that no worker runs yet polls the
+    // store (another process may run it). Once a worker of its own client
+    // claims it, the worker tells the caller, which reads nothing more
+    // while the instance runs here. Without that word, its next poll after
+    // the claim reads the store once more. A read that began just before
+    // the claim may still end after it: a few tries allow for that.
+    for _ in 0..3 {
+        let second_id = Arc::new(std::sync::Mutex::new(String::new()));
+        let reads_while_running = Arc::new(AtomicU32::new(0));
+        let (id_of, counted) = (Arc::clone(&second_id), Arc::clone(&reads_while_running));
+        let hooked = Hooked::new(&store)
+            .on_get(move |id, _| {
+                if *id_of.lock().unwrap() == id && count(&format!("{id}/gate")) >= 1 {
+                    counted.fetch_add(1, SeqCst);
+                }
+            })
+            .build();
+        let fluxo = fluxo_on(&hooked);
+        let worker = worker_builder(&fluxo).concurrency(1).spawn();
+        let (first_gate, second_gate) = (
+            format!("gate-{}", uuid_suffix()),
+            format!("gate-{}", uuid_suffix()),
+        );
+        // The first instance holds the worker's one slot.
+        let first = Gated::start(&fluxo, first_gate.clone()).await.unwrap();
+        gate_step_started(first.id()).await;
+        let second = Gated::start(&fluxo, second_gate.clone()).await.unwrap();
+        *second_id.lock().unwrap() = second.id().to_owned();
+        let waiting = tokio::spawn({
+            let h = second.clone();
+            async move { h.result_timeout(WAIT).await }
+        });
+        // The caller polls while the second instance waits for the slot.
+        tokio::time::sleep(Duration::from_millis(40)).await;
+        open_gate(&first_gate);
+        gate_step_started(second.id()).await;
+        // Longer than the caller's polls are apart by now, shorter than
+        // the 250 ms after which it reads an instance running here.
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        open_gate(&second_gate);
+        assert_eq!(waiting.await.unwrap().unwrap(), 1);
+        assert_eq!(first.result_timeout(WAIT).await.unwrap(), 1);
+        worker.shutdown().await;
+        if reads_while_running.load(SeqCst) == 0 {
+            return;
+        }
+    }
+    panic!("every waiting caller read the store while its instance ran here");
+}
+
 pub async fn a_run_whose_end_the_store_missed_runs_again(store: Arc<dyn Store>) {
     // The store is away for every try of the commit that completes the
     // workflow (the engine's own retries of it included), then for the
