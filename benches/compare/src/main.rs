@@ -442,13 +442,15 @@ impl Run {
         };
         // And, before a sequential cell, what the store's own commit of a
         // step costs without any engine.
-        // (Postgres: also the least a step whose commit is fenced costs.)
+        // (Postgres: also the least a step whose commit is fenced costs;
+        // and before a long-workflow cell too, since no engine's step there
+        // can cost less than one commit.)
         let (floor, fenced_floor) = match (workload, backend) {
             (Workload::Sequential, Backend::SqliteFull | Backend::SqliteNormal) => (
                 floor::sqlite(&self.dir, backend == Backend::SqliteFull).ok(),
                 None,
             ),
-            (Workload::Sequential, Backend::Postgres) => {
+            (Workload::Sequential | Workload::History, Backend::Postgres) => {
                 // On the runtime every cell runs on (multi-threaded, a
                 // worker per core), in a task of its own as an engine's
                 // commits are: awaited from the thread that blocks on the
@@ -486,15 +488,29 @@ impl Run {
             if let Some(us) = fsync_before {
                 r.set("fsync_us", us);
             }
-            let step = r.metrics.get("step_us").copied();
-            for (floor, key, ratio) in [
-                (floor, "floor_us", "step_over_floor"),
-                (fenced_floor, "fenced_floor_us", "step_over_fenced"),
-            ] {
-                if let Some(us) = floor {
-                    r.set(key, us);
-                    if let Some(step) = step {
-                        r.set(ratio, step / us);
+            // Each step latency the cell measured, over each probe.
+            let ratios: &[(&str, [&str; 2])] = match workload {
+                Workload::History => &[
+                    (
+                        "first_tenth_us",
+                        ["first_tenth_over_floor", "first_tenth_over_fenced"],
+                    ),
+                    (
+                        "last_tenth_us",
+                        ["last_tenth_over_floor", "last_tenth_over_fenced"],
+                    ),
+                ],
+                _ => &[("step_us", ["step_over_floor", "step_over_fenced"])],
+            };
+            for (i, (floor, key)) in [(floor, "floor_us"), (fenced_floor, "fenced_floor_us")]
+                .into_iter()
+                .enumerate()
+            {
+                let Some(us) = floor else { continue };
+                r.set(key, us);
+                for (step, over) in ratios {
+                    if let Some(step) = r.metrics.get(*step).copied() {
+                        r.set(over[i], step / us);
                     }
                 }
             }
@@ -805,7 +821,7 @@ struct MetricRow {
 
 /// The rows the probes fill (the disk, the store's own commits), shown
 /// only where a probe ran and not compared between engines.
-const PROBE_KEYS: [&str; 7] = [
+const PROBE_KEYS: [&str; 11] = [
     "fsync_us",
     "paired_fsync_us",
     "step_over_paired_fsync",
@@ -813,6 +829,10 @@ const PROBE_KEYS: [&str; 7] = [
     "step_over_floor",
     "fenced_floor_us",
     "step_over_fenced",
+    "first_tenth_over_floor",
+    "last_tenth_over_floor",
+    "first_tenth_over_fenced",
+    "last_tenth_over_fenced",
 ];
 
 fn metric_rows(w: Workload) -> Vec<MetricRow> {
@@ -854,6 +874,22 @@ fn metric_rows(w: Workload) -> Vec<MetricRow> {
             lower_better: true,
             variant: None,
         });
+    }
+    if w == Workload::History {
+        let m = |key, label| MetricRow {
+            key,
+            label,
+            lower_better: true,
+            variant: None,
+        };
+        rows.extend([
+            m("floor_us", "bare store commit just before the engine's cells, no engine (µs; Postgres: one INSERT, as in the sequential rows)"),
+            m("first_tenth_over_floor", "first tenth's µs/step ÷ bare store commit (in a peer's column: how many times faster than the peer an engine whose step costs one such commit would be)"),
+            m("last_tenth_over_floor", "last tenth's µs/step ÷ bare store commit"),
+            m("fenced_floor_us", "fenced step commit just before the engine's cells, no engine (µs; as in the sequential rows)"),
+            m("first_tenth_over_fenced", "first tenth's µs/step ÷ fenced step commit"),
+            m("last_tenth_over_fenced", "last tenth's µs/step ÷ fenced step commit"),
+        ]);
     }
     rows.push(MetricRow {
         key: "fsync_us",
