@@ -375,10 +375,8 @@ impl Fluxo {
     ) -> Result<T, Error> {
         let mut poll = Duration::from_millis(2);
         let watch = self.shared.finished.watch(id);
-        // An instance that a worker of this client runs has not finished,
-        // and its end wakes this wait: the store is read only after that,
-        // when the end was not handed over, or after 250 ms.
-        let mut look = !self.shared.runs_here(id);
+        // Whether the last wait ran out rather than being woken.
+        let mut timed_out = false;
         loop {
             let notified = watch.notify().notified();
             tokio::pin!(notified);
@@ -386,7 +384,11 @@ impl Fluxo {
             if let Some(end) = here(&watch) {
                 return Ok(end);
             }
-            if look {
+            // An instance that a worker of this client runs has not
+            // finished, and its end wakes this wait: the store is read only
+            // when the end was not handed over, or after 250 ms. (Decided
+            // after `enable`, so an end right after this look is not missed.)
+            if timed_out || !self.shared.runs_here(id) {
                 // A lost connection while waiting is retried, not returned.
                 let store = &self.shared.store;
                 match crate::instance::retry_transient(|| store.get_if_finished(id)).await? {
@@ -400,8 +402,9 @@ impl Fluxo {
             // wakes this wait, and the store is read every 250 ms only, in
             // case the run went elsewhere without this process noticing yet
             // (a lease lost during a long step). A claim by a worker here
-            // wakes the wait too, which then reads nothing.
-            let timed_out = if self.shared.runs_here(id) {
+            // wakes the wait too, which then reads nothing until the run
+            // ends here or 250 ms pass.
+            timed_out = if self.shared.runs_here(id) {
                 tokio::time::timeout(Duration::from_millis(250), notified)
                     .await
                     .is_err()
@@ -410,7 +413,6 @@ impl Fluxo {
                 poll = (poll * 2).min(Duration::from_millis(250));
                 waited.is_err()
             };
-            look = timed_out || !self.shared.runs_here(id);
         }
     }
 }

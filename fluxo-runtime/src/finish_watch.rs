@@ -2,8 +2,8 @@
 //!
 //! Each waited-on instance has its own [`Notify`], so a finish wakes only
 //! the callers waiting for that instance, not every waiter of the process.
-//! A claim by a worker of this process wakes them too: from then on the
-//! instance's end is heard of here, and they stop polling the store.
+//! A claim by a worker of this process wakes them too: while the instance
+//! runs here its end is heard of here, and they do not poll the store.
 //! A finish recorded by a worker of this process also leaves how the
 //! instance ended with its watchers, so they need not read it back from the
 //! store.
@@ -38,7 +38,8 @@ impl From<InstanceRecord> for Ended {
 }
 
 /// The instances callers are waiting on, each with the [`Notify`] its
-/// finish fires. Entries live as long as a [`FinishWatch`] holds them.
+/// claim or finish here fires. Entries live as long as a [`FinishWatch`]
+/// holds them.
 #[derive(Default)]
 pub(crate) struct FinishWatches {
     by_id: Mutex<Map>,
@@ -87,10 +88,10 @@ impl FinishWatches {
         self.map().contains_key(id)
     }
 
-    /// A worker of this process claimed instance `id`: wakes its watchers,
-    /// if any, which need not read the store while the run goes on here
-    /// (its end wakes them again).
-    pub(crate) fn claimed(&self, id: &str) {
+    /// A worker of this process claimed instance `id` (or resumed it from
+    /// its cache): wakes its watchers, if any, which need not read the
+    /// store while it runs here (its end wakes them again).
+    pub(crate) fn claimed_here(&self, id: &str) {
         if let Some(watched) = self.map().get(id) {
             watched.notify.notify_waiters();
         }
@@ -178,6 +179,30 @@ mod tests {
                 .is_err(),
             "b did not finish"
         );
+    }
+
+    #[tokio::test]
+    async fn a_claim_here_wakes_its_watchers_and_leaves_no_end() {
+        let watches = Arc::new(FinishWatches::default());
+        let (a, b) = (watches.watch("a"), watches.watch("b"));
+        let (fa, fb) = (a.notify().notified(), b.notify().notified());
+        tokio::pin!(fa, fb);
+        fa.as_mut().enable();
+        fb.as_mut().enable();
+        watches.claimed_here("a");
+        tokio::time::timeout(Duration::from_secs(1), fa)
+            .await
+            .expect("the watcher of a");
+        assert!(a.ended().is_none(), "a claim is not an end");
+        assert!(
+            tokio::time::timeout(Duration::from_millis(20), fb)
+                .await
+                .is_err(),
+            "b was not claimed"
+        );
+        // A claim nobody waits for is a lookup and nothing else.
+        watches.claimed_here("c");
+        assert!(!watches.is_watched("c"));
     }
 
     #[test]

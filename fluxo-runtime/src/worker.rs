@@ -406,7 +406,7 @@ impl WorkerRuntime {
                     entry.lease_token = c.lease_token;
                     live.insert_running(c.record.id.clone(), entry);
                     drop(live);
-                    self.shared.finished.claimed(&c.record.id);
+                    self.shared.finished.claimed_here(&c.record.id);
                     return;
                 }
                 // Someone else advanced it, or our copy is mid-park: replay.
@@ -432,7 +432,7 @@ impl WorkerRuntime {
         );
         drop(live);
         // Callers waiting on its end hear of it here from now on.
-        self.shared.finished.claimed(&id);
+        self.shared.finished.claimed_here(&id);
     }
 
     /// Reaps finished runner tasks. A runner that panicked never told the

@@ -1023,17 +1023,24 @@ pub async fn a_result_awaited_before_its_instance_runs_here_reads_nothing_once_i
         gate_step_started(first.id()).await;
         let second = Gated::start(&fluxo, second_gate.clone()).await.unwrap();
         *second_id.lock().unwrap() = second.id().to_owned();
+        let waiting_since = std::time::Instant::now();
         let waiting = tokio::spawn({
             let h = second.clone();
             async move { h.result_timeout(WAIT).await }
         });
         // The caller polls while the second instance waits for the slot.
-        tokio::time::sleep(Duration::from_millis(40)).await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
         open_gate(&first_gate);
         gate_step_started(second.id()).await;
-        // Longer than the caller's polls are apart by now, shorter than
-        // the 250 ms after which it reads an instance running here.
-        tokio::time::sleep(Duration::from_millis(150)).await;
+        // The caller's polls double, so its next one comes at most as long
+        // after the claim as the claim came after it began: the instance
+        // runs past it, well short of the 250 ms after which the caller
+        // reads an instance running here.
+        let claimed_after = waiting_since.elapsed();
+        tokio::time::sleep(
+            (claimed_after + Duration::from_millis(20)).min(Duration::from_millis(150)),
+        )
+        .await;
         open_gate(&second_gate);
         assert_eq!(waiting.await.unwrap().unwrap(), 1);
         assert_eq!(first.result_timeout(WAIT).await.unwrap(), 1);
