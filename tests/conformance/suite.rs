@@ -1,7 +1,7 @@
 //! The suite's tests; each takes a fresh store of the backend under test.
 
-use std::sync::atomic::AtomicU32;
 use std::sync::atomic::Ordering::SeqCst;
+use std::sync::atomic::{AtomicBool, AtomicU32};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -998,16 +998,26 @@ pub async fn a_result_awaited_before_its_instance_runs_here_reads_nothing_once_i
     // A caller waiting for an instance that no worker runs yet polls the
     // store (another process may run it). Once a worker of its own client
     // claims it, the worker tells the caller, which reads nothing more
-    // while the instance runs here. Without that word, its next poll after
-    // the claim reads the store once more. A read that began just before
-    // the claim may still end after it: a few tries allow for that.
+    // while the instance runs here (until 250 ms have passed: reads are
+    // counted from its step's start until it is let go, well before that).
+    // Without that word, its next poll after the claim reads the store once
+    // more. A read that began just before the claim may still end after
+    // it: a few tries allow for that.
     for _ in 0..3 {
         let second_id = Arc::new(std::sync::Mutex::new(String::new()));
+        let let_go = Arc::new(AtomicBool::new(false));
         let reads_while_running = Arc::new(AtomicU32::new(0));
-        let (id_of, counted) = (Arc::clone(&second_id), Arc::clone(&reads_while_running));
+        let (id_of, done, counted) = (
+            Arc::clone(&second_id),
+            Arc::clone(&let_go),
+            Arc::clone(&reads_while_running),
+        );
         let hooked = Hooked::new(&store)
             .on_get(move |id, _| {
-                if *id_of.lock().unwrap() == id && count(&format!("{id}/gate")) >= 1 {
+                if *id_of.lock().unwrap() == id
+                    && count(&format!("{id}/gate")) >= 1
+                    && !done.load(SeqCst)
+                {
                     counted.fetch_add(1, SeqCst);
                 }
             })
@@ -1038,9 +1048,10 @@ pub async fn a_result_awaited_before_its_instance_runs_here_reads_nothing_once_i
         // reads an instance running here.
         let claimed_after = waiting_since.elapsed();
         tokio::time::sleep(
-            (claimed_after + Duration::from_millis(20)).min(Duration::from_millis(150)),
+            (claimed_after + Duration::from_millis(20)).min(Duration::from_millis(120)),
         )
         .await;
+        let_go.store(true, SeqCst);
         open_gate(&second_gate);
         assert_eq!(waiting.await.unwrap().unwrap(), 1);
         assert_eq!(first.result_timeout(WAIT).await.unwrap(), 1);
