@@ -404,9 +404,7 @@ impl WorkerRuntime {
                     });
                     let mut entry = entry;
                     entry.lease_token = c.lease_token;
-                    live.insert_running(c.record.id.clone(), entry);
-                    drop(live);
-                    self.shared.finished.claimed_here(&c.record.id);
+                    self.runs_now(live, c.record.id, entry);
                     return;
                 }
                 // Someone else advanced it, or our copy is mid-park: replay.
@@ -420,18 +418,22 @@ impl WorkerRuntime {
         // copy all of it on every move into place.
         let runner = Box::pin(crate::runner::run(Arc::clone(self), c, run, permit));
         let abort = tasks.spawn(runner);
-        live.insert_running(
-            id.clone(),
-            LiveEntry {
-                run,
-                instance: None,
-                abort,
-                lease_token,
-                parked: None,
-            },
-        );
+        let entry = LiveEntry {
+            run,
+            instance: None,
+            abort,
+            lease_token,
+            parked: None,
+        };
+        self.runs_now(live, id, entry);
+    }
+
+    /// Enters instance `id` as running here and wakes the callers waiting
+    /// on its end, which hear of it here from now on (they look at the
+    /// live set once woken, so the entry goes in first).
+    fn runs_now(&self, mut live: MutexGuard<'_, LiveSet>, id: String, entry: LiveEntry) {
+        live.insert_running(id.clone(), entry);
         drop(live);
-        // Callers waiting on its end hear of it here from now on.
         self.shared.finished.claimed_here(&id);
     }
 
